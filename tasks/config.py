@@ -1,0 +1,200 @@
+"""The job's settings: one pydantic model, loaded from a YAML job file plus overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SettingsError(ValueError):
+    """A job file or override that cannot run; the message names the file and field."""
+
+
+class GenerationOptions(BaseModel):
+    """Sampling and runner options, sent identically with every request of a job.
+
+    Ollama reloads the model whenever a runner option (num_ctx, ...) changes between
+    requests, so these are fixed for the whole job rather than per row.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_ctx: int = Field(4096, ge=256, le=131072, description="Context window in tokens (prompt + answer).")
+    num_predict: int = Field(
+        256,
+        ge=1,
+        le=32768,
+        description="Most tokens generated per answer. Always set: unset, Ollama can run ~10x num_ctx tokens.",
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Sampling seed; a schema-invalid answer is retried with seed+attempt.")
+    top_k: int | None = Field(None, ge=1, le=1000, description="Top-k sampling; backend default when unset.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling; backend default when unset.")
+    stop: list[str] | None = Field(None, max_length=8, description="Stop sequences.")
+
+    def for_request(self, attempt: int = 1) -> dict[str, Any]:
+        """The `options` dict of one request; only the seed moves between attempts."""
+        opts = self.model_dump(exclude_none=True)
+        opts["seed"] = self.seed + attempt - 1
+        return opts
+
+
+class JobSettings(BaseModel):
+    """Everything one batch job needs; unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        "batch",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
+        description="Job name; Prefect artifact keys are derived from it so each job keeps its own history.",
+    )
+    input_path: Path = Field(description="Input rows: .parquet, .csv or .jsonl/.ndjson.")
+    id_column: str = Field("id", min_length=1, description="Column holding a unique, non-null id per row.")
+    prompt_template: str = Field(
+        min_length=1,
+        description="User message with {column} fields filled from the row, e.g. 'Score this: {text}'.",
+    )
+    system_prompt: str | None = Field(None, description="Optional system message sent before every prompt.")
+    backend: Literal["ollama", "llamacpp"] = Field("llamacpp", description="Inference engine.")
+    model: str = Field("gemma3:12b", min_length=1, description="Model name (Ollama tag; a label for llamacpp).")
+    ollama_host: str | None = Field(
+        None, description="Ollama base URL; unset means $OLLAMA_HOST, then http://127.0.0.1:11434."
+    )
+    model_path: Path | None = Field(
+        None, description="GGUF file for llamacpp; unset means Gemma 3 270M Q4_K_M from its PyPI package."
+    )
+    options: GenerationOptions = Field(default_factory=GenerationOptions, description="Generation options.")
+    keep_alive: int | str = Field(-1, description="Ollama keep_alive: -1 keeps the model loaded for the whole job.")
+    chunk_size: int = Field(5000, ge=1, le=1_000_000, description="Rows per chunk (one Prefect task each).")
+    in_flight: int = Field(1, ge=1, le=256, description="Requests kept in flight inside a chunk.")
+    request_timeout_s: float = Field(300.0, gt=0, le=86400, description="Per-request timeout in seconds.")
+    max_attempts: int = Field(3, ge=1, le=20, description="Attempts per row before it becomes an error row.")
+    outage_budget_s: float = Field(
+        300.0, ge=0, le=86400, description="How long a chunk waits for an unreachable backend before failing."
+    )
+    chunk_retries: int = Field(2, ge=0, le=20, description="Prefect retries of a chunk whose backend went away.")
+    chunk_retry_delay_s: float = Field(60.0, ge=0, le=86400, description="Wait before a chunk retry.")
+    output_dir: Path = Field(description="Where chunks, results.parquet and manifest.json go.")
+    output_schema: str | None = Field(
+        None,
+        description="Structured output: a JSON Schema file (.json) or a pydantic model as 'module:Class'.",
+    )
+    gpu_limit: str = Field(
+        "gpu", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Prefect global concurrency limit held per chunk."
+    )
+    slot_timeout_s: float = Field(
+        6 * 3600.0, gt=0, description="How long a chunk waits for the GPU slot before failing with a clear message."
+    )
+    checkpoint_rows: int = Field(256, ge=1, le=100_000, description="Finished rows buffered before a checkpoint file.")
+    checkpoint_every_s: float = Field(2.0, gt=0, le=3600, description="Longest time finished rows stay in memory only.")
+    telemetry_interval_s: float = Field(1.0, ge=0.05, le=60, description="GPU/host sampling interval.")
+    production_rows: int = Field(170_000, ge=1, description="Row count of the full production job, for the ETA.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_parses(cls, value: str) -> str:
+        template_fields(value)  # raises ValueError with the reason
+        return value
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive_form(cls, value: int | str) -> int | str:
+        # Ollama parses strings as Go durations ("10m", "1h30m") or plain seconds.
+        if isinstance(value, str) and not re.fullmatch(r"-?\d+|(\d+(\.\d+)?(ms|s|m|h))+", value):
+            raise ValueError("keep_alive must be seconds (-1 = forever) or a duration like '10m', '1h30m'")
+        return value
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> JobSettings:
+        if self.backend == "llamacpp" and self.ollama_host is not None:
+            raise ValueError("ollama_host is set but backend is 'llamacpp'")
+        if self.backend == "ollama" and self.model_path is not None:
+            raise ValueError("model_path is set but backend is 'ollama' (Ollama loads its own models)")
+        return self
+
+    @property
+    def ollama_base_url(self) -> str:
+        return self.ollama_host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
+
+    @property
+    def template_fields(self) -> list[str]:
+        return template_fields(self.prompt_template)
+
+    def answer_fingerprint(self, input_digest: str, schema_json: str | None) -> str:
+        """Hash of everything that changes the answers, so a rerun never mixes two configurations."""
+        keyed = self.model_dump(
+            mode="json",
+            include={"id_column", "prompt_template", "system_prompt", "backend", "model", "model_path", "options", "chunk_size"},
+        )
+        keyed["input"] = input_digest
+        keyed["schema"] = schema_json
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def template_fields(template: str) -> list[str]:
+    """The {column} names a prompt template uses, in order, each once."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"prompt_template is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from exc
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if not name or any(c in name for c in ".[]"):
+            raise ValueError(f"prompt_template field {{{name}}} must name a column, e.g. {{text}}")
+        if spec or conv:
+            raise ValueError(f"prompt_template field {{{name}}} may not use format specs or conversions")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobSettings:
+    """Read a YAML job file, apply overrides (nested dicts merge), validate.
+
+    Relative paths stay relative to the working directory, which a deployment's pull step
+    sets to the project root.
+    """
+    data: dict[str, Any] = {}
+    source = "overrides"
+    if job_file is not None:
+        path = Path(job_file)
+        source = str(path)
+        if not path.is_file():
+            raise SettingsError(f"job file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"job file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SettingsError(f"job file {path} must hold a mapping of settings, not {type(loaded).__name__}")
+        data = loaded or {}
+        source = str(path)
+    data = _merge(data, overrides or {})
+    try:
+        return JobSettings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(settings)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid job settings in {source}: {problems}") from exc

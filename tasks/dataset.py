@@ -1,0 +1,162 @@
+"""Read and validate the input with Polars, plan chunks, and render each row's prompt."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict
+
+from tasks.config import JobSettings
+
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "ndjson", ".ndjson": "ndjson"}
+
+
+class InputError(ValueError):
+    """The input file cannot be used; the message names the file, column or row."""
+
+
+class ChunkSpec(BaseModel):
+    """Rows [offset, offset + length) of the input; chunk k is the same rows on every rerun."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    offset: int
+    length: int
+
+    @property
+    def name(self) -> str:
+        return f"chunk-{self.index:05d}"
+
+
+class JobPlan(BaseModel):
+    """A validated input and its deterministic chunk plan."""
+
+    model_config = ConfigDict(frozen=True)
+
+    total_rows: int
+    input_digest: str
+    chunks: list[ChunkSpec]
+
+
+class PreparedRow(BaseModel):
+    """One input row ready to send: its messages, or the reason it cannot be sent."""
+
+    row_index: int
+    id: str
+    messages: list[dict[str, str]] | None = None
+    error: str | None = None
+
+
+def scan_input(path: Path) -> pl.LazyFrame:
+    """A lazy scan of the input; CSV is read as text so prompts show values exactly as written."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"input {path}: unsupported format '{path.suffix}' (use {', '.join(FORMATS)})")
+    if not path.is_file():
+        raise InputError(f"input {path} does not exist")
+    if fmt == "parquet":
+        return pl.scan_parquet(path)
+    if fmt == "csv":
+        # Lossy decoding turns invalid UTF-8 bytes into U+FFFD instead of failing the whole job.
+        return pl.scan_csv(path, infer_schema=False, encoding="utf8-lossy")
+    return pl.scan_ndjson(path, infer_schema_length=None)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of the file's bytes: a changed input must not resume into old answers."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def plan_chunks(total_rows: int, chunk_size: int) -> list[ChunkSpec]:
+    return [
+        ChunkSpec(index=i, offset=offset, length=min(chunk_size, total_rows - offset))
+        for i, offset in enumerate(range(0, total_rows, chunk_size))
+    ]
+
+
+def validate_input(settings: JobSettings) -> JobPlan:
+    """Check the input before any request: columns present, ids unique and non-null."""
+    path = settings.input_path
+    scan = scan_input(path)
+    try:
+        columns = scan.collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputError(f"input {path} cannot be read: {exc}") from exc
+    if settings.id_column not in columns:
+        raise InputError(f"input {path}: id column '{settings.id_column}' not found (columns: {', '.join(columns)})")
+    missing = [f for f in settings.template_fields if f not in columns]
+    if missing:
+        raise InputError(
+            f"input {path}: prompt_template uses {', '.join(repr(m) for m in missing)} "
+            f"which {'is not a column' if len(missing) == 1 else 'are not columns'} (columns: {', '.join(columns)})"
+        )
+    try:
+        ids = scan.select(pl.col(settings.id_column).cast(pl.String)).with_row_index("row").collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputError(f"input {path} cannot be read: {exc}") from exc
+    col = settings.id_column
+    nulls = ids.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
+    if nulls.height:
+        rows = ", ".join(str(r) for r in nulls["row"].head(5).to_list())
+        raise InputError(f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (rows {rows}; first row is 0)")
+    dupes = ids.filter(pl.col(col).is_duplicated())
+    if dupes.height:
+        first = dupes.group_by(col, maintain_order=True).agg(pl.col("row")).head(3)
+        shown = "; ".join(f"'{r[col]}' at rows {r['row']}" for r in first.iter_rows(named=True))
+        raise InputError(f"input {path}: duplicate ids in '{col}': {shown}")
+    if ids.height == 0:
+        raise InputError(f"input {path} has no rows")
+    return JobPlan(
+        total_rows=ids.height,
+        input_digest=file_digest(path),
+        chunks=plan_chunks(ids.height, settings.chunk_size),
+    )
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text if text.strip() else None
+
+
+def prepare_chunk(settings: JobSettings, chunk: ChunkSpec, skip: set[int] | frozenset[int] = frozenset()) -> list[PreparedRow]:
+    """Read one chunk's rows (only the columns the prompt needs) and render their messages.
+
+    Values are substituted with str.format, which never re-parses them: braces or
+    instructions inside the data stay data. Rows with a null or empty field are not
+    sent; they become error rows.
+    """
+    fields = settings.template_fields
+    frame = (
+        scan_input(settings.input_path)
+        .with_row_index("__row")
+        .slice(chunk.offset, chunk.length)
+        .select("__row", pl.col(settings.id_column).cast(pl.String).alias("__id"), *fields)
+        .collect()
+    )
+    prepared = []
+    for record in frame.iter_rows(named=True):
+        row_index = record["__row"]
+        if row_index in skip:
+            continue
+        values = {f: _text(record[f]) for f in fields}
+        empty = [f for f, v in values.items() if v is None]
+        if empty:
+            prepared.append(
+                PreparedRow(row_index=row_index, id=record["__id"], error=f"empty template field(s): {', '.join(empty)}")
+            )
+            continue
+        messages = [{"role": "user", "content": settings.prompt_template.format(**values)}]
+        if settings.system_prompt:
+            messages.insert(0, {"role": "system", "content": settings.system_prompt})
+        prepared.append(PreparedRow(row_index=row_index, id=record["__id"], messages=messages))
+    return prepared

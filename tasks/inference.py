@@ -1,0 +1,306 @@
+"""Run one chunk: keep N requests in flight, retry by failure kind, checkpoint rows as they finish."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from tasks.backends import Backend, BackendError, Reply, make_backend
+from tasks.config import JobSettings
+from tasks.dataset import ChunkSpec, PreparedRow, prepare_chunk
+from tasks.schema import ResultRow, load_output_model, output_columns
+from tasks.store import ChunkWriter, chunk_path, clean_finished_parts, finished_rows
+
+ProgressCallback = Callable[[int, int], None]  # (rows finished so far in this chunk, errors so far)
+
+
+class ChunkAborted(RuntimeError):
+    """The chunk cannot go on (backend unreachable past its budget, model missing).
+
+    Rows finished before the abort are on disk; a retry or rerun resumes after them.
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class ChunkStats(BaseModel):
+    """What one chunk did in this run; the flow joins it with telemetry for the report."""
+
+    index: int
+    rows: int = Field(description="Rows in the chunk.")
+    resumed_rows: int = Field(0, description="Rows already on disk from an earlier run, not sent again.")
+    sent_rows: int = Field(0, description="Rows processed in this run.")
+    ok: int = 0
+    errors: int = 0
+    errors_by_kind: dict[str, int] = Field(default_factory=dict)
+    requests: int = Field(0, description="Requests sent, retries included.")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    in_flight: int = 1
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    events: list[str] = Field(default_factory=list, description="Recoveries and back-offs, with times.")
+
+    @property
+    def seconds(self) -> float:
+        return max(self.finished_at - self.started_at, 1e-9)
+
+
+def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Capped exponential back-off with jitter, so retries from many slots do not align."""
+    return min(cap, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+
+
+class _ChunkRun:
+    """State of one chunk's asyncio run: the pool of workers and what they share."""
+
+    def __init__(
+        self,
+        settings: JobSettings,
+        backend: Backend,
+        chunk: ChunkSpec,
+        writer: ChunkWriter,
+        output_model: type[BaseModel] | None,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.chunk = chunk
+        self.writer = writer
+        self.output_model = output_model
+        self.schema = output_model.model_json_schema() if output_model else None
+        self.on_progress = on_progress
+        self.limit = settings.in_flight  # lowered on out-of-memory
+        self.unreachable_since: float | None = None
+        self.flush_lock = asyncio.Lock()
+        self.finished = 0
+        self.errors = 0
+        self.requests = 0
+        self.latencies: list[float] = []
+        self.kinds: Counter[str] = Counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.events: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.events.append(f"{datetime.now(UTC):%H:%M:%S} {self.chunk.name}: {text}")
+
+    def _row(self, row: PreparedRow, **fields: Any) -> ResultRow:
+        return ResultRow(
+            row_index=row.row_index,
+            id=row.id,
+            chunk=self.chunk.index,
+            model=self.settings.model,
+            finished_at=datetime.now(UTC),
+            **fields,
+        )
+
+    def _ok_row(self, row: PreparedRow, reply: Reply, attempts: int, latency_ms: float, parsed: dict[str, Any] | None) -> ResultRow:
+        num_ctx = self.settings.options.num_ctx
+        return self._row(
+            row,
+            status="ok",
+            attempts=attempts,
+            response=reply.content,
+            parsed=parsed,
+            done_reason=reply.done_reason,
+            # Ollama front-truncates an overlong prompt and still answers 200 (ollama#3839):
+            # a prompt that fills the context is the only trace.
+            truncated=reply.prompt_tokens is not None and reply.prompt_tokens >= num_ctx - max(32, num_ctx // 64),
+            incomplete=reply.done_reason == "length",
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            latency_ms=latency_ms,
+            load_ms=reply.load_ms,
+            prompt_eval_ms=reply.prompt_eval_ms,
+            eval_ms=reply.eval_ms,
+            total_ms=reply.total_ms,
+        )
+
+    async def _wait_for_backend(self, err: BackendError) -> None:
+        """Server down: wait with capped back-off, fail the chunk once the outage budget is spent."""
+        now = time.monotonic()
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+            self.note(f"backend unreachable, waiting up to {self.settings.outage_budget_s:.0f}s: {err}")
+        down_for = now - self.unreachable_since
+        if down_for >= self.settings.outage_budget_s:
+            raise ChunkAborted(
+                f"{err} (for {down_for:.0f}s, outage_budget_s={self.settings.outage_budget_s:.0f})", retryable=True
+            )
+        await asyncio.sleep(min(5.0, self.settings.outage_budget_s - down_for, 0.5 + down_for / 4))
+
+    async def process(self, row: PreparedRow) -> ResultRow:
+        """One row to one result row; only a job-wide failure escapes as an exception."""
+        if row.messages is None:
+            self.kinds["empty_field"] += 1
+            return self._row(row, status="error", error_kind="empty_field", error=row.error, attempts=0)
+        attempts = 0
+        last_error: BackendError | None = None
+        last_reply: Reply | None = None
+        while attempts < self.settings.max_attempts:
+            attempts += 1
+            self.requests += 1
+            started = time.perf_counter()
+            try:
+                reply = await self.backend.chat(
+                    row.messages, options=self.settings.options.for_request(attempts), schema=self.schema
+                )
+            except BackendError as err:
+                last_error = err
+                if err.action == "fatal_job":
+                    raise ChunkAborted(str(err), retryable=False) from err
+                if err.action == "fatal_row":
+                    break
+                if err.action == "unreachable":
+                    attempts -= 1  # an outage is not the row's fault; the outage budget bounds it
+                    await self._wait_for_backend(err)
+                    continue
+                self.unreachable_since = None
+                if err.action == "oom" and self.limit > 1:
+                    self.limit = max(1, self.limit // 2)
+                    self.note(f"out of memory, in-flight lowered to {self.limit}: {err}")
+                if attempts < self.settings.max_attempts:
+                    await asyncio.sleep(_backoff(attempts, base=2.0 if err.action in ("oom", "backoff") else 0.5))
+                continue
+            self.unreachable_since = None
+            latency_ms = (time.perf_counter() - started) * 1000
+            self.latencies.append(latency_ms)
+            self.prompt_tokens += reply.prompt_tokens or 0
+            self.completion_tokens += reply.completion_tokens or 0
+            parsed = None
+            if self.output_model is not None:
+                try:
+                    parsed = self.output_model.model_validate_json(reply.content).model_dump(mode="json")
+                except ValidationError as exc:
+                    # Ollama does not always honour `format` (ollama#8063); retry with the next seed.
+                    last_reply = reply
+                    first = exc.errors()[0]
+                    last_error = BackendError(
+                        "invalid_output", "retry", f"answer does not match the schema: {first['loc']}: {first['msg']}"
+                    )
+                    continue
+            return self._ok_row(row, reply, attempts, latency_ms, parsed)
+        assert last_error is not None
+        self.kinds[last_error.kind] += 1
+        return self._row(
+            row,
+            status="error",
+            error_kind=last_error.kind,
+            error=str(last_error),
+            attempts=attempts,
+            response=last_reply.content if last_reply else None,
+            done_reason=last_reply.done_reason if last_reply else None,
+            prompt_tokens=last_reply.prompt_tokens if last_reply else None,
+            completion_tokens=last_reply.completion_tokens if last_reply else None,
+        )
+
+    async def flush(self) -> None:
+        async with self.flush_lock:
+            rows = self.writer.take()
+            if rows:
+                await asyncio.to_thread(self.writer.write_part, rows)
+            if self.on_progress is not None:
+                # In a thread: Prefect's sync client calls must not run inside this event loop.
+                await asyncio.to_thread(self.on_progress, self.finished, self.errors)
+
+    async def worker(self, index: int, queue: asyncio.Queue[PreparedRow]) -> None:
+        # Workers above the current limit retire, which is how out-of-memory lowers in-flight.
+        while index < self.limit:
+            try:
+                row = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            result = await self.process(row)
+            self.finished += 1
+            self.errors += result.status == "error"
+            if self.writer.add(result):
+                await self.flush()
+
+    async def periodic_flush(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_every_s)
+            await self.flush()
+
+    async def run(self, rows: list[PreparedRow]) -> None:
+        queue: asyncio.Queue[PreparedRow] = asyncio.Queue()
+        for row in rows:
+            queue.put_nowait(row)
+        flusher = asyncio.create_task(self.periodic_flush())
+        workers = [asyncio.create_task(self.worker(i, queue)) for i in range(self.settings.in_flight)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            flusher.cancel()
+            await asyncio.gather(*workers, flusher, return_exceptions=True)
+            await self.flush()  # finished rows reach disk even when the chunk aborts
+
+
+def _percentile(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+async def _run_chunk_async(settings: JobSettings, chunk: ChunkSpec, rows: list[PreparedRow], writer: ChunkWriter,
+                           output_model: type[BaseModel] | None, on_progress: ProgressCallback | None) -> _ChunkRun:
+    backend = make_backend(settings)
+    await backend.open()
+    run = _ChunkRun(settings, backend, chunk, writer, output_model, on_progress)
+    try:
+        await backend.check()
+        await run.run(rows)
+    finally:
+        await backend.close()
+    return run
+
+
+def run_chunk(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressCallback | None = None) -> ChunkStats:
+    """Process every row of `chunk` not yet on disk and write the chunk file."""
+    out = settings.output_dir
+    clean_finished_parts(out, chunk)
+    started = time.time()
+    if chunk_path(out, chunk).exists():
+        return ChunkStats(index=chunk.index, rows=chunk.length, resumed_rows=chunk.length, started_at=started, finished_at=started)
+    done = finished_rows(out, chunk)
+    output_model = load_output_model(settings.output_schema) if settings.output_schema else None
+    writer = ChunkWriter(out, chunk, output_columns(output_model), settings.checkpoint_rows, settings.checkpoint_every_s)
+    rows = prepare_chunk(settings, chunk, skip=done)
+    run = asyncio.run(_run_chunk_async(settings, chunk, rows, writer, output_model, on_progress))
+    frame = writer.finish()
+    by_status = frame["status"].value_counts()
+    status_counts = dict(zip(by_status["status"].to_list(), by_status["count"].to_list(), strict=True))
+    return ChunkStats(
+        index=chunk.index,
+        rows=chunk.length,
+        resumed_rows=len(done),
+        sent_rows=len(rows),
+        ok=status_counts.get("ok", 0),
+        errors=status_counts.get("error", 0),
+        errors_by_kind=dict(run.kinds),
+        requests=run.requests,
+        prompt_tokens=run.prompt_tokens,
+        completion_tokens=run.completion_tokens,
+        latency_p50_ms=_percentile(run.latencies, 50),
+        latency_p95_ms=_percentile(run.latencies, 95),
+        in_flight=settings.in_flight,
+        started_at=started,
+        finished_at=time.time(),
+        events=run.events,
+    )

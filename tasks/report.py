@@ -1,0 +1,289 @@
+"""Prefect artifacts and the terminal line: live progress, per-chunk table, run report with a verdict.
+
+The only module that creates Prefect artifacts. Keys derive from the job name, so each job
+(and each deployment running it nightly) keeps a version history on the Artifacts page.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from tasks.bottleneck import RunEvidence, TelemetrySummary, Verdict, eta_hours, judge, render_markdown
+from tasks.config import JobSettings
+from tasks.dataset import ChunkSpec, JobPlan
+from tasks.inference import ChunkStats
+from tasks.store import error_kinds, write_atomic
+from tasks.telemetry import Sampler, summarize, write_samples
+
+log = logging.getLogger(__name__)
+
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):  # NaN or inf
+        return "n/a"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _fmt(value: float | None, spec: str = ".0f", unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
+def sparkline(values: list[float], width: int = 60, top: float | None = None) -> str:
+    """A one-line text chart: `width` buckets of the series, scaled to `top` (or its max)."""
+    if not values:
+        return ""
+    size = max(1, len(values) // width + (len(values) % width > 0))
+    buckets = [sum(values[i : i + size]) / len(values[i : i + size]) for i in range(0, len(values), size)]
+    top = top or max(buckets) or 1.0
+    return "".join(_SPARKS[min(len(_SPARKS) - 1, int(v / top * (len(_SPARKS) - 1) + 0.5))] for v in buckets)
+
+
+def chunk_row(stats: ChunkStats, telemetry: dict[str, Any]) -> dict[str, Any]:
+    """One line of the per-chunk table: what the chunk did and what the GPU did meanwhile."""
+    secs = stats.seconds if stats.sent_rows else None
+    return {
+        "chunk": stats.index,
+        "rows": stats.rows,
+        "resumed": stats.resumed_rows,
+        "ok": stats.ok,
+        "errors": stats.errors,
+        "req_per_s": round(stats.sent_rows / secs, 2) if secs else None,
+        "prompt_tok_per_s": round(stats.prompt_tokens / secs, 1) if secs else None,
+        "gen_tok_per_s": round(stats.completion_tokens / secs, 1) if secs else None,
+        "latency_p50_ms": None if stats.latency_p50_ms is None else round(stats.latency_p50_ms),
+        "latency_p95_ms": None if stats.latency_p95_ms is None else round(stats.latency_p95_ms),
+        "in_flight": stats.in_flight,
+        "vram_peak_mib": telemetry.get("vram_peak_mib"),
+        "vram_mean_mib": None if telemetry.get("vram_mean_mib") is None else round(telemetry["vram_mean_mib"]),
+        "vram_headroom_mib": telemetry.get("vram_headroom_mib"),
+        "gpu_util_mean": None if telemetry.get("gpu_util_mean") is None else round(telemetry["gpu_util_mean"], 1),
+        "power_mean_w": None if telemetry.get("power_mean_w") is None else round(telemetry["power_mean_w"]),
+        "cpu_mean_pct": None if telemetry.get("cpu_mean_pct") is None else round(telemetry["cpu_mean_pct"], 1),
+        "seconds": round(stats.seconds, 1) if stats.sent_rows else 0.0,
+    }
+
+
+def timeline_png(samples: pl.DataFrame, marks: pl.DataFrame) -> bytes | None:
+    """VRAM, GPU utilisation/power and host CPU over the run, chunk starts as dotted lines."""
+    if samples.height < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a worker
+    import matplotlib.pyplot as plt
+
+    t0 = samples["t"].min()
+    gpu = samples.filter(pl.col("vram_used_mib").is_not_null())
+    host = samples.unique(subset="t", keep="first").sort("t")
+    panels = 3 if gpu.height else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 2.2 * panels), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    minutes = lambda frame: ((frame["t"] - t0) / 60).to_list()  # noqa: E731
+    if gpu.height:
+        for index, per_gpu in gpu.sort("t").group_by("gpu", maintain_order=True):
+            axes[0].plot(minutes(per_gpu), (per_gpu["vram_used_mib"] / 1024).to_list(), label=f"GPU {index[0]} used")
+            axes[0].axhline(per_gpu["vram_total_mib"].max() / 1024, color="red", lw=0.8, ls="--", label="total")
+            axes[1].plot(minutes(per_gpu), per_gpu["gpu_util_pct"].to_list(), label="util % (a kernel ran)")
+            axes[1].plot(minutes(per_gpu), per_gpu["mem_util_pct"].to_list(), label="memory-bandwidth util %")
+            twin = axes[1].twinx()
+            twin.plot(minutes(per_gpu), per_gpu["power_w"].to_list(), color="gray", lw=0.8, label="power W")
+            twin.set_ylabel("W")
+        axes[0].set_ylabel("VRAM GiB")
+        axes[0].legend(loc="lower right", fontsize=7)
+        axes[1].set_ylabel("%")
+        axes[1].set_ylim(0, 105)
+        axes[1].legend(loc="lower left", fontsize=7)
+    axes[-1].plot(minutes(host), host["cpu_pct"].to_list(), color="green", label="host CPU %")
+    axes[-1].set_ylabel("CPU %")
+    axes[-1].set_ylim(0, 105)
+    axes[-1].set_xlabel("minutes since start")
+    axes[-1].legend(loc="lower left", fontsize=7)
+    for t in marks.filter(pl.col("label").str.ends_with("start"))["t"].to_list():
+        for ax in axes:
+            ax.axvline((t - t0) / 60, color="black", lw=0.5, ls=":")
+    axes[0].set_title("GPU and host over the run (dotted: chunk starts)" if gpu.height else "Host over the run (no GPU data)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=72)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class RunReporter:
+    """Owns one run's artifacts and terminal progress line; fed by the flow and the chunk tasks."""
+
+    def __init__(self, settings: JobSettings, plan: JobPlan, done_before: int, sampler: Sampler) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.sampler = sampler
+        self.done_before = done_before
+        self.done_in_finished_chunks = 0  # rows finished by this run in chunks that have ended
+        self.errors = 0
+        self.started = time.time()
+        self.rows: list[dict[str, Any]] = []
+        self.stats: list[ChunkStats] = []
+        self._lock = threading.Lock()
+        self._last_update = 0.0
+        self._tty = sys.stderr.isatty()
+        self.progress_id = create_progress_artifact(
+            progress=self._pct(done_before), key=f"{settings.name}-progress", description=self._line(0, 0)
+        )
+
+    def _pct(self, done: int) -> float:
+        return round(100.0 * done / self.plan.total_rows, 2)
+
+    def _line(self, sent: int, errors: int) -> str:
+        done = self.done_before + sent
+        elapsed = time.time() - self.started
+        rate = sent / elapsed if elapsed > 0 and sent else 0.0
+        eta = (self.plan.total_rows - done) / rate if rate else float("nan")
+        return (
+            f"[{self.settings.name}] {done:,}/{self.plan.total_rows:,} rows ({self._pct(done):.1f}%) · "
+            f"{rate:.2f} rows/s · ETA {_duration(eta)} · {errors} errors"
+        )
+
+    def chunk_started(self, chunk: ChunkSpec) -> None:
+        self.sampler.mark(f"{chunk.name} start")
+
+    def progress(self, done_in_chunk: int, errors_in_chunk: int, force: bool = False) -> None:
+        """Called after each checkpoint: update the artifact and the terminal line, at most once a second."""
+        with self._lock:
+            now = time.monotonic()
+            # A terminal redraws one line each second; logs and the UI get a line every 10 s.
+            if not force and now - self._last_update < (1.0 if self._tty else 10.0):
+                return
+            self._last_update = now
+            sent = self.done_in_finished_chunks + done_in_chunk
+            errors = self.errors + errors_in_chunk
+            line = self._line(sent, errors)
+            try:
+                update_progress_artifact(self.progress_id, self._pct(self.done_before + sent), description=line)
+            except Exception:  # a UI hiccup must never stop the job
+                log.warning("could not update the progress artifact", exc_info=True)
+            print(f"\r{line}   " if self._tty else line, end="" if self._tty else "\n", file=sys.stderr, flush=True)
+
+    def chunk_done(self, stats: ChunkStats) -> None:
+        self.sampler.mark(f"chunk-{stats.index:05d} end")
+        self.stats.append(stats)
+        self.rows.append(chunk_row(stats, summarize(self.sampler.frame(), stats.started_at, stats.finished_at)))
+        with self._lock:
+            self.done_in_finished_chunks += stats.sent_rows
+            self.errors += stats.errors
+        self.progress(0, 0, force=True)
+
+    def evidence(self) -> tuple[RunEvidence, dict[str, Any]]:
+        """The run's figures for the verdict: rates over the time chunks were actually sending."""
+        active = sum(s.seconds for s in self.stats if s.sent_rows)
+        sent = sum(s.sent_rows for s in self.stats)
+        tokens = sum(s.completion_tokens for s in self.stats)
+        samples = self.sampler.frame()
+        telemetry = summarize(samples, self.started, time.time()) if samples.height else {}
+        kinds = error_kinds(self.settings.output_dir, self.plan.chunks)
+        evidence = RunEvidence(
+            backend=self.settings.backend,
+            in_flight=self.settings.in_flight,
+            num_ctx=self.settings.options.num_ctx,
+            requests_per_s=sent / active if active else 0.0,
+            tokens_per_s=tokens / active if active else 0.0,
+            chunk_tokens_per_s=[s.completion_tokens / s.seconds for s in self.stats if s.sent_rows],
+            rows_total=self.plan.total_rows,
+            rows_done=self.done_before + sent,
+            telemetry=TelemetrySummary(**telemetry) if telemetry else None,
+            errors=kinds,
+        )
+        return evidence, telemetry
+
+    def markdown(self, manifest: dict[str, Any], verdict: Verdict, evidence: RunEvidence,
+                 telemetry: dict[str, Any], image: str | None) -> str:
+        s = self.settings
+        rate = evidence.requests_per_s
+        eta = eta_hours(s.production_rows, rate) if rate else float("inf")
+        status = "complete" if manifest["complete"] else f"**incomplete** ({manifest['error']})"
+        events = [e for st in self.stats for e in st.events]
+        samples = self.sampler.frame()
+        gpu = samples.filter(pl.col("vram_used_mib").is_not_null()).sort("t")
+        lines = [
+            f"# Run report: {s.name}",
+            "",
+            f"Status: {status}. {manifest['rows_ok']:,} ok and {manifest['rows_error']:,} error rows of "
+            f"{manifest['rows_total']:,} ({len(self.plan.chunks)} chunks of {s.chunk_size:,}), "
+            f"backend `{s.backend}`, model `{s.model}`, {s.in_flight} request(s) in flight, wall {_duration(manifest['wall_s'])}.",
+            "",
+            "| throughput (while sending) | value |",
+            "|---|---|",
+            f"| requests/s | {rate:.2f} |",
+            f"| generated tokens/s | {evidence.tokens_per_s:.1f} |",
+            f"| **ETA for the {s.production_rows:,}-row production job** | **{eta:.1f} h** at this rate |",
+            f"| VRAM peak / total | {_fmt(telemetry.get('vram_peak_mib'))} / {_fmt(telemetry.get('vram_total_mib'))} MiB "
+            f"(headroom {_fmt(telemetry.get('vram_headroom_mib'))} MiB) |",
+            f"| GPU util mean (a kernel ran) | {_fmt(telemetry.get('gpu_util_mean'), '.0f', ' %')} |",
+            f"| memory-bandwidth util mean | {_fmt(telemetry.get('mem_util_mean'), '.0f', ' %')} |",
+            f"| power mean / max | {_fmt(telemetry.get('power_mean_w'))} / {_fmt(telemetry.get('power_max_w'))} W |",
+            f"| host CPU mean | {_fmt(telemetry.get('cpu_mean_pct'), '.0f', ' %')} |",
+            f"| peak RSS of the job | {_fmt(telemetry.get('rss_peak_mib'))} MiB |",
+            "",
+            *render_markdown(verdict),
+            "### Errors by kind",
+            "",
+            ", ".join(f"`{k}`: {v}" for k, v in sorted(evidence.errors.items())) or "none",
+            "",
+        ]
+        if events:
+            lines += ["### Recoveries and back-offs", "", *(f"- {e}" for e in events[:50]), ""]
+        lines += ["### Timeline", ""]
+        if gpu.height:
+            lines += [
+                f"VRAM  `{sparkline(gpu['vram_used_mib'].to_list(), top=gpu['vram_total_mib'].max())}`",
+                f"util  `{sparkline(gpu['gpu_util_pct'].fill_null(0).to_list(), top=100)}`",
+                f"power `{sparkline(gpu['power_w'].fill_null(0).to_list())}`",
+            ]
+        elif samples.height:
+            lines.append(f"CPU `{sparkline(samples['cpu_pct'].fill_null(0).to_list(), top=100)}` (no GPU data)")
+        if image:
+            lines += ["", f"![timeline]({image})"]
+        lines += [
+            "",
+            f"Files: `{s.output_dir}/results.parquet`, `manifest.json`, `chunks/`, `telemetry/samples.parquet`, "
+            "`report.md`, `timeline.png`.",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def finish(self, manifest: dict[str, Any]) -> Verdict:
+        """Write telemetry, chart and report files, then the table and report artifacts."""
+        out: Path = self.settings.output_dir
+        samples = self.sampler.frame()
+        write_samples(samples, out / "telemetry" / "samples.parquet")
+        chart = timeline_png(samples, self.sampler.marks())
+        if chart:
+            write_atomic(out / "timeline.png", lambda tmp: tmp.write_bytes(chart))
+        evidence, telemetry = self.evidence()
+        verdict = judge(evidence)
+        report = self.markdown(manifest, verdict, evidence, telemetry, "timeline.png" if chart else None)
+        write_atomic(out / "report.md", lambda tmp: tmp.write_text(report, encoding="utf-8"))
+        # The UI shows images given as data URIs inside markdown, so the chart travels with the artifact.
+        inline = f"data:image/png;base64,{base64.b64encode(chart).decode()}" if chart else None
+        report = self.markdown(manifest, verdict, evidence, telemetry, inline)
+        name = self.settings.name
+        if self.rows:
+            create_table_artifact(table=self.rows, key=f"{name}-chunks", description=f"Per-chunk summary of {name}")
+        create_markdown_artifact(markdown=report, key=f"{name}-report", description=verdict.headline[:200])
+        return verdict

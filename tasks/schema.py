@@ -1,0 +1,180 @@
+"""The row contract: the result row model, the structured-output model, and their Polars schema."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import types
+import typing
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+# Kinds of error a row can end with; the report groups errors by these.
+ErrorKind = Literal[
+    "empty_field",  # a template field was null/empty: nothing was sent
+    "bad_request",  # the backend refused the request (HTTP 400, prompt over the context...)
+    "invalid_output",  # the answer never validated against the output schema
+    "timeout",
+    "dropped",
+    "busy",
+    "runner_crash",
+    "oom",
+    "server_error",
+    "unauthorized",
+    "model_missing",
+    "unreachable",
+]
+
+
+class ResultRow(BaseModel):
+    """One output row per input row: an answer or an error, never both missing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    row_index: int = Field(ge=0, description="Position of the row in the input file.")
+    id: str = Field(description="The row's id (the input's id column, as text).")
+    chunk: int = Field(ge=0)
+    status: Literal["ok", "error"]
+    error_kind: ErrorKind | None = None
+    error: str | None = None
+    attempts: int = Field(ge=0, description="Requests sent for this row (0 when nothing was sent).")
+    response: str | None = Field(None, description="Raw answer text, kept on error rows too.")
+    done_reason: str | None = None
+    truncated: bool = Field(False, description="The prompt filled the context: the backend may have cut it.")
+    incomplete: bool = Field(False, description="The answer hit num_predict (done_reason 'length').")
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float | None = Field(None, description="Wall time of the last attempt, as the client saw it.")
+    load_ms: float | None = None
+    prompt_eval_ms: float | None = None
+    eval_ms: float | None = None
+    total_ms: float | None = None
+    model: str
+    finished_at: datetime
+    parsed: dict[str, Any] | None = Field(None, description="Validated structured output, flattened into columns.")
+
+
+RESULT_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
+    "row_index": pl.Int64,
+    "id": pl.String,
+    "chunk": pl.Int32,
+    "status": pl.String,
+    "error_kind": pl.String,
+    "error": pl.String,
+    "attempts": pl.Int16,
+    "response": pl.String,
+    "done_reason": pl.String,
+    "truncated": pl.Boolean,
+    "incomplete": pl.Boolean,
+    "prompt_tokens": pl.Int32,
+    "completion_tokens": pl.Int32,
+    "latency_ms": pl.Float64,
+    "load_ms": pl.Float64,
+    "prompt_eval_ms": pl.Float64,
+    "eval_ms": pl.Float64,
+    "total_ms": pl.Float64,
+    "model": pl.String,
+    "finished_at": pl.Datetime("us", "UTC"),
+}
+
+_JSON_TYPES: dict[str, type] = {"string": str, "integer": int, "number": float, "boolean": bool}
+
+
+def _model_from_json_schema(schema: dict[str, Any], source: str) -> type[BaseModel]:
+    """A pydantic model for a flat object JSON Schema, keeping bounds, enums and lengths.
+
+    Flat objects map to typed Parquet columns; nested values are kept as JSON text.
+    """
+    if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict):
+        raise ValueError(f"{source}: the output schema must be an object with 'properties'")
+    required = set(schema.get("required", []))
+    fields: dict[str, Any] = {}
+    for name, prop in schema["properties"].items():
+        if not isinstance(prop, dict):
+            raise ValueError(f"{source}: property '{name}' must be an object")
+        constraints = {
+            "ge": prop.get("minimum"),
+            "le": prop.get("maximum"),
+            "min_length": prop.get("minLength"),
+            "max_length": prop.get("maxLength"),
+            "pattern": prop.get("pattern"),
+            "description": prop.get("description"),
+        }
+        if "enum" in prop:
+            annotation: Any = Literal[tuple(prop["enum"])]
+        elif prop.get("type") in _JSON_TYPES:
+            annotation = _JSON_TYPES[prop["type"]]
+        elif prop.get("type") in ("array", "object"):
+            annotation = list[Any] if prop["type"] == "array" else dict[str, Any]
+        else:
+            raise ValueError(f"{source}: property '{name}' has unsupported type {prop.get('type')!r}")
+        kwargs = {k: v for k, v in constraints.items() if v is not None}
+        if name in required:
+            fields[name] = (annotation, Field(..., **kwargs))
+        else:
+            fields[name] = (annotation | None, Field(None, **kwargs))
+    return create_model("StructuredOutput", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def load_output_model(spec: str) -> type[BaseModel]:
+    """Resolve `output_schema`: a JSON Schema file or 'module:Class' naming a pydantic model."""
+    if spec.endswith(".json"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"output_schema file {path} does not exist")
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"output_schema file {path} is not valid JSON: {exc}") from exc
+        return _model_from_json_schema(schema, str(path))
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"output_schema {spec!r} must be a .json file or 'module:Class'")
+    try:
+        model = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"output_schema {spec!r} cannot be imported: {exc}") from exc
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise ValueError(f"output_schema {spec!r} is not a pydantic model class")
+    return model
+
+
+def _polars_type(annotation: Any) -> pl.DataType | type[pl.DataType]:
+    """Parquet column type of one structured-output field; anything nested is JSON text."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _polars_type(args[0])
+    if typing.get_origin(annotation) is Literal:
+        values = typing.get_args(annotation)
+        return _polars_type(type(values[0])) if len({type(v) for v in values}) == 1 else pl.String
+    return {bool: pl.Boolean, int: pl.Int64, float: pl.Float64, str: pl.String}.get(annotation, pl.String)
+
+
+def output_columns(model: type[BaseModel] | None) -> dict[str, pl.DataType | type[pl.DataType]]:
+    """Typed columns for the parsed fields; they must not collide with the result columns."""
+    if model is None:
+        return {}
+    columns = {}
+    for name, info in model.model_fields.items():
+        if name in RESULT_SCHEMA:
+            raise ValueError(f"output schema field '{name}' collides with a result column; rename it")
+        columns[name] = _polars_type(info.annotation)
+    return columns
+
+
+def rows_to_frame(rows: list[ResultRow], parsed_columns: dict[str, Any]) -> pl.DataFrame:
+    """Result rows as one typed frame; parsed fields flattened (nested values as JSON text)."""
+    records = []
+    for row in rows:
+        record = row.model_dump(exclude={"parsed"})
+        for name, dtype in parsed_columns.items():
+            value = (row.parsed or {}).get(name)
+            if dtype == pl.String and value is not None and not isinstance(value, str):
+                value = json.dumps(value)
+            record[name] = value
+        records.append(record)
+    return pl.DataFrame(records, schema={**RESULT_SCHEMA, **parsed_columns})

@@ -1,0 +1,436 @@
+"""GPU (NVML) and host (psutil) telemetry: a sampler thread, Parquet output, window summaries.
+
+This is the only module that imports `pynvml` (package `nvidia-ml-py`).
+
+Frame layout (`Sampler.frame()`, wide/tidy): one row per sample per GPU, host fields repeated on
+each GPU's row; with no GPU source there is one row per sample and `gpu` is null.
+
+    t                      f64        time.time() of the sample (epoch seconds)
+    gpu                    i32|null   NVML device index
+    vram_used_mib          f64|null   nvmlDeviceGetMemoryInfo().used
+    vram_total_mib         f64|null   nvmlDeviceGetMemoryInfo().total
+    gpu_util_pct           f64|null   share of time *some* kernel ran, not throughput (FACTS.md)
+    mem_util_pct           f64|null   share of time device memory was read/written
+    temperature_c          f64|null
+    power_w                f64|null
+    sm_clock_mhz           f64|null
+    pstate                 i32|null   0 (max performance) .. 15
+    server_vram_mib        f64|null   the server pid's memory, or the sum over listed processes
+    cpu_pct                f64        all cores, 0..100
+    cpu_per_core           list[f64]  one value per logical core, 0..100
+    ram_used_mib           f64
+    ram_available_mib      f64
+    ram_total_mib          f64
+    rss_mib                f64        this process
+    ollama_size_mib        f64|null   /api/ps `size` summed over loaded models (last poll)
+    ollama_size_vram_mib   f64|null   /api/ps `size_vram` summed; < size means CPU spill
+
+Marks (`Sampler.marks()`): columns `t` (f64) and `label` (str).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import httpx
+import polars as pl
+import psutil
+import pynvml
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+GPU_FIELDS: tuple[str, ...] = (
+    "vram_used_mib",
+    "vram_total_mib",
+    "gpu_util_pct",
+    "mem_util_pct",
+    "temperature_c",
+    "power_w",
+    "sm_clock_mhz",
+    "pstate",
+    "server_vram_mib",
+)
+
+SCHEMA: dict[str, Any] = {
+    "t": pl.Float64,
+    "gpu": pl.Int32,
+    **{name: pl.Float64 for name in GPU_FIELDS},
+    "pstate": pl.Int32,
+    "cpu_pct": pl.Float64,
+    "cpu_per_core": pl.List(pl.Float64),
+    "ram_used_mib": pl.Float64,
+    "ram_available_mib": pl.Float64,
+    "ram_total_mib": pl.Float64,
+    "rss_mib": pl.Float64,
+    "ollama_size_mib": pl.Float64,
+    "ollama_size_vram_mib": pl.Float64,
+}
+MARK_SCHEMA: dict[str, Any] = {"t": pl.Float64, "label": pl.String}
+
+OLLAMA_POLL_S = 5.0  # /api/ps is cheap but the server is busy with real work: poll sparingly
+OLLAMA_TIMEOUT_S = 1.0
+_FLUSH_ROWS = 1000  # rows buffered as dicts before they are packed into a Polars frame
+
+
+class GpuSource(Protocol):
+    """Something that reads per-GPU fields; NVML in production, a fake in tests."""
+
+    def devices(self) -> int: ...
+
+    def read(self, index: int) -> dict[str, float | int | None]: ...
+
+    def close(self) -> None: ...
+
+
+class NvmlSource:
+    """GpuSource over an already initialised NVML; `open_gpu_source()` builds it."""
+
+    def __init__(self, handles: list[Any], server_pid: int | None = None) -> None:
+        self._handles = handles
+        self.server_pid = server_pid
+
+    def devices(self) -> int:
+        return len(self._handles)
+
+    def read(self, index: int) -> dict[str, float | int | None]:
+        """Read every field; a query this GPU does not support gives None for that field."""
+        h = self._handles[index]
+        try:
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        except pynvml.NVMLError_GpuIsLost:
+            raise  # the Sampler stops reading a lost GPU instead of retrying it every second
+        except pynvml.NVMLError:
+            mem = None
+        util = _nvml(lambda: pynvml.nvmlDeviceGetUtilizationRates(h))
+        power_mw = _nvml(lambda: pynvml.nvmlDeviceGetPowerUsage(h))
+        return {
+            "vram_used_mib": mem.used / MIB if mem is not None else None,
+            "vram_total_mib": mem.total / MIB if mem is not None else None,
+            "gpu_util_pct": float(util.gpu) if util is not None else None,
+            "mem_util_pct": float(util.memory) if util is not None else None,
+            "temperature_c": _nvml(lambda: float(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU))),
+            "power_w": power_mw / 1000.0 if power_mw is not None else None,
+            "sm_clock_mhz": _nvml(lambda: float(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM))),
+            "pstate": _nvml(lambda: int(pynvml.nvmlDeviceGetPerformanceState(h))),
+            "server_vram_mib": _nvml(lambda: self._server_mib(h)),
+        }
+
+    def _server_mib(self, handle: Any) -> float | None:
+        # Containers often see no processes (PID namespaces) and WDDM reports no per-process
+        # memory (usedGpuMemory None): both give None rather than a misleading 0.
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        used = [(p.pid, p.usedGpuMemory) for p in procs if p.usedGpuMemory is not None]
+        if self.server_pid is not None:
+            mine = [m for pid, m in used if pid == self.server_pid]
+            return sum(mine) / MIB if mine else None
+        return sum(m for _, m in used) / MIB if used else None
+
+    def close(self) -> None:
+        with contextlib.suppress(pynvml.NVMLError):  # already shut down or driver gone
+            pynvml.nvmlShutdown()
+
+
+def _nvml(query: Callable[[], Any]) -> Any:
+    """Run one NVML query; unsupported or failing queries become None."""
+    try:
+        return query()
+    except pynvml.NVMLError:
+        return None
+
+
+def open_gpu_source(server_pid: int | None = None) -> GpuSource | None:
+    """Initialise NVML; without a usable NVML log one warning and return None."""
+    try:
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+    except pynvml.NVMLError as exc:
+        log.warning("GPU telemetry is off: NVML unavailable (%s); sampling host only", exc)
+        return None
+    return NvmlSource(handles, server_pid=server_pid)
+
+
+class _CpuMeter:
+    """CPU % from our own cpu_times deltas, so other psutil.cpu_percent() callers can't skew it."""
+
+    def __init__(self) -> None:
+        self._last: list[Any] | None = None
+
+    def read(self) -> tuple[float | None, list[float]]:
+        now = psutil.cpu_times(percpu=True)
+        last, self._last = self._last, now
+        if last is None or len(last) != len(now):
+            return None, []  # the first reading has no interval to measure over
+        per_core = [_busy_pct(a, b) for a, b in zip(last, now, strict=True)]
+        return sum(per_core) / len(per_core), per_core
+
+
+def _busy_pct(before: Any, after: Any) -> float:
+    # Same definition as psutil.cpu_percent: busy = all time except idle and iowait.
+    total = sum(after) - sum(before)
+    idle = (after.idle - before.idle) + (getattr(after, "iowait", 0.0) - getattr(before, "iowait", 0.0))
+    return 0.0 if total <= 0 else max(0.0, min(100.0, 100.0 * (total - idle) / total))
+
+
+class Sampler:
+    """Samples GPU and host fields every `interval_s` on a daemon thread; start() / stop()."""
+
+    def __init__(
+        self,
+        interval_s: float = 1.0,
+        gpu_source: GpuSource | None | Literal["auto"] = "auto",
+        ollama_host: str | None = None,
+        ollama_headers: dict[str, str] | None = None,
+        server_pid: int | None = None,
+    ) -> None:
+        # No I/O here: "auto" opens NVML in start(), so a Sampler can be built anywhere.
+        # server_pid only reaches the "auto" NVML source; a source passed in is used as given.
+        self.interval_s = interval_s
+        self._source_arg = gpu_source
+        self._source: GpuSource | None = None
+        self._ollama_url = ollama_host.rstrip("/") + "/api/ps" if ollama_host else None
+        self._ollama_headers = ollama_headers or {}
+        self._server_pid = server_pid
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._parts: list[pl.DataFrame] = []
+        self._marks: list[tuple[float, str]] = []
+        self._lost: set[int] = set()
+        self._gpu_off = False
+        self._ollama: tuple[float | None, float | None] = (None, None)
+        self._ollama_next = 0.0
+        self._host_failed = False
+        self.samples = 0
+        self.cpu_seconds = 0.0  # thread CPU time spent sampling: the sampler's own cost
+
+    def start(self) -> None:
+        """Open the GPU source (if "auto") and start the sampling thread."""
+        if self._thread is not None:
+            raise RuntimeError("Sampler already started")
+        if self._source_arg == "auto":
+            self._source = open_gpu_source(self._server_pid)
+        else:
+            self._source = self._source_arg
+        self._thread = threading.Thread(target=self._run, name="telemetry-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread, wait for it, close the GPU source."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self._source is not None:
+            try:
+                self._source.close()
+            except Exception:  # closing must never break a run's teardown
+                log.exception("closing the GPU source failed")
+            self._source = None
+
+    def __enter__(self) -> Sampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def mark(self, label: str) -> None:
+        """Record an event (e.g. "chunk 3 start") at the current time."""
+        with self._lock:
+            self._marks.append((time.time(), label))
+
+    def marks(self) -> pl.DataFrame:
+        """All marks so far: columns t, label."""
+        with self._lock:
+            rows = list(self._marks)
+        return pl.DataFrame(rows, schema=MARK_SCHEMA, orient="row")
+
+    def frame(self) -> pl.DataFrame:
+        """All samples so far (layout in the module docstring)."""
+        with self._lock:
+            parts = [*self._parts, _to_frame(self._rows)]
+        return pl.concat(parts, how="vertical")
+
+    def window(self, t0: float, t1: float) -> pl.DataFrame:
+        """Samples with t0 <= t <= t1."""
+        return self.frame().filter(pl.col("t").is_between(t0, t1))
+
+    @property
+    def cpu_seconds_per_sample(self) -> float | None:
+        """Mean CPU seconds one sample cost the sampling thread."""
+        return self.cpu_seconds / self.samples if self.samples else None
+
+    def _run(self) -> None:
+        cpu = _CpuMeter()
+        proc = psutil.Process()
+        cpu.read()  # prime the CPU deltas so the first real sample has an interval
+        # Only build an HTTP client when polling: creating one loads an SSL context (~30 ms CPU).
+        client = httpx.Client(timeout=OLLAMA_TIMEOUT_S, headers=self._ollama_headers) if self._ollama_url else None
+        try:
+            while not self._stop.is_set():
+                began = time.perf_counter()
+                cpu_began = time.thread_time()
+                try:
+                    self._sample(cpu, proc, client)
+                except Exception:  # never let telemetry kill the run; keep trying next tick
+                    if not self._host_failed:
+                        log.exception("telemetry sample failed; will keep trying")
+                        self._host_failed = True
+                self.cpu_seconds += time.thread_time() - cpu_began
+                self.samples += 1
+                self._stop.wait(max(0.0, self.interval_s - (time.perf_counter() - began)))
+        finally:
+            if client is not None:
+                client.close()
+
+    def _sample(self, cpu: _CpuMeter, proc: psutil.Process, client: httpx.Client | None) -> None:
+        t = time.time()
+        cpu_pct, per_core = cpu.read()
+        vm = psutil.virtual_memory()
+        host: dict[str, Any] = {
+            "t": t,
+            "cpu_pct": cpu_pct,
+            "cpu_per_core": per_core,
+            "ram_used_mib": vm.used / MIB,
+            "ram_available_mib": vm.available / MIB,
+            "ram_total_mib": vm.total / MIB,
+            "rss_mib": proc.memory_info().rss / MIB,
+        }
+        host["ollama_size_mib"], host["ollama_size_vram_mib"] = self._poll_ollama(client)
+        rows = [{**host, "gpu": i, **self._read_gpu(i)} for i in range(self._devices())]
+        with self._lock:
+            self._rows.extend(rows or [{**host, "gpu": None}])
+            if len(self._rows) >= _FLUSH_ROWS:
+                # Packed frames hold a long run (1 sample/s for 14 h) in a few MB, dicts would not.
+                self._parts.append(_to_frame(self._rows))
+                self._rows = []
+
+    def _devices(self) -> int:
+        if self._source is None or self._gpu_off:
+            return 0
+        try:
+            return self._source.devices()
+        except Exception:
+            log.exception("GPU telemetry is off from now on: listing devices failed")
+            self._gpu_off = True  # stop() still closes the source
+            return 0
+
+    def _read_gpu(self, index: int) -> dict[str, Any]:
+        if self._source is None or index in self._lost:
+            return {}
+        try:
+            fields = self._source.read(index)
+        except Exception as exc:
+            # A lost device usually stays lost; polling it again each second only spams errors.
+            log.warning("GPU %d stopped answering (%s); its fields are None from now on", index, exc)
+            self._lost.add(index)
+            return {}
+        return {k: fields.get(k) for k in GPU_FIELDS}
+
+    def _poll_ollama(self, client: httpx.Client | None) -> tuple[float | None, float | None]:
+        if client is None or self._ollama_url is None:
+            return None, None
+        now = time.monotonic()
+        if now >= self._ollama_next:
+            self._ollama_next = now + OLLAMA_POLL_S
+            self._ollama = fetch_ollama_ps(client, self._ollama_url)
+        return self._ollama  # between polls the last answer stands
+
+
+def fetch_ollama_ps(client: httpx.Client, url: str) -> tuple[float | None, float | None]:
+    """Sum `size` and `size_vram` (MiB) over loaded models at /api/ps; (None, None) if unreachable."""
+    try:
+        resp = client.get(url)
+        resp.raise_for_status()
+        models = resp.json().get("models") or []
+        size = sum(float(m.get("size") or 0) for m in models)
+        vram = sum(float(m.get("size_vram") or 0) for m in models)
+    except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+        return None, None
+    return size / MIB, vram / MIB
+
+
+def _to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    # strict=False: a source may hand ints for float fields (e.g. MiB from a fake or an old driver).
+    return pl.DataFrame(rows, schema=SCHEMA, strict=False)
+
+
+def write_samples(frame: pl.DataFrame, path: str | Path) -> None:
+    """Write samples to Parquet atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        frame.write_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def summarize(frame: pl.DataFrame, t0: float, t1: float) -> dict[str, Any]:
+    """Summarise samples in [t0, t1]; GPU keys are None when the window has no GPU data.
+
+    With several GPUs, peaks/means are over all GPU rows and headroom is the smallest per GPU.
+    """
+    w = frame.filter(pl.col("t").is_between(t0, t1))
+    host = w.unique(subset="t", keep="first")  # host fields repeat on each GPU's row
+    gpu = w.filter(pl.col("vram_used_mib").is_not_null())
+    out: dict[str, Any] = {
+        "samples": host.height,
+        "cpu_mean_pct": _stat(host["cpu_pct"].mean()),
+        "rss_peak_mib": _stat(host["rss_mib"].max()),
+        "ram_available_min_mib": _stat(host["ram_available_mib"].min()),
+        "ram_total_mib": _stat(host["ram_total_mib"].max()),
+        "ollama_spill": _spill(host),
+        "vram_peak_mib": None,
+        "vram_mean_mib": None,
+        "vram_total_mib": None,
+        "vram_headroom_mib": None,
+        "gpu_util_mean": None,
+        "mem_util_mean": None,
+        "gpu_idle_fraction": None,
+        "power_mean_w": None,
+        "power_max_w": None,
+    }
+    if gpu.height == 0:
+        return out
+    per_gpu = gpu.group_by("gpu").agg(peak=pl.col("vram_used_mib").max(), total=pl.col("vram_total_mib").max())
+    util = gpu["gpu_util_pct"].drop_nulls()
+    out.update(
+        vram_peak_mib=_stat(gpu["vram_used_mib"].max()),
+        vram_mean_mib=_stat(gpu["vram_used_mib"].mean()),
+        vram_total_mib=_stat(gpu["vram_total_mib"].max()),
+        vram_headroom_mib=_stat((per_gpu["total"] - per_gpu["peak"]).min()),
+        gpu_util_mean=_stat(util.mean()),
+        mem_util_mean=_stat(gpu["mem_util_pct"].mean()),
+        # Below 10 % the GPU was waiting on the client (or between chunks) most of that second.
+        gpu_idle_fraction=float((util < 10).mean()) if util.len() else None,  # type: ignore[arg-type]
+        power_mean_w=_stat(gpu["power_w"].mean()),
+        power_max_w=_stat(gpu["power_w"].max()),
+    )
+    return out
+
+
+def _spill(host: pl.DataFrame) -> bool | None:
+    seen = host.filter(
+        pl.col("ollama_size_mib").is_not_null()
+        & pl.col("ollama_size_vram_mib").is_not_null()
+        & (pl.col("ollama_size_mib") > 0)
+    )
+    if seen.height == 0:
+        return None
+    return bool((seen["ollama_size_vram_mib"] < seen["ollama_size_mib"]).any())
+
+
+def _stat(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,78 @@
+"""Job settings: YAML + overrides, every bad field named in the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.config import SettingsError, load_settings, template_fields
+
+BASE = {"input_path": "in.parquet", "prompt_template": "Score {text}", "output_dir": "out"}
+
+
+def test_yaml_and_overrides_merge(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("input_path: a.csv\nprompt_template: 'Hi {name}'\noutput_dir: o\noptions:\n  num_ctx: 8192\n")
+    settings = load_settings(job, {"options": {"num_predict": 32}, "in_flight": 4})
+    assert settings.options.num_ctx == 8192 and settings.options.num_predict == 32
+    assert settings.in_flight == 4 and settings.chunk_size == 5000 and settings.keep_alive == -1
+    assert settings.template_fields == ["name"]
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"in_flight": 1000}, "in_flight"),
+        ({"options": {"num_predict": 0}}, "options.num_predict"),
+        ({"options": {"temperature": 5}}, "options.temperature"),
+        ({"colour": "red"}, "colour"),
+        ({"backend": "vllm"}, "backend"),
+        ({"keep_alive": "forever"}, "keep_alive"),
+        ({"name": "Has Spaces"}, "name"),
+        ({"prompt_template": "Score {text"}, "prompt_template"),
+        ({"prompt_template": "Score {text!r}"}, "prompt_template"),
+    ],
+)
+def test_bad_field_is_named(override: dict, field: str) -> None:
+    with pytest.raises(SettingsError, match=field.replace(".", r"\.")):
+        load_settings(None, {**BASE, **override})
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(SettingsError, match="ollama_host is set but backend is 'llamacpp'"):
+        load_settings(None, {**BASE, "backend": "llamacpp", "ollama_host": "http://x:11434"})
+    with pytest.raises(SettingsError, match="model_path is set but backend is 'ollama'"):
+        load_settings(None, {**BASE, "backend": "ollama", "model_path": "m.gguf"})
+
+
+def test_job_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input_path: [unclosed\n")
+    with pytest.raises(SettingsError, match="not valid YAML"):
+        load_settings(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(SettingsError, match="mapping"):
+        load_settings(listy)
+    missing = tmp_path / "missing_fields.yaml"
+    missing.write_text("input_path: a.csv\n")
+    with pytest.raises(SettingsError, match=r"prompt_template: Field required.*output_dir: Field required"):
+        load_settings(missing)
+
+
+def test_template_fields_and_keep_alive_forms() -> None:
+    assert template_fields("{a} and {b} then {a} {{literal}}") == ["a", "b"]
+    for value in (-1, 0, 300, "10m", "1h30m", "45s"):
+        assert load_settings(None, {**BASE, "keep_alive": value}).keep_alive == value
+
+
+def test_fingerprint_tracks_answers_not_plumbing() -> None:
+    a = load_settings(None, BASE)
+    assert a.answer_fingerprint("d1", None) == load_settings(None, {**BASE, "in_flight": 8}).answer_fingerprint("d1", None)
+    assert a.answer_fingerprint("d1", None) != a.answer_fingerprint("d2", None)
+    changed = load_settings(None, {**BASE, "options": {"temperature": 0.7}})
+    assert a.answer_fingerprint("d1", None) != changed.answer_fingerprint("d1", None)

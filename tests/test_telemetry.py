@@ -1,0 +1,239 @@
+"""Sampler against fake GPU sources and a real HTTP /api/ps server; NVML on a GPU-less host."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tasks import telemetry
+from tasks.telemetry import Sampler, open_gpu_source, summarize, write_samples
+
+GIB = 1024**3
+
+
+class FakeGpu:
+    """A GpuSource with `n` GPUs; `fail_after` reads of GPU 0 it raises (device lost)."""
+
+    def __init__(self, n: int = 2, fail_after: int | None = None) -> None:
+        self.n = n
+        self.fail_after = fail_after
+        self.reads = 0
+        self.closed = False
+
+    def devices(self) -> int:
+        return self.n
+
+    def read(self, index: int) -> dict[str, float | int | None]:
+        if index == 0:
+            self.reads += 1
+            if self.fail_after is not None and self.reads > self.fail_after:
+                raise RuntimeError("GPU is lost")
+        return {
+            "vram_used_mib": 10_000 + index,
+            "vram_total_mib": 16_376,
+            "gpu_util_pct": 97,
+            "mem_util_pct": 40,
+            "temperature_c": 60,
+            "power_w": 250.5,
+            "sm_clock_mhz": 2500,
+            "pstate": 2,
+            "server_vram_mib": None,  # e.g. a container where NVML lists no processes
+        }
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _wait_for(cond, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _stop_timed(s: Sampler) -> float:
+    began = time.monotonic()
+    s.stop()
+    return time.monotonic() - began
+
+
+def test_sampler_with_gpus_records_rows_per_gpu_and_stops_fast() -> None:
+    fake = FakeGpu(n=2)
+    s = Sampler(interval_s=0.02, gpu_source=fake)
+    s.start()
+    s.mark("chunk 0 start")
+    _wait_for(lambda: s.samples >= 5)
+    s.mark("chunk 0 end")
+    assert _stop_timed(s) < 1.0
+    assert fake.closed
+
+    df = s.frame()
+    assert df.schema == pl.Schema(telemetry.SCHEMA)
+    assert set(df["gpu"].unique().to_list()) == {0, 1}
+    assert df.filter(pl.col("gpu") == 1)["vram_used_mib"].to_list()[0] == 10_001.0
+    assert df["cpu_per_core"].list.len().min() > 0  # type: ignore[operator]
+    assert df["rss_mib"].min() > 0  # type: ignore[operator]
+    assert df["ollama_size_mib"].null_count() == df.height  # no host given
+    assert s.marks()["label"].to_list() == ["chunk 0 start", "chunk 0 end"]
+
+    t0, t1 = df["t"].min(), df["t"].max()
+    assert s.window(t0, t0).height == 2  # type: ignore[arg-type]
+    summary = summarize(df, t0, t1)  # type: ignore[arg-type]
+    assert summary["vram_peak_mib"] == 10_001.0
+    assert summary["vram_headroom_mib"] == 16_376 - 10_001
+    assert summary["gpu_util_mean"] == 97.0
+    assert summary["gpu_idle_fraction"] == 0.0
+    assert summary["samples"] == df["t"].n_unique()
+
+
+def test_sampler_without_gpu_samples_host_only() -> None:
+    s = Sampler(interval_s=0.02, gpu_source=None)
+    s.start()
+    _wait_for(lambda: s.samples >= 3)
+    assert _stop_timed(s) < 1.0
+    df = s.frame()
+    assert df.height >= 3
+    assert df["gpu"].null_count() == df.height
+    assert df["vram_used_mib"].null_count() == df.height
+    assert df["ram_available_mib"].min() > 0  # type: ignore[operator]
+    summary = summarize(df, 0, time.time())
+    assert summary["vram_peak_mib"] is None and summary["gpu_util_mean"] is None
+    assert summary["cpu_mean_pct"] is not None
+
+
+def test_gpu_lost_mid_run_keeps_sampling_host(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeGpu(n=1, fail_after=2)
+    s = Sampler(interval_s=0.01, gpu_source=fake)
+    with caplog.at_level(logging.WARNING, logger="tasks.telemetry"):
+        s.start()
+        _wait_for(lambda: s.samples >= 8)
+        assert _stop_timed(s) < 1.0
+    df = s.frame()
+    assert df["vram_used_mib"].head(2).null_count() == 0
+    after = df.slice(2)
+    assert after.height >= 6
+    assert after["vram_used_mib"].null_count() == after.height
+    assert after["ram_used_mib"].null_count() == 0
+    assert fake.reads == 3  # a lost GPU is not polled again
+    lost = [r for r in caplog.records if "stopped answering" in r.getMessage()]
+    assert len(lost) == 1
+
+
+def test_open_gpu_source_without_gpu_returns_none_and_warns_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Real pynvml, no patching: this host has no NVIDIA driver.
+    with caplog.at_level(logging.WARNING, logger="tasks.telemetry"):
+        source = open_gpu_source()
+    if source is not None:  # pragma: no cover - only on a GPU host
+        source.close()
+        pytest.skip("NVML is available on this host")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "GPU telemetry is off" in warnings[0].getMessage()
+
+
+class _PsHandler(BaseHTTPRequestHandler):
+    body: bytes = b""
+    seen_headers: list[dict[str, str]] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        type(self).seen_headers.append(dict(self.headers))
+        if self.path != "/api/ps":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def ps_server() -> Iterator[str]:
+    payload = {
+        "models": [
+            {
+                "name": "gemma3:12b",
+                "model": "gemma3:12b",
+                "size": 12 * GIB,
+                "size_vram": 9 * GIB,
+                "digest": "x",
+                "details": {},
+                "expires_at": "2099-01-01T00:00:00Z",
+                "context_length": 4096,
+            },
+        ]
+    }
+    handler = type("PsHandler", (_PsHandler,), {"body": json.dumps(payload).encode(), "seen_headers": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_ollama_ps_spill_detected(ps_server: str) -> None:
+    s = Sampler(
+        interval_s=0.02, gpu_source=FakeGpu(n=1), ollama_host=ps_server, ollama_headers={"Authorization": "Bearer t"}
+    )
+    s.start()
+    _wait_for(lambda: s.samples >= 3)
+    s.stop()
+    df = s.frame()
+    assert df["ollama_size_mib"].to_list()[0] == 12 * 1024
+    assert df["ollama_size_vram_mib"].to_list()[0] == 9 * 1024
+    assert summarize(df, 0, time.time())["ollama_spill"] is True
+
+
+def test_ollama_unreachable_gives_none() -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    s = Sampler(interval_s=0.02, gpu_source=None, ollama_host=f"http://127.0.0.1:{port}")
+    s.start()
+    _wait_for(lambda: s.samples >= 3)
+    assert _stop_timed(s) < 1.0
+    df = s.frame()
+    assert df["ollama_size_mib"].null_count() == df.height
+    assert summarize(df, 0, time.time())["ollama_spill"] is None
+
+
+def test_frame_survives_flush_and_write_samples_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telemetry, "_FLUSH_ROWS", 5)  # pack rows into frames early and often
+    s = Sampler(interval_s=0.005, gpu_source=FakeGpu(n=1))
+    s.start()
+    _wait_for(lambda: s.samples > 12)
+    s.stop()
+    df = s.frame()
+    assert df.height == s.samples
+    out = tmp_path / "run" / "samples.parquet"
+    write_samples(df, out)
+    assert pl.read_parquet(out).equals(df)
+    assert [p.name for p in out.parent.iterdir()] == ["samples.parquet"]  # no temp left
+
+
+def test_sampling_cost_is_well_under_one_percent_of_a_core() -> None:
+    s = Sampler(interval_s=0.005, gpu_source=FakeGpu(n=1))
+    s.start()
+    _wait_for(lambda: s.samples >= 100)
+    s.stop()
+    per_sample = s.cpu_seconds_per_sample
+    assert per_sample is not None
+    # At the default 1 s interval, < 1 % of a core means < 10 ms of CPU per sample.
+    assert per_sample < 0.005, f"{per_sample * 1000:.2f} ms per sample"
