@@ -264,7 +264,10 @@ async def _run_chunk_async(settings: JobSettings, chunk: ChunkSpec, rows: list[P
     await backend.open()
     run = _ChunkRun(settings, backend, chunk, writer, output_model, on_progress)
     try:
-        await backend.check()
+        try:
+            await backend.check()
+        except BackendError as err:
+            raise ChunkAborted(str(err), retryable=err.action == "unreachable") from err
         await run.run(rows)
     finally:
         await backend.close()

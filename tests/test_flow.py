@@ -1,0 +1,143 @@
+"""The whole flow under a real (temporary) Prefect API with the Ollama emulator as the backend."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from flows.batch_inference import batch_inference
+from tasks.dataset import InputError
+from tasks.store import OutputDirError
+from tests.conftest import make_rows, write_input
+from tests.ollama_emulator import OllamaEmulator, answer_for
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+CONTENT = ["row_index", "id", "chunk", "status", "error_kind", "attempts", "response", "prompt_tokens", "completion_tokens"]
+
+
+def artifacts_of(state: Any) -> dict[str, Any]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def test_every_row_once_with_artifacts(job: Any, emulator: OllamaEmulator) -> None:
+    settings = job(20, name="flowtest")
+    state = batch_inference(overrides=settings, return_state=True)
+    manifest = state.result()
+    results = pl.read_parquet(Path(settings["output_dir"]) / "results.parquet")
+    assert results["row_index"].to_list() == list(range(20)) and results["id"].n_unique() == 20
+    expected = [answer_for([{"role": "user", "content": f"Role: data engineer\nCandidate: candidate {i} writes Python"}]) for i in range(20)]
+    assert results["response"].to_list() == expected
+    assert manifest["complete"] and (manifest["rows_ok"], manifest["rows_error"]) == (20, 0)
+    on_disk = json.loads((Path(settings["output_dir"]) / "manifest.json").read_text())
+    assert on_disk["fingerprint"] == manifest["fingerprint"] and on_disk["versions"]["prefect"]
+    artifacts = artifacts_of(state)
+    assert set(artifacts) >= {"flowtest-progress", "flowtest-chunks", "flowtest-report"}
+    assert artifacts["flowtest-progress"].data == 100.0
+    table = json.loads(artifacts["flowtest-chunks"].data)
+    assert [row["chunk"] for row in table] == [0, 1, 2] and [row["rows"] for row in table] == [8, 8, 4]
+    report = artifacts["flowtest-report"].data
+    assert "### Bottleneck:" in report and "ETA for the 170,000-row production job" in report
+    assert "data:image/png;base64," in report  # the timeline chart travels inside the artifact
+    assert (Path(settings["output_dir"]) / "report.md").read_text().startswith("# Run report: flowtest")
+    assert (Path(settings["output_dir"]) / "telemetry" / "samples.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"frame": make_rows(5).drop("text")}, InputError, "prompt_template uses 'text' which is not a column"),
+        ({"frame": make_rows(5).with_columns(id=pl.lit("same"))}, InputError, "duplicate ids in 'id'"),
+        ({"overrides": {"output_schema": "no_such_module:Model"}}, ValueError, "cannot be imported"),
+    ],
+)
+def test_bad_input_fails_before_any_request(job: Any, emulator: OllamaEmulator, change: dict, error: type, message: str) -> None:
+    settings = job(frame=change.get("frame"), **change.get("overrides", {}))
+    with pytest.raises(error, match=message):
+        batch_inference(overrides=settings)
+    assert emulator.requests == []
+
+
+def test_gpu_limit_is_created_and_no_two_chunks_overlap(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
+    """Two jobs at once on a limit that did not exist: their chunks must take turns on the GPU."""
+    emulator.latency_s = 0.03
+    limit = f"gpu-{tmp_path.name[-20:].lower().replace('_', '-')}"
+    with get_client(sync_client=True) as client:
+        assert limit not in [gcl.name for gcl in client.read_global_concurrency_limits()]
+    jobs = []
+    for label in ("A", "B"):
+        data = write_input(tmp_path / f"{label}.parquet", make_rows(16).with_columns(role=pl.lit(f"job {label}")))
+        jobs.append(job(input_path=str(data), output_dir=str(tmp_path / f"out-{label}"), gpu_limit=limit, name=f"job-{label.lower()}"))
+    errors: list[BaseException] = []
+    ran: dict[str, tuple[float, float]] = {}
+
+    def run(settings: dict[str, Any]) -> None:
+        started = time.monotonic()
+        try:
+            batch_inference(overrides=settings)
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+        ran[settings["name"]] = (started, time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    spans: dict[tuple[str, int], list[float]] = {}
+    for r in emulator.requests:
+        if r.path == "/api/chat":
+            label = r.prompt.split("Role: job ")[1][0]
+            index = int(r.prompt.split("candidate ")[1].split()[0])
+            span = spans.setdefault((label, index // 8), [r.t_start, r.t_end])
+            span[0], span[1] = min(span[0], r.t_start), max(span[1], r.t_end)
+    assert {label for label, _ in spans} == {"A", "B"} and len(spans) == 4
+    (a_start, a_end), (b_start, b_end) = ran.values()
+    assert a_start < b_end and b_start < a_end, "the two flow runs were not live at the same time"
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit).limit == 1
+    ordered = sorted(spans.values())
+    assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:], strict=False)), f"chunks overlapped: {spans}"
+
+
+def test_resume_after_a_failed_run_matches_an_uninterrupted_run(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
+    emulator.latency_s = 0.02
+    reference = job(30, output_dir=str(tmp_path / "reference"), in_flight=2)
+    batch_inference(overrides=reference)
+    emulator.reset_stats()
+    settings = job(30, output_dir=str(tmp_path / "resumed"), in_flight=2, outage_budget_s=0.3)
+    threading.Timer(0.5, emulator.down).start()
+    with pytest.raises(Exception, match="cannot reach Ollama"):
+        batch_inference(overrides=settings)
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert manifest["complete"] is False and not (tmp_path / "resumed" / "results.parquet").exists()
+    emulator.up()
+    batch_inference(overrides=settings)
+    ours = pl.read_parquet(tmp_path / "resumed" / "results.parquet").select(CONTENT)
+    theirs = pl.read_parquet(tmp_path / "reference" / "results.parquet").select(CONTENT)
+    assert ours.equals(theirs)
+    answered = Counter(r.prompt for r in emulator.requests if r.path == "/api/chat" and r.status == 200)
+    assert len(answered) == 30 and set(answered.values()) == {1}  # no finished row sent twice
+
+
+def test_changed_settings_cannot_reuse_an_output_dir(job: Any, emulator: OllamaEmulator) -> None:
+    settings = job(4)
+    batch_inference(overrides=settings)
+    with pytest.raises(OutputDirError, match="different job configuration"):
+        batch_inference(overrides={**settings, "options": {"num_ctx": 2048, "num_predict": 65}})
+    batch_inference(overrides={**settings, "in_flight": 1})  # plumbing changes are fine: nothing resent
+    assert len([r for r in emulator.requests if r.path == "/api/chat"]) == 4

@@ -1,0 +1,149 @@
+"""The chunk runner against the Ollama emulator through the real ollama client: rows, retries, faults."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from tasks.config import load_settings
+from tasks.dataset import validate_input
+from tasks.inference import ChunkAborted, run_chunk
+from tasks.store import chunk_path, finished_rows
+from tests.ollama_emulator import Fault, OllamaEmulator, answer_for
+
+
+def run_one_chunk(job: Any, n: int = 12, **overrides: Any) -> tuple[Any, pl.DataFrame, Any]:
+    settings = load_settings(None, job(n, chunk_size=n, **overrides))
+    chunk = validate_input(settings).chunks[0]
+    stats = run_chunk(settings, chunk)
+    return settings, pl.read_parquet(chunk_path(settings.output_dir, chunk)), stats
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Role: data engineer\nCandidate: candidate {i} writes Python"}]
+
+
+def sent_per_row(emulator: OllamaEmulator) -> Counter[str]:
+    return Counter(r.prompt for r in emulator.requests if r.path == "/api/chat" and r.status == 200)
+
+
+def test_every_row_once_with_n_in_flight(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.latency_s = 0.05
+    _, frame, stats = run_one_chunk(job, 16, in_flight=4)
+    assert frame["row_index"].to_list() == list(range(16))
+    assert frame["status"].unique().to_list() == ["ok"]
+    assert frame["response"].to_list() == [answer_for(messages(i)) for i in range(16)]
+    assert emulator.peak_in_flight == 4  # the slots were kept busy
+    assert set(sent_per_row(emulator).values()) == {1}
+    assert stats.ok == 16 and stats.requests == 16 and stats.latency_p50_ms >= 50
+    assert frame["prompt_tokens"].min() > 0 and frame["eval_ms"].min() > 0  # Ollama's own timings kept
+
+
+@pytest.mark.parametrize("fault", [Fault.runner_crash(), Fault.drop(), Fault.busy(), Fault.oom(), Fault.http(500, "boom")])
+def test_transient_faults_are_retried(job: Any, emulator: OllamaEmulator, fault: Fault) -> None:
+    emulator.inject(fault, match="candidate 3 writes")
+    _, frame, stats = run_one_chunk(job, 6)
+    assert frame["status"].to_list() == ["ok"] * 6
+    assert frame.filter(pl.col("row_index") == 3)["attempts"].item() == 2
+    assert frame.filter(pl.col("row_index") != 3)["attempts"].to_list() == [1] * 5
+    assert stats.requests == 7
+
+
+def test_bad_request_is_an_error_row_without_retry(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.inject(Fault.bad_request("invalid format"), times=None, match="candidate 2 writes")
+    _, frame, _ = run_one_chunk(job, 4)
+    bad = frame.filter(pl.col("row_index") == 2).row(0, named=True)
+    assert (bad["status"], bad["error_kind"], bad["attempts"]) == ("error", "bad_request", 1)
+    assert "HTTP 400: invalid format" in bad["error"]
+    assert frame.filter(pl.col("status") == "ok").height == 3
+
+
+def test_retries_run_out_into_an_error_row(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.inject(Fault.runner_crash(), times=None, match="candidate 1 writes")
+    _, frame, _ = run_one_chunk(job, 3, max_attempts=3)
+    bad = frame.filter(pl.col("row_index") == 1).row(0, named=True)
+    assert (bad["status"], bad["error_kind"], bad["attempts"]) == ("error", "runner_crash", 3)
+    assert "unexpectedly stopped" in bad["error"]
+
+
+def test_hung_request_times_out_and_is_retried(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.inject(Fault.hang(), match="candidate 0 writes")
+    _, frame, _ = run_one_chunk(job, 3, request_timeout_s=0.5)
+    assert frame["status"].to_list() == ["ok"] * 3
+    assert frame.filter(pl.col("row_index") == 0)["attempts"].item() == 2
+
+
+def test_structured_output_validated_typed_and_retried(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 10}, "verdict": {"enum": ["hire", "pass"]}},
+        "required": ["score", "verdict"],
+    }
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    emulator.inject(Fault.invalid_json(), times=1, match="candidate 1 writes")
+    emulator.inject(Fault.invalid_json(), times=None, match="candidate 2 writes")
+    _, frame, _ = run_one_chunk(job, 4, output_schema=str(tmp_path / "s.json"), max_attempts=3)
+    assert frame.schema["score"] == pl.Int64 and frame.schema["verdict"] == pl.String
+    ok = frame.filter(pl.col("status") == "ok")
+    assert ok["row_index"].to_list() == [0, 1, 3]
+    for record in ok.iter_rows(named=True):
+        expected = json.loads(answer_for(messages(record["row_index"]), schema))
+        assert (record["score"], record["verdict"]) == (expected["score"], expected["verdict"])
+    assert ok.filter(pl.col("row_index") == 1)["attempts"].item() == 2
+    bad = frame.filter(pl.col("row_index") == 2).row(0, named=True)
+    assert (bad["error_kind"], bad["attempts"], bad["score"]) == ("invalid_output", 3, None)
+    assert bad["response"] and "does not match the schema" in bad["error"]  # the raw text is kept
+    seeds = [r.body["options"]["seed"] for r in emulator.requests if r.prompt and "candidate 2 writes" in r.prompt]
+    assert seeds == [0, 1, 2]  # each retry asks with another seed
+
+
+def test_truncation_and_cut_answers_are_flagged(job: Any, emulator: OllamaEmulator) -> None:
+    frame = pl.DataFrame({"id": ["short", "long"], "role": ["x", "x"], "text": ["hi", "word " * 2000]})
+    settings = load_settings(None, job(frame=frame, chunk_size=2, options={"num_ctx": 512, "num_predict": 2}))
+    run_chunk(settings, validate_input(settings).chunks[0])
+    rows = pl.read_parquet(chunk_path(settings.output_dir, validate_input(settings).chunks[0]))
+    assert rows["truncated"].to_list() == [False, True]
+    assert rows["incomplete"].to_list() == [True, True] and rows["done_reason"].to_list() == ["length", "length"]
+    sent = [r.body["options"] for r in emulator.requests if r.path == "/api/chat"]
+    assert all(o["num_predict"] == 2 and o["num_ctx"] == 512 for o in sent)  # identical options, always num_predict
+
+
+def test_empty_field_row_is_never_sent(job: Any, emulator: OllamaEmulator) -> None:
+    frame = pl.DataFrame({"id": ["a", "b"], "role": ["x", "x"], "text": ["fine", ""]})
+    settings = load_settings(None, job(frame=frame, chunk_size=2))
+    run_chunk(settings, validate_input(settings).chunks[0])
+    rows = pl.read_parquet(chunk_path(settings.output_dir, validate_input(settings).chunks[0]))
+    assert rows["status"].to_list() == ["ok", "error"]
+    assert rows.row(1, named=True)["error_kind"] == "empty_field" and rows.row(1, named=True)["attempts"] == 0
+    assert len([r for r in emulator.requests if r.path == "/api/chat"]) == 1
+
+
+def test_missing_model_stops_before_any_row(job: Any, emulator: OllamaEmulator) -> None:
+    with pytest.raises(ChunkAborted, match=r"model 'gemma3:27b' not found .*ollama pull gemma3:27b") as info:
+        run_one_chunk(job, 3, model="gemma3:27b")
+    assert info.value.retryable is False
+    assert not [r for r in emulator.requests if r.path == "/api/chat"]
+
+
+def test_outage_mid_chunk_keeps_finished_rows_and_resume_sends_the_rest_once(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.latency_s = 0.05
+    settings = load_settings(None, job(40, chunk_size=40, in_flight=2, outage_budget_s=0.5))
+    chunk = validate_input(settings).chunks[0]
+    threading.Timer(0.4, emulator.down).start()
+    with pytest.raises(ChunkAborted, match="cannot reach Ollama") as info:
+        run_chunk(settings, chunk)
+    assert info.value.retryable is True
+    kept = finished_rows(settings.output_dir, chunk)
+    assert 0 < len(kept) < 40  # rows finished before the outage are on disk
+    emulator.up()
+    stats = run_chunk(settings, chunk)
+    assert stats.resumed_rows == len(kept) and stats.sent_rows == 40 - len(kept)
+    frame = pl.read_parquet(chunk_path(settings.output_dir, chunk))
+    assert frame["row_index"].to_list() == list(range(40)) and frame["status"].unique().to_list() == ["ok"]
+    assert set(sent_per_row(emulator).values()) == {1}  # no finished row was answered twice

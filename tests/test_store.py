@@ -1,0 +1,94 @@
+"""The Parquet ledger: checkpoints, chunk files, consolidation, the output-directory claim."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tasks.dataset import ChunkSpec
+from tasks.schema import ResultRow
+from tasks.store import (
+    ChunkWriter,
+    OutputDirError,
+    chunk_path,
+    claim_output_dir,
+    clean_finished_parts,
+    consolidate,
+    finished_rows,
+    part_paths,
+)
+
+
+def row(i: int, chunk: int = 0, status: str = "ok") -> ResultRow:
+    return ResultRow(
+        row_index=i, id=f"r{i}", chunk=chunk, status=status, attempts=1, response=f"answer {i}",
+        model="m", finished_at=datetime.now(UTC), error_kind=None if status == "ok" else "bad_request",
+    )
+
+
+def test_checkpoints_then_chunk_file(tmp_path: Path) -> None:
+    chunk = ChunkSpec(index=0, offset=0, length=5)
+    writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=2, checkpoint_every_s=3600)
+    assert writer.add(row(3)) is False
+    assert writer.add(row(1)) is True  # two rows buffered: a checkpoint is due
+    writer.write_part(writer.take())
+    assert finished_rows(tmp_path, chunk) == {1, 3}
+    # A new writer (a resumed run) continues the part numbering instead of overwriting.
+    writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=2, checkpoint_every_s=3600)
+    for i in (0, 2, 4):
+        writer.add(row(i))
+    frame = writer.finish()
+    assert frame["row_index"].to_list() == [0, 1, 2, 3, 4]
+    assert part_paths(tmp_path, chunk) == [] and chunk_path(tmp_path, chunk).exists()
+    assert finished_rows(tmp_path, chunk) == {0, 1, 2, 3, 4}
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_finish_refuses_missing_or_duplicated_rows(tmp_path: Path) -> None:
+    chunk = ChunkSpec(index=1, offset=3, length=3)
+    writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=100, checkpoint_every_s=3600)
+    for i in (3, 4, 4):
+        writer.add(row(i, chunk=1))
+    with pytest.raises(RuntimeError, match=r"missing \[5\], duplicated \[4\]"):
+        writer.finish()
+    assert not chunk_path(tmp_path, chunk).exists()
+
+
+def test_leftover_parts_after_a_crash_are_cleaned(tmp_path: Path) -> None:
+    chunk = ChunkSpec(index=0, offset=0, length=1)
+    writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=1, checkpoint_every_s=3600)
+    writer.add(row(0))
+    writer.finish()
+    # Simulate a crash between writing the chunk file and deleting its parts.
+    writer.write_part([row(0)])
+    clean_finished_parts(tmp_path, chunk)
+    assert part_paths(tmp_path, chunk) == []
+
+
+def test_consolidate_in_input_order_and_complete(tmp_path: Path) -> None:
+    chunks = [ChunkSpec(index=0, offset=0, length=2), ChunkSpec(index=1, offset=2, length=2)]
+    for chunk in reversed(chunks):
+        writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=100, checkpoint_every_s=3600)
+        for i in reversed(range(chunk.offset, chunk.offset + chunk.length)):
+            writer.add(row(i, chunk.index))
+        writer.finish()
+    results = pl.read_parquet(consolidate(tmp_path, chunks, 4))
+    assert results["row_index"].to_list() == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="has 4 rows"):
+        consolidate(tmp_path, chunks, 5)
+    chunk_path(tmp_path, chunks[1]).unlink()
+    with pytest.raises(RuntimeError, match="1 chunk file"):
+        consolidate(tmp_path, chunks, 4)
+
+
+def test_claim_refuses_a_second_run_and_another_configuration(tmp_path: Path) -> None:
+    with claim_output_dir(tmp_path, "fp-1", {}):
+        with pytest.raises(OutputDirError, match="in use by another run"), claim_output_dir(tmp_path, "fp-1", {}):
+            pass
+    with claim_output_dir(tmp_path, "fp-1", {}):  # released: same configuration may resume
+        pass
+    with pytest.raises(OutputDirError, match="different job configuration"), claim_output_dir(tmp_path, "fp-2", {}):
+        pass
