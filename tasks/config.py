@@ -35,15 +35,28 @@ class GenerationOptions(BaseModel):
         description="Most tokens generated per answer. Always set: unset, Ollama can run ~10x num_ctx tokens.",
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Sampling seed; a schema-invalid answer is retried with seed+attempt.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Sampling seed; a schema-invalid answer is resampled with seed+1, +2...")
     top_k: int | None = Field(None, ge=1, le=1000, description="Top-k sampling; backend default when unset.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling; backend default when unset.")
     stop: list[str] | None = Field(None, max_length=8, description="Stop sequences.")
 
-    def for_request(self, attempt: int = 1) -> dict[str, Any]:
-        """The `options` dict of one request; only the seed moves between attempts."""
-        opts = self.model_dump(exclude_none=True)
-        opts["seed"] = self.seed + attempt - 1
+    retry_temperature: float = Field(
+        0.7,
+        ge=0.0,
+        le=2.0,
+        description="Temperature for retries of a schema-invalid answer; a greedy retry would repeat it.",
+    )
+
+    def for_request(self, resample: int = 0) -> dict[str, Any]:
+        """The `options` of one request. Resampling a schema-invalid answer moves the seed and
+        leaves greedy decoding; a retry after a transport failure asks exactly the same again.
+
+        Seed and temperature are sampling options: changing them does not reload the model.
+        """
+        opts = self.model_dump(exclude_none=True, exclude={"retry_temperature"})
+        if resample:
+            opts["seed"] = self.seed + resample
+            opts["temperature"] = max(self.temperature, self.retry_temperature)
         return opts
 
 

@@ -148,6 +148,7 @@ class _ChunkRun:
             self.kinds["empty_field"] += 1
             return self._row(row, status="error", error_kind="empty_field", error=row.error, attempts=0)
         attempts = 0
+        resamples = 0  # schema-invalid answers so far: each retry samples differently
         last_error: BackendError | None = None
         last_reply: Reply | None = None
         while attempts < self.settings.max_attempts:
@@ -156,7 +157,7 @@ class _ChunkRun:
             started = time.perf_counter()
             try:
                 reply = await self.backend.chat(
-                    row.messages, options=self.settings.options.for_request(attempts), schema=self.schema
+                    row.messages, options=self.settings.options.for_request(resamples), schema=self.schema
                 )
             except BackendError as err:
                 last_error = err
@@ -187,6 +188,7 @@ class _ChunkRun:
                 except ValidationError as exc:
                     # Ollama does not always honour `format` (ollama#8063); retry with the next seed.
                     last_reply = reply
+                    resamples += 1
                     first = exc.errors()[0]
                     last_error = BackendError(
                         "invalid_output", "retry", f"answer does not match the schema: {first['loc']}: {first['msg']}"

@@ -51,6 +51,8 @@ def test_transient_faults_are_retried(job: Any, emulator: OllamaEmulator, fault:
     _, frame, stats = run_one_chunk(job, 6)
     assert frame["status"].to_list() == ["ok"] * 6
     assert frame.filter(pl.col("row_index") == 3)["attempts"].item() == 2
+    retried = [r.body["options"] for r in emulator.requests if r.prompt and "candidate 3 writes" in r.prompt]
+    assert retried[0] == retried[1]  # a transport retry asks exactly the same again
     assert frame.filter(pl.col("row_index") != 3)["attempts"].to_list() == [1] * 5
     assert stats.requests == 7
 
@@ -99,8 +101,9 @@ def test_structured_output_validated_typed_and_retried(job: Any, emulator: Ollam
     bad = frame.filter(pl.col("row_index") == 2).row(0, named=True)
     assert (bad["error_kind"], bad["attempts"], bad["score"]) == ("invalid_output", 3, None)
     assert bad["response"] and "does not match the schema" in bad["error"]  # the raw text is kept
-    seeds = [r.body["options"]["seed"] for r in emulator.requests if r.prompt and "candidate 2 writes" in r.prompt]
-    assert seeds == [0, 1, 2]  # each retry asks with another seed
+    sent = [r.body["options"] for r in emulator.requests if r.prompt and "candidate 2 writes" in r.prompt]
+    # Each resample asks with another seed and leaves greedy decoding, which would repeat the answer.
+    assert [(o["seed"], o["temperature"]) for o in sent] == [(0, 0.0), (1, 0.7), (2, 0.7)]
 
 
 def test_truncation_and_cut_answers_are_flagged(job: Any, emulator: OllamaEmulator) -> None:

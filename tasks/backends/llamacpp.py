@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tasks.backends import BackendError, Reply
+
+
+@functools.lru_cache(maxsize=1)
+def _load(path: str, n_ctx: int) -> Any:
+    """One loaded model per process: the flow's check and every chunk task share it."""
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=path,
+        n_ctx=n_ctx,
+        n_threads=os.cpu_count() or 1,
+        n_gpu_layers=-1,  # all layers on the GPU when llama.cpp was built with one; no-op on CPU
+        verbose=False,
+    )
+    # A GGUF without a chat template (Gemma 3 270M base is one) would get llama-2's format,
+    # which Gemma does not know; use Gemma's own turn markers instead.
+    if not llm.metadata.get("tokenizer.chat_template") and llm.metadata.get("general.architecture", "").startswith("gemma"):
+        llm.chat_format = "gemma"
+    atexit.register(llm.close)  # free it before interpreter teardown, not in a noisy __del__
+    return llm
 
 
 def default_model_path() -> Path:
@@ -38,16 +60,7 @@ class LlamaCppBackend:
         path = self.model_path or await asyncio.to_thread(default_model_path)
         if not Path(path).is_file():
             raise BackendError("model_missing", "fatal_job", f"GGUF model file {path} does not exist")
-        from llama_cpp import Llama
-
-        self._llm = await asyncio.to_thread(
-            Llama,
-            model_path=str(path),
-            n_ctx=self.num_ctx,
-            n_threads=os.cpu_count() or 1,
-            n_gpu_layers=-1,  # all layers on the GPU when llama.cpp was built with one; no-op on CPU
-            verbose=False,
-        )
+        self._llm = await asyncio.to_thread(_load, str(path), self.num_ctx)
 
     async def check(self) -> None:
         if self._llm is None:
@@ -85,6 +98,4 @@ class LlamaCppBackend:
             return await asyncio.to_thread(self._complete, messages, options, schema)
 
     async def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        self._llm = None  # the model stays cached for the next chunk of this process
