@@ -88,14 +88,23 @@ def batch_inference(job_file: str | None = None, overrides: dict[str, Any] | Non
     schema_json = None if output_model is None else str(output_model.model_json_schema())
     fingerprint = settings.answer_fingerprint(plan.input_digest, schema_json)
     out = settings.output_dir
-    job_record = {"settings": settings.model_dump(mode="json"), "total_rows": plan.total_rows, "chunks": len(plan.chunks)}
+    job_record = {
+        "settings": settings.model_dump(mode="json"),
+        "total_rows": plan.total_rows,
+        "chunks": len(plan.chunks),
+    }
     with claim_output_dir(out, fingerprint, job_record):
         check_backend(settings)
         ensure_gpu_limit(settings.gpu_limit)
         done_before = sum(len(finished_rows(out, c)) for c in plan.chunks)
         logger.info(
             "%d rows in %d chunks, %d already done; backend %s, model %s, %d in flight",
-            plan.total_rows, len(plan.chunks), done_before, settings.backend, settings.model, settings.in_flight,
+            plan.total_rows,
+            len(plan.chunks),
+            done_before,
+            settings.backend,
+            settings.model,
+            settings.in_flight,
         )
         sampler = Sampler(
             interval_s=settings.telemetry_interval_s,
@@ -120,8 +129,14 @@ def batch_inference(job_file: str | None = None, overrides: dict[str, Any] | Non
         finally:
             sampler.stop()
             manifest = build_manifest(
-                settings, plan, fingerprint, counts(out, plan.chunks), started, time.time(),
-                complete=failure is None, error=None if failure is None else f"{type(failure).__name__}: {failure}",
+                settings,
+                plan,
+                fingerprint,
+                counts(out, plan.chunks),
+                started,
+                time.time(),
+                complete=failure is None,
+                error=None if failure is None else f"{type(failure).__name__}: {failure}",
             )
             write_json_atomic(manifest, out / "manifest.json")
             reporter.finish(manifest)

@@ -35,7 +35,9 @@ class GenerationOptions(BaseModel):
         description="Most tokens generated per answer. Always set: unset, Ollama can run ~10x num_ctx tokens.",
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Sampling seed; a schema-invalid answer is resampled with seed+1, +2...")
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="Sampling seed; a schema-invalid answer is resampled with seed+1, +2..."
+    )
     top_k: int | None = Field(None, ge=1, le=1000, description="Top-k sampling; backend default when unset.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling; backend default when unset.")
     stop: list[str] | None = Field(None, max_length=8, description="Stop sequences.")
@@ -146,7 +148,16 @@ class JobSettings(BaseModel):
         """Hash of everything that changes the answers, so a rerun never mixes two configurations."""
         keyed = self.model_dump(
             mode="json",
-            include={"id_column", "prompt_template", "system_prompt", "backend", "model", "model_path", "options", "chunk_size"},
+            include={
+                "id_column",
+                "prompt_template",
+                "system_prompt",
+                "backend",
+                "model",
+                "model_path",
+                "options",
+                "chunk_size",
+            },
         )
         keyed["input"] = input_digest
         keyed["schema"] = schema_json
@@ -159,7 +170,9 @@ def template_fields(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ValueError(f"prompt_template is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from exc
+        raise ValueError(
+            f"prompt_template is not a valid template ({exc}); write literal braces as {{{{ and }}}}"
+        ) from exc
     for _, name, spec, conv in parsed:
         if name is None:
             continue

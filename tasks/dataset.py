@@ -106,7 +106,9 @@ def validate_input(settings: JobSettings) -> JobPlan:
     nulls = ids.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
     if nulls.height:
         rows = ", ".join(str(r) for r in nulls["row"].head(5).to_list())
-        raise InputError(f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (rows {rows}; first row is 0)")
+        raise InputError(
+            f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (rows {rows}; first row is 0)"
+        )
     dupes = ids.filter(pl.col(col).is_duplicated())
     if dupes.height:
         first = dupes.group_by(col, maintain_order=True).agg(pl.col("row")).head(3)
@@ -128,7 +130,9 @@ def _text(value: Any) -> str | None:
     return text if text.strip() else None
 
 
-def prepare_chunk(settings: JobSettings, chunk: ChunkSpec, skip: set[int] | frozenset[int] = frozenset()) -> list[PreparedRow]:
+def prepare_chunk(
+    settings: JobSettings, chunk: ChunkSpec, skip: set[int] | frozenset[int] = frozenset()
+) -> list[PreparedRow]:
     """Read one chunk's rows (only the columns the prompt needs) and render their messages.
 
     Values are substituted with str.format, which never re-parses them: braces or
@@ -152,7 +156,9 @@ def prepare_chunk(settings: JobSettings, chunk: ChunkSpec, skip: set[int] | froz
         empty = [f for f, v in values.items() if v is None]
         if empty:
             prepared.append(
-                PreparedRow(row_index=row_index, id=record["__id"], error=f"empty template field(s): {', '.join(empty)}")
+                PreparedRow(
+                    row_index=row_index, id=record["__id"], error=f"empty template field(s): {', '.join(empty)}"
+                )
             )
             continue
         messages = [{"role": "user", "content": settings.prompt_template.format(**values)}]

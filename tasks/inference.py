@@ -107,7 +107,9 @@ class _ChunkRun:
             **fields,
         )
 
-    def _ok_row(self, row: PreparedRow, reply: Reply, attempts: int, latency_ms: float, parsed: dict[str, Any] | None) -> ResultRow:
+    def _ok_row(
+        self, row: PreparedRow, reply: Reply, attempts: int, latency_ms: float, parsed: dict[str, Any] | None
+    ) -> ResultRow:
         num_ctx = self.settings.options.num_ctx
         return self._row(
             row,
@@ -260,8 +262,14 @@ def _percentile(values: list[float], q: int) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-async def _run_chunk_async(settings: JobSettings, chunk: ChunkSpec, rows: list[PreparedRow], writer: ChunkWriter,
-                           output_model: type[BaseModel] | None, on_progress: ProgressCallback | None) -> _ChunkRun:
+async def _run_chunk_async(
+    settings: JobSettings,
+    chunk: ChunkSpec,
+    rows: list[PreparedRow],
+    writer: ChunkWriter,
+    output_model: type[BaseModel] | None,
+    on_progress: ProgressCallback | None,
+) -> _ChunkRun:
     backend = make_backend(settings)
     await backend.open()
     run = _ChunkRun(settings, backend, chunk, writer, output_model, on_progress)
@@ -282,10 +290,14 @@ def run_chunk(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressCall
     clean_finished_parts(out, chunk)
     started = time.time()
     if chunk_path(out, chunk).exists():
-        return ChunkStats(index=chunk.index, rows=chunk.length, resumed_rows=chunk.length, started_at=started, finished_at=started)
+        return ChunkStats(
+            index=chunk.index, rows=chunk.length, resumed_rows=chunk.length, started_at=started, finished_at=started
+        )
     done = finished_rows(out, chunk)
     output_model = load_output_model(settings.output_schema) if settings.output_schema else None
-    writer = ChunkWriter(out, chunk, output_columns(output_model), settings.checkpoint_rows, settings.checkpoint_every_s)
+    writer = ChunkWriter(
+        out, chunk, output_columns(output_model), settings.checkpoint_rows, settings.checkpoint_every_s
+    )
     rows = prepare_chunk(settings, chunk, skip=done)
     run = asyncio.run(_run_chunk_async(settings, chunk, rows, writer, output_model, on_progress))
     frame = writer.finish()

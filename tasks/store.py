@@ -211,8 +211,15 @@ def counts(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
 
 
 def build_manifest(
-    settings: Any, plan: Any, fingerprint: str, row_counts: dict[str, int], started: float, finished: float,
-    *, complete: bool, error: str | None,
+    settings: Any,
+    plan: Any,
+    fingerprint: str,
+    row_counts: dict[str, int],
+    started: float,
+    finished: float,
+    *,
+    complete: bool,
+    error: str | None,
 ) -> dict[str, Any]:
     """What a run produced, with what, and how long it took."""
     from importlib.metadata import PackageNotFoundError, version
@@ -254,7 +261,5 @@ def error_kinds(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
     paths = [p for c in chunks for p in ([chunk_path(out, c)] if chunk_path(out, c).exists() else part_paths(out, c))]
     if not paths:
         return {}
-    frame = (
-        pl.scan_parquet(paths).filter(pl.col("status") == "error").group_by("error_kind").len().collect()
-    )
+    frame = pl.scan_parquet(paths).filter(pl.col("status") == "error").group_by("error_kind").len().collect()
     return {str(k): int(n) for k, n in frame.iter_rows()}

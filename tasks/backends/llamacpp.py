@@ -27,7 +27,9 @@ def _load(path: str, n_ctx: int) -> Any:
     )
     # A GGUF without a chat template (Gemma 3 270M base is one) would get llama-2's format,
     # which Gemma does not know; use Gemma's own turn markers instead.
-    if not llm.metadata.get("tokenizer.chat_template") and llm.metadata.get("general.architecture", "").startswith("gemma"):
+    if not llm.metadata.get("tokenizer.chat_template") and llm.metadata.get("general.architecture", "").startswith(
+        "gemma"
+    ):
         llm.chat_format = "gemma"
     atexit.register(llm.close)  # free it before interpreter teardown, not in a noisy __del__
     return llm
@@ -66,7 +68,9 @@ class LlamaCppBackend:
         if self._llm is None:
             raise BackendError("model_missing", "fatal_job", "llama.cpp model is not loaded")
 
-    def _complete(self, messages: list[dict[str, str]], options: dict[str, Any], schema: dict[str, Any] | None) -> Reply:
+    def _complete(
+        self, messages: list[dict[str, str]], options: dict[str, Any], schema: dict[str, Any] | None
+    ) -> Reply:
         started = time.perf_counter()
         try:
             out = self._llm.create_chat_completion(

@@ -35,7 +35,9 @@ def classify(exc: BaseException, model: str, host: str) -> BackendError:
         action: Action
         if status == 404:
             return BackendError(
-                "model_missing", "fatal_job", f"model '{model}' not found on {host}: run `ollama pull {model}` there ({text})"
+                "model_missing",
+                "fatal_job",
+                f"model '{model}' not found on {host}: run `ollama pull {model}` there ({text})",
             )
         if status in (401, 403):
             return BackendError("unauthorized", "fatal_job", f"{host} refused the credentials ({status}: {text})")
