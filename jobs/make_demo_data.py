@@ -1,6 +1,6 @@
 """Write a small synthetic candidates file for the demo job (deterministic, no downloads).
 
-    python -m jobs.make_demo_data data/demo-candidates.csv --rows 24
+python -m jobs.make_demo_data data/demo-candidates.csv --rows 24
 """
 
 from __future__ import annotations
