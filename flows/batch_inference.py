@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from tasks.backends import BackendError, make_backend
 from tasks.config import JobSettings, load_settings
@@ -81,7 +82,9 @@ def batch_inference(job_file: str | None = None, overrides: dict[str, Any] | Non
     """Score every row of the job's input; returns the manifest."""
     logger = get_run_logger()
     started = time.time()
-    settings = load_settings(job_file, overrides)
+    # A scheduled run keeps its date through retries and reruns, so it resumes its own directory.
+    scheduled = flow_run.scheduled_start_time
+    settings = load_settings(job_file, overrides).for_run_date(scheduled.astimezone().date())
     output_model = load_output_model(settings.output_schema) if settings.output_schema else None
     output_columns(output_model)  # a schema field colliding with a result column fails here, not mid-run
     plan = plan_chunks(settings)

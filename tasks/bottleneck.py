@@ -238,6 +238,11 @@ def _no_gpu_data(e: RunEvidence) -> Verdict | None:
     if e.calibration and (better := _better_in_flight(e)) is not None:
         n, gain = better
         advice.append(f"Calibration: {n} in flight gave {gain:+.0%} tokens/s; use it")
+    elif e.backend == "llamacpp":
+        advice.append(
+            "The embedded llama.cpp backend decodes one sequence at a time, so more in-flight requests "
+            "only queue; for throughput run Ollama on a GPU with OLLAMA_NUM_PARALLEL > 1"
+        )
     elif e.in_flight == 1:
         advice.append(
             "One request in flight: measure tokens/s at 1, 2, 4, 8 in flight; "

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import string
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +80,11 @@ class JobSettings(BaseModel):
         description="User message with {column} fields filled from the row, e.g. 'Score this: {text}'.",
     )
     system_prompt: str | None = Field(None, description="Optional system message sent before every prompt.")
+    trim_field: str | None = Field(
+        None,
+        description="A template field cut (and the row flagged `trimmed`) when the prompt would not fit "
+        "num_ctx - num_predict; unset, an overlong prompt is sent whole and flagged `truncated` if cut.",
+    )
     backend: Literal["ollama", "llamacpp"] = Field("llamacpp", description="Inference engine.")
     model: str = Field("gemma3:12b", min_length=1, description="Model name (Ollama tag; a label for llamacpp).")
     ollama_host: str | None = Field(
@@ -96,9 +102,21 @@ class JobSettings(BaseModel):
     outage_budget_s: float = Field(
         300.0, ge=0, le=86400, description="How long a chunk waits for an unreachable backend before failing."
     )
+    stall_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        le=86400,
+        description="Watchdog: fail the chunk (for a retry) when no request answers or fails for this long; "
+        "keep it above request_timeout_s so single hung requests are retried first.",
+    )
+    oom_backoff_s: float = Field(
+        5.0, ge=0, le=600, description="First wait after an out-of-memory answer (doubles per attempt, max 30 s)."
+    )
     chunk_retries: int = Field(2, ge=0, le=20, description="Prefect retries of a chunk whose backend went away.")
     chunk_retry_delay_s: float = Field(60.0, ge=0, le=86400, description="Wait before a chunk retry.")
-    output_dir: Path = Field(description="Where chunks, results.parquet and manifest.json go.")
+    output_dir: Path = Field(
+        description="Where chunks, results.parquet and manifest.json go; '{date}' becomes the run's scheduled date."
+    )
     output_schema: str | None = Field(
         None,
         description="Structured output: a JSON Schema file (.json) or a pydantic model as 'module:Class'.",
@@ -130,11 +148,26 @@ class JobSettings(BaseModel):
 
     @model_validator(mode="after")
     def _backend_fields(self) -> JobSettings:
+        if self.trim_field is not None and self.trim_field not in self.template_fields:
+            raise ValueError(f"trim_field '{self.trim_field}' is not a field of prompt_template")
         if self.backend == "llamacpp" and self.ollama_host is not None:
             raise ValueError("ollama_host is set but backend is 'llamacpp'")
         if self.backend == "ollama" and self.model_path is not None:
             raise ValueError("model_path is set but backend is 'ollama' (Ollama loads its own models)")
         return self
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_placeholders(cls, value: Path) -> Path:
+        try:
+            str(value).format(date="2000-01-01")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"output_dir may only use the {{date}} placeholder ({exc!r})") from exc
+        return value
+
+    def for_run_date(self, day: date) -> JobSettings:
+        """Fill `{date}` in output_dir, so a nightly job gets one directory per scheduled day."""
+        return self.model_copy(update={"output_dir": Path(str(self.output_dir).format(date=day.isoformat()))})
 
     @property
     def ollama_base_url(self) -> str:
@@ -149,6 +182,7 @@ class JobSettings(BaseModel):
         keyed = self.model_dump(
             mode="json",
             include={
+                "trim_field",
                 "id_column",
                 "prompt_template",
                 "system_prompt",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,49 @@ class PreparedRow(BaseModel):
     id: str
     messages: list[dict[str, str]] | None = None
     error: str | None = None
+    trimmed: bool = False
+
+
+TokenCounter = Callable[[str], int]
+TEMPLATE_TOKENS = 16  # chat-template markers around the messages
+TRIM_MARK = " …[trimmed]"
+
+
+def estimate_tokens(text: str) -> int:
+    """A deliberately high token count when no tokenizer is at hand: 3 UTF-8 bytes per token
+    (Gemma averages ~4 characters per token on English), so a trimmed prompt fits for sure."""
+    return len(text.encode("utf-8")) // 3 + 1
+
+
+def _render(settings: JobSettings, values: dict[str, str]) -> list[dict[str, str]]:
+    messages = [{"role": "user", "content": settings.prompt_template.format(**values)}]
+    if settings.system_prompt:
+        messages.insert(0, {"role": "system", "content": settings.system_prompt})
+    return messages
+
+
+def _fit(settings: JobSettings, values: dict[str, str], count: TokenCounter) -> tuple[list[dict[str, str]], bool]:
+    """Messages for the row, with `trim_field` cut (binary search on its length) until the prompt
+    leaves num_predict tokens for the answer."""
+    messages = _render(settings, values)
+    field = settings.trim_field
+    budget = settings.options.num_ctx - settings.options.num_predict - TEMPLATE_TOKENS
+
+    def fits(keep: int) -> bool:
+        cut = _render(settings, {**values, field: values[field][:keep] + TRIM_MARK})  # type: ignore[index]
+        return sum(count(m["content"]) for m in cut) <= budget
+
+    if field is None or sum(count(m["content"]) for m in messages) <= budget:
+        return messages, False
+    # No token spans 16 characters in practice: this bounds the search without tokenizing megabytes.
+    low, high = 0, min(len(values[field]), 16 * budget)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return _render(settings, {**values, field: values[field][:low] + TRIM_MARK}), True
 
 
 def scan_input(path: Path) -> pl.LazyFrame:
@@ -131,7 +175,10 @@ def _text(value: Any) -> str | None:
 
 
 def prepare_chunk(
-    settings: JobSettings, chunk: ChunkSpec, skip: set[int] | frozenset[int] = frozenset()
+    settings: JobSettings,
+    chunk: ChunkSpec,
+    skip: set[int] | frozenset[int] = frozenset(),
+    count_tokens: TokenCounter | None = None,
 ) -> list[PreparedRow]:
     """Read one chunk's rows (only the columns the prompt needs) and render their messages.
 
@@ -161,8 +208,6 @@ def prepare_chunk(
                 )
             )
             continue
-        messages = [{"role": "user", "content": settings.prompt_template.format(**values)}]
-        if settings.system_prompt:
-            messages.insert(0, {"role": "system", "content": settings.system_prompt})
-        prepared.append(PreparedRow(row_index=row_index, id=record["__id"], messages=messages))
+        messages, trimmed = _fit(settings, values, count_tokens or estimate_tokens)  # type: ignore[arg-type]
+        prepared.append(PreparedRow(row_index=row_index, id=record["__id"], messages=messages, trimmed=trimmed))
     return prepared

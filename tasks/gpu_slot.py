@@ -10,6 +10,10 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+# A live holder renews its lease in the background; a killed one (SIGKILL, lost machine) stops
+# renewing and its slot comes back when the lease runs out. Prefect's shortest lease is 60 s.
+LEASE_S = 60.0
+
 
 class GpuSlotTimeout(TimeoutError):
     """No GPU slot came free in time (a killed run may still hold it)."""
@@ -31,7 +35,9 @@ def gpu_slot(name: str, timeout_s: float) -> Iterator[None]:
     """Hold one slot of `name` for the block; strict so a missing limit is an error, not a free pass."""
     with ExitStack() as stack:
         try:
-            stack.enter_context(concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_s))
+            stack.enter_context(
+                concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_s, lease_duration=LEASE_S)
+            )
         except TimeoutError as exc:  # only the acquisition: the body's own timeouts pass through untouched
             raise GpuSlotTimeout(
                 f"GPU slot '{name}' not free after {timeout_s:.0f}s. If no other run is using the GPU, a killed "

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from tasks.backends import Backend, BackendError, Reply, make_backend
+from tasks.backends import Backend, BackendError, Reply, make_backend, token_counter
 from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, PreparedRow, prepare_chunk
 from tasks.schema import ResultRow, load_output_model, output_columns
@@ -58,6 +58,9 @@ class ChunkStats(BaseModel):
         return max(self.finished_at - self.started_at, 1e-9)
 
 
+OOM_STREAK_LIMIT = 6  # out-of-memory answers in a row at 1 in flight before the chunk gives up
+
+
 def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Capped exponential back-off with jitter, so retries from many slots do not align."""
     return min(cap, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
@@ -93,6 +96,24 @@ class _ChunkRun:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.events: list[str] = []
+        self.oom_streak = 0
+        self.last_progress = time.monotonic()  # any answer or error from the backend counts
+
+    def _on_oom(self, err: BackendError) -> None:
+        """Fewer sequences need less KV cache: halve in-flight; give up when even one keeps failing."""
+        self.oom_streak += 1
+        if self.limit > 1:
+            self.limit = max(1, self.limit // 2)
+            self.note(f"out of memory, in-flight lowered to {self.limit}, backing off: {err}")
+        else:
+            self.note(f"out of memory at 1 in flight ({self.oom_streak} in a row), backing off: {err}")
+        if self.limit == 1 and self.oom_streak >= OOM_STREAK_LIMIT:
+            raise ChunkAborted(
+                f"persistent out of memory: {self.oom_streak} requests in a row failed with 1 in flight ({err}). "
+                "Lower options.num_ctx, OLLAMA_NUM_PARALLEL or the model size, or free the GPU, then rerun: "
+                "finished rows are kept.",
+                retryable=False,
+            )
 
     def note(self, text: str) -> None:
         self.events.append(f"{datetime.now(UTC):%H:%M:%S} {self.chunk.name}: {text}")
@@ -102,6 +123,7 @@ class _ChunkRun:
             row_index=row.row_index,
             id=row.id,
             chunk=self.chunk.index,
+            trimmed=row.trimmed,
             model=self.settings.model,
             finished_at=datetime.now(UTC),
             **fields,
@@ -144,6 +166,18 @@ class _ChunkRun:
             )
         await asyncio.sleep(min(5.0, self.settings.outage_budget_s - down_for, 0.5 + down_for / 4))
 
+    async def _ask(self, messages: list[dict[str, str]], resamples: int) -> Reply:
+        """One request under a total deadline: httpx's timeout is per read, a slow trickle never trips it."""
+        options = self.settings.options.for_request(resamples)
+        try:
+            return await asyncio.wait_for(
+                self.backend.chat(messages, options=options, schema=self.schema), self.settings.request_timeout_s
+            )
+        except TimeoutError as exc:
+            raise BackendError(
+                "timeout", "retry", f"no answer within request_timeout_s={self.settings.request_timeout_s:.0f}"
+            ) from exc
+
     async def process(self, row: PreparedRow) -> ResultRow:
         """One row to one result row; only a job-wide failure escapes as an exception."""
         if row.messages is None:
@@ -158,9 +192,7 @@ class _ChunkRun:
             self.requests += 1
             started = time.perf_counter()
             try:
-                reply = await self.backend.chat(
-                    row.messages, options=self.settings.options.for_request(resamples), schema=self.schema
-                )
+                reply = await self._ask(row.messages, resamples)
             except BackendError as err:
                 last_error = err
                 if err.action == "fatal_job":
@@ -172,13 +204,17 @@ class _ChunkRun:
                     await self._wait_for_backend(err)
                     continue
                 self.unreachable_since = None
-                if err.action == "oom" and self.limit > 1:
-                    self.limit = max(1, self.limit // 2)
-                    self.note(f"out of memory, in-flight lowered to {self.limit}: {err}")
+                self.last_progress = time.monotonic()
+                if err.action == "oom":
+                    self._on_oom(err)
                 if attempts < self.settings.max_attempts:
-                    await asyncio.sleep(_backoff(attempts, base=2.0 if err.action in ("oom", "backoff") else 0.5))
+                    # A GPU that ran out of memory needs the model reloaded (seconds for a 12B model).
+                    base = {"oom": self.settings.oom_backoff_s, "backoff": 2.0}.get(err.action, 0.5)
+                    await asyncio.sleep(_backoff(attempts, base=base))
                 continue
             self.unreachable_since = None
+            self.oom_streak = 0
+            self.last_progress = time.monotonic()
             latency_ms = (time.perf_counter() - started) * 1000
             self.latencies.append(latency_ms)
             self.prompt_tokens += reply.prompt_tokens or 0
@@ -213,9 +249,9 @@ class _ChunkRun:
 
     async def flush(self) -> None:
         async with self.flush_lock:
-            rows = self.writer.take()
+            rows, seq = self.writer.take()
             if rows:
-                await asyncio.to_thread(self.writer.write_part, rows)
+                await asyncio.to_thread(self.writer.write_part, rows, seq)
             if self.on_progress is not None:
                 # In a thread: Prefect's sync client calls must not run inside this event loop.
                 await asyncio.to_thread(self.on_progress, self.finished, self.errors)
@@ -234,9 +270,19 @@ class _ChunkRun:
                 await self.flush()
 
     async def periodic_flush(self) -> None:
+        """Checkpoint on time, and be the watchdog: no answer and no error for too long means stuck."""
+        stall_s = self.settings.stall_timeout_s
         while True:
-            await asyncio.sleep(self.settings.checkpoint_every_s)
+            await asyncio.sleep(min(self.settings.checkpoint_every_s, stall_s / 4))
             await self.flush()
+            quiet = time.monotonic() - self.last_progress
+            if quiet > stall_s and self.unreachable_since is None:
+                self.note(f"watchdog: nothing came back for {quiet:.0f}s")
+                raise ChunkAborted(
+                    f"watchdog: no request finished or failed for {quiet:.0f}s (stall_timeout_s={stall_s:.0f}); "
+                    "the backend looks hung",
+                    retryable=True,
+                )
 
     async def run(self, rows: list[PreparedRow]) -> None:
         queue: asyncio.Queue[PreparedRow] = asyncio.Queue()
@@ -244,13 +290,17 @@ class _ChunkRun:
             queue.put_nowait(row)
         flusher = asyncio.create_task(self.periodic_flush())
         workers = [asyncio.create_task(self.worker(i, queue)) for i in range(self.settings.in_flight)]
+        work = asyncio.gather(*workers)
         try:
-            await asyncio.gather(*workers)
+            done, _ = await asyncio.wait({work, flusher}, return_when=asyncio.FIRST_COMPLETED)
+            if flusher in done:
+                flusher.result()  # the watchdog fired
+            await work  # a worker's ChunkAborted surfaces here
         finally:
             for task in workers:
                 task.cancel()
             flusher.cancel()
-            await asyncio.gather(*workers, flusher, return_exceptions=True)
+            await asyncio.gather(work, flusher, return_exceptions=True)
             await self.flush()  # finished rows reach disk even when the chunk aborts
 
 
@@ -293,13 +343,16 @@ def run_chunk(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressCall
         return ChunkStats(
             index=chunk.index, rows=chunk.length, resumed_rows=chunk.length, started_at=started, finished_at=started
         )
-    done = finished_rows(out, chunk)
     output_model = load_output_model(settings.output_schema) if settings.output_schema else None
     writer = ChunkWriter(
         out, chunk, output_columns(output_model), settings.checkpoint_rows, settings.checkpoint_every_s
     )
-    rows = prepare_chunk(settings, chunk, skip=done)
-    run = asyncio.run(_run_chunk_async(settings, chunk, rows, writer, output_model, on_progress))
+    done = finished_rows(out, chunk)  # after the writer turned a killed run's journal into parts
+    rows = prepare_chunk(settings, chunk, skip=done, count_tokens=token_counter(settings))
+    try:
+        run = asyncio.run(_run_chunk_async(settings, chunk, rows, writer, output_model, on_progress))
+    finally:
+        writer.close()  # idempotent; on failure the finished rows are already journaled or checkpointed
     frame = writer.finish()
     by_status = frame["status"].value_counts()
     status_counts = dict(zip(by_status["status"].to_list(), by_status["count"].to_list(), strict=True))

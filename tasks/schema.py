@@ -46,6 +46,7 @@ class ResultRow(BaseModel):
     done_reason: str | None = None
     truncated: bool = Field(False, description="The prompt filled the context: the backend may have cut it.")
     incomplete: bool = Field(False, description="The answer hit num_predict (done_reason 'length').")
+    trimmed: bool = Field(False, description="trim_field was cut so the prompt fits the context.")
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     latency_ms: float | None = Field(None, description="Wall time of the last attempt, as the client saw it.")
@@ -70,6 +71,7 @@ RESULT_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "done_reason": pl.String,
     "truncated": pl.Boolean,
     "incomplete": pl.Boolean,
+    "trimmed": pl.Boolean,
     "prompt_tokens": pl.Int32,
     "completion_tokens": pl.Int32,
     "latency_ms": pl.Float64,

@@ -4,7 +4,8 @@ Layout of an output directory:
     job.json                       fingerprint of the configuration that owns the directory
     .lock                          flock held by the running job
     chunks/chunk-00007.parquet     a finished chunk (all its rows, sorted by row_index)
-    chunks/chunk-00007.part-00002.parquet   rows finished inside a chunk still running
+    chunks/chunk-00007.part-00002.parquet   checkpointed rows of a chunk still running
+    chunks/chunk-00007.journal-00003.jsonl  rows finished since the last checkpoint, one line each
     results.parquet                every input row once, in input order (written last)
     manifest.json                  counts, timings, versions
 """
@@ -66,21 +67,48 @@ def part_paths(out: Path, chunk: ChunkSpec) -> list[Path]:
     return sorted((out / "chunks").glob(f"{chunk.name}.part-*.parquet"))
 
 
+def journal_paths(out: Path, chunk: ChunkSpec) -> list[Path]:
+    return sorted((out / "chunks").glob(f"{chunk.name}.journal-*.jsonl"))
+
+
+def _seq(path: Path) -> int:
+    """The segment number in chunk-00007.part-00002.parquet / chunk-00007.journal-00002.jsonl."""
+    return int(path.name.split("-")[-1].split(".")[0])
+
+
+def _journal_rows(path: Path) -> list[ResultRow]:
+    """Rows of a journal segment; a line cut short by a kill is skipped (that row is redone)."""
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                rows.append(ResultRow.model_validate_json(line))
+            except ValueError:
+                continue
+    return rows
+
+
 def finished_rows(out: Path, chunk: ChunkSpec) -> set[int]:
-    """Row indices of this chunk already on disk (whole chunk, or its checkpoint parts)."""
+    """Row indices of this chunk already on disk: the chunk file, or its parts and journal."""
     done = chunk_path(out, chunk)
-    paths = [done] if done.exists() else part_paths(out, chunk)
-    if not paths:
-        return set()
-    return set(pl.scan_parquet(paths).select("row_index").collect()["row_index"].to_list())
+    if done.exists():
+        return set(pl.scan_parquet(done).select("row_index").collect()["row_index"].to_list())
+    found: set[int] = set()
+    if parts := part_paths(out, chunk):
+        found.update(pl.scan_parquet(parts).select("row_index").collect()["row_index"].to_list())
+    for journal in journal_paths(out, chunk):
+        found.update(r.row_index for r in _journal_rows(journal))
+    return found
 
 
 class ChunkWriter:
-    """Collects a chunk's result rows and checkpoints them to part files as they finish.
+    """Collects a chunk's result rows: a journal line per finished row, Parquet checkpoints in batches.
 
-    A part is written when `checkpoint_rows` rows are buffered or `checkpoint_every_s`
-    has passed, so a kill loses at most the rows finished since the last part (plus
-    those in flight); `finish` folds the parts into the chunk file.
+    Every finished row is appended to a JSON-lines journal segment at once (written through to
+    the OS, so a killed process loses nothing it finished). A checkpoint turns the segment into
+    a Parquet part (fsynced, so it survives the machine too) when `checkpoint_rows` rows are
+    buffered or `checkpoint_every_s` has passed; `finish` folds the parts into the chunk file.
+    Journal segment k always becomes part k, which makes recovery after a crash unambiguous.
     """
 
     def __init__(
@@ -98,11 +126,28 @@ class ChunkWriter:
         self.checkpoint_every_s = checkpoint_every_s
         self._buffer: list[ResultRow] = []
         self._last_flush = time.monotonic()
+        (out / "chunks").mkdir(parents=True, exist_ok=True)
+        self._recover()
         existing = part_paths(out, chunk)
-        self._next_part = int(existing[-1].name.split(".part-")[1].split(".")[0]) + 1 if existing else 0
+        self._seq = _seq(existing[-1]) + 1 if existing else 0
+        self._journal = self._open_journal()
+
+    def _recover(self) -> None:
+        """Turn journal segments left by a killed run into parts (or drop them if already parts)."""
+        parts = {_seq(p) for p in part_paths(self.out, self.chunk)}
+        for journal in journal_paths(self.out, self.chunk):
+            if _seq(journal) not in parts and (rows := _journal_rows(journal)):
+                self._write_rows(rows, _seq(journal))
+            journal.unlink()
+
+    def _open_journal(self) -> Any:
+        path = self.out / "chunks" / f"{self.chunk.name}.journal-{self._seq:05d}.jsonl"
+        return path.open("a", encoding="utf-8")
 
     def add(self, row: ResultRow) -> bool:
-        """Buffer a row; True when a checkpoint is due."""
+        """Journal and buffer a finished row; True when a checkpoint is due."""
+        self._journal.write(row.model_dump_json() + "\n")
+        self._journal.flush()
         self._buffer.append(row)
         return self.flush_due()
 
@@ -111,22 +156,36 @@ class ChunkWriter:
             len(self._buffer) >= self.checkpoint_rows or time.monotonic() - self._last_flush >= self.checkpoint_every_s
         )
 
-    def take(self) -> list[ResultRow]:
-        """Hand the buffered rows to a flush (which may run in another thread)."""
+    def take(self) -> tuple[list[ResultRow], int]:
+        """Hand the buffered rows and their segment number to a checkpoint (which may run in a thread)."""
         rows, self._buffer = self._buffer, []
+        seq = self._seq
+        self._journal.close()
+        self._seq += 1
+        self._journal = self._open_journal()
         self._last_flush = time.monotonic()
-        return rows
+        return rows, seq
 
-    def write_part(self, rows: list[ResultRow]) -> None:
-        if not rows:
-            return
-        path = self.out / "chunks" / f"{self.chunk.name}.part-{self._next_part:05d}.parquet"
-        self._next_part += 1
+    def _write_rows(self, rows: list[ResultRow], seq: int) -> None:
+        path = self.out / "chunks" / f"{self.chunk.name}.part-{seq:05d}.parquet"
         write_parquet_atomic(rows_to_frame(rows, self.parsed_columns), path)
+
+    def write_part(self, rows: list[ResultRow], seq: int) -> None:
+        """Checkpoint: the rows of journal segment `seq` become part `seq`, then the segment goes."""
+        if rows:
+            self._write_rows(rows, seq)
+        (self.out / "chunks" / f"{self.chunk.name}.journal-{seq:05d}.jsonl").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Stop journaling; rows not yet checkpointed stay in the journal for `finish` or the next run."""
+        self._journal.close()
 
     def finish(self) -> pl.DataFrame:
         """Write the chunk file from its parts; check every row of the chunk is there once."""
-        self.write_part(self.take())
+        if not self._journal.closed:
+            self.write_part(*self.take())
+        self.close()
+        self._recover()  # rows journaled since the last checkpoint become the last part
         parts = part_paths(self.out, self.chunk)
         frame = pl.read_parquet(parts).sort("row_index") if parts else pl.DataFrame()
         expected = list(range(self.chunk.offset, self.chunk.offset + self.chunk.length))
@@ -142,10 +201,10 @@ class ChunkWriter:
 
 
 def clean_finished_parts(out: Path, chunk: ChunkSpec) -> None:
-    """Remove parts left by a crash between writing a chunk file and deleting its parts."""
+    """Remove parts and journals left by a crash between writing a chunk file and deleting them."""
     if chunk_path(out, chunk).exists():
-        for part in part_paths(out, chunk):
-            part.unlink()
+        for path in [*part_paths(out, chunk), *journal_paths(out, chunk)]:
+            path.unlink()
 
 
 def consolidate(out: Path, chunks: list[ChunkSpec], total_rows: int) -> Path:

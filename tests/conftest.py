@@ -52,7 +52,9 @@ def write_input(path: Path, frame: pl.DataFrame) -> Path:
 def job(tmp_path: Path, emulator: OllamaEmulator) -> Any:
     """Build job settings overrides for an emulator-backed job over `n` generated rows."""
 
-    def build(n: int = 20, *, fmt: str = "parquet", frame: pl.DataFrame | None = None, **overrides: Any) -> dict[str, Any]:
+    def build(
+        n: int = 20, *, fmt: str = "parquet", frame: pl.DataFrame | None = None, **overrides: Any
+    ) -> dict[str, Any]:
         data = write_input(tmp_path / f"input.{fmt}", frame if frame is not None else make_rows(n))
         settings: dict[str, Any] = {
             "name": "test",

@@ -48,8 +48,14 @@ CRASH = (
     "internal error, check ollama server logs for details"
 )
 INFER_PATHS = ("/api/chat", "/api/generate")
-METRICS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
-           "eval_count", "eval_duration")
+METRICS = (
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+)
 Prompt = str | Sequence[Mapping[str, Any]]
 Format = str | Mapping[str, Any] | None
 
@@ -92,10 +98,16 @@ def _value(schema: Mapping[str, Any], root: Mapping[str, Any], seed: str, path: 
         count = min(max(schema.get("minItems", 1), 1), schema.get("maxItems", 1 << 30))
         return [_value(schema.get("items", {}), root, seed, f"{path}[{i}]") for i in range(count)]
     if typ == "integer":
-        lo = math.ceil(schema["minimum"]) if "minimum" in schema else (
-            math.floor(schema["exclusiveMinimum"]) + 1 if "exclusiveMinimum" in schema else 0)
-        hi = math.floor(schema["maximum"]) if "maximum" in schema else (
-            math.ceil(schema["exclusiveMaximum"]) - 1 if "exclusiveMaximum" in schema else lo + 100)
+        lo = (
+            math.ceil(schema["minimum"])
+            if "minimum" in schema
+            else (math.floor(schema["exclusiveMinimum"]) + 1 if "exclusiveMinimum" in schema else 0)
+        )
+        hi = (
+            math.floor(schema["maximum"])
+            if "maximum" in schema
+            else (math.ceil(schema["exclusiveMaximum"]) - 1 if "exclusiveMaximum" in schema else lo + 100)
+        )
         return lo + n % (max(hi, lo) - lo + 1)
     if typ == "number":
         lo = schema.get("minimum", schema.get("exclusiveMinimum", 0.0))
@@ -134,8 +146,9 @@ class Completion:
     truncated: bool  # prompt > num_ctx: Ollama front-truncates it silently, still 200
 
 
-def completion_for(messages_or_prompt: Prompt, fmt: Format = None,
-                   options: Mapping[str, Any] | None = None) -> Completion:
+def completion_for(
+    messages_or_prompt: Prompt, fmt: Format = None, options: Mapping[str, Any] | None = None
+) -> Completion:
     """What a successful request returns: answer_for() cut to num_predict, and the counts."""
     options = options or {}
     num_ctx = int(options.get("num_ctx") or DEFAULT_NUM_CTX)
@@ -278,10 +291,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 # ---------------------------------------------------------------- the emulator
 class OllamaEmulator:
-    def __init__(self, models: Sequence[str] = ("gemma3:12b",), *, parallel: int = 1,
-                 max_queue: int = 512, latency_s: float = 0.0, per_token_s: float = 0.0,
-                 load_s: float = 0.0, spill_fraction: float = 0.0,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        models: Sequence[str] = ("gemma3:12b",),
+        *,
+        parallel: int = 1,
+        max_queue: int = 512,
+        latency_s: float = 0.0,
+        per_token_s: float = 0.0,
+        load_s: float = 0.0,
+        spill_fraction: float = 0.0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         self.models = [_norm(m) for m in models]
         self.parallel, self.max_queue = parallel, max_queue
         self.latency_s, self.per_token_s, self.load_s = latency_s, per_token_s, load_s
@@ -311,8 +333,9 @@ class OllamaEmulator:
         server.emu = self
         self.port = server.server_address[1]  # keep it: up() must come back on the same port
         self._server, self._cut = server, threading.Event()
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         name=f"ollama-emu:{self.port}", daemon=True).start()
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"ollama-emu:{self.port}", daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:
@@ -361,8 +384,9 @@ class OllamaEmulator:
         with self._lock:
             self._rng = random.Random(seed) if rate > 0 else None
             self._random_rate = rate
-            self._random_kinds = list(kinds or [Fault.oom(), Fault.runner_crash(), Fault.busy(),
-                                                Fault.drop(), Fault.invalid_json()])
+            self._random_kinds = list(
+                kinds or [Fault.oom(), Fault.runner_crash(), Fault.busy(), Fault.drop(), Fault.invalid_json()]
+            )
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -417,11 +441,21 @@ class OllamaEmulator:
 
     def _model_entry(self, name: str) -> dict[str, Any]:
         family, tag = name.split(":", 1)
-        return {"name": name, "model": name, "modified_at": "2025-10-01T12:00:00Z",
-                "size": MODEL_SIZE, "digest": hashlib.sha256(name.encode()).hexdigest(),
-                "details": {"parent_model": "", "format": "gguf", "family": family,
-                            "families": [family], "quantization_level": "Q4_K_M",
-                            "parameter_size": tag.split("-")[0].upper() if tag[:1].isdigit() else "unknown"}}
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": "2025-10-01T12:00:00Z",
+            "size": MODEL_SIZE,
+            "digest": hashlib.sha256(name.encode()).hexdigest(),
+            "details": {
+                "parent_model": "",
+                "format": "gguf",
+                "family": family,
+                "families": [family],
+                "quantization_level": "Q4_K_M",
+                "parameter_size": tag.split("-")[0].upper() if tag[:1].isdigit() else "unknown",
+            },
+        }
 
     def _ps(self) -> dict[str, Any]:
         now, models = time.time(), []
@@ -432,9 +466,15 @@ class OllamaEmulator:
                 entry = self._model_entry(name)
                 del entry["modified_at"]
                 size = MODEL_SIZE + KV_BYTES_PER_TOKEN * num_ctx * self.parallel
-                models.append({**entry, "size": size, "size_vram": int(size * (1 - self.spill_fraction)),
-                               "expires_at": _now_iso(3.15e9 if expiry is None else expiry - now),
-                               "context_length": num_ctx})
+                models.append(
+                    {
+                        **entry,
+                        "size": size,
+                        "size_vram": int(size * (1 - self.spill_fraction)),
+                        "expires_at": _now_iso(3.15e9 if expiry is None else expiry - now),
+                        "context_length": num_ctx,
+                    }
+                )
         return {"models": models}
 
     def _load(self, model: str, num_ctx: int, keep_alive: float | None) -> bool:
@@ -469,9 +509,16 @@ class OllamaEmulator:
             rec.status = 200
             return h.send(200, b"Ollama is running", "text/plain; charset=utf-8")
         if h.command == "GET" and rec.path in ("/api/version", "/api/tags", "/api/ps"):
-            return self._reply(h, rec, 200, {"version": VERSION} if rec.path == "/api/version"
-                               else self._ps() if rec.path == "/api/ps"
-                               else {"models": [self._model_entry(m) for m in self.models]})
+            return self._reply(
+                h,
+                rec,
+                200,
+                {"version": VERSION}
+                if rec.path == "/api/version"
+                else self._ps()
+                if rec.path == "/api/ps"
+                else {"models": [self._model_entry(m) for m in self.models]},
+            )
         if h.command != "POST" or rec.path not in (*INFER_PATHS, "/api/show"):
             rec.status = 404
             return h.send(404, b"404 page not found", "text/plain")
@@ -488,12 +535,24 @@ class OllamaEmulator:
             if _norm(model) not in self.models:
                 return self._reply(h, rec, 404, {"error": f"model '{model}' not found"})
             entry = self._model_entry(_norm(model))
-            return self._reply(h, rec, 200, {
-                "license": "", "modelfile": f"FROM {model}\n", "parameters": "", "template": "{{ .Prompt }}",
-                "details": entry["details"], "modified_at": entry["modified_at"],
-                "model_info": {"general.architecture": entry["details"]["family"],
-                               f"{entry['details']['family']}.context_length": 131072},
-                "capabilities": ["completion"]})
+            return self._reply(
+                h,
+                rec,
+                200,
+                {
+                    "license": "",
+                    "modelfile": f"FROM {model}\n",
+                    "parameters": "",
+                    "template": "{{ .Prompt }}",
+                    "details": entry["details"],
+                    "modified_at": entry["modified_at"],
+                    "model_info": {
+                        "general.architecture": entry["details"]["family"],
+                        f"{entry['details']['family']}.context_length": 131072,
+                    },
+                    "capabilities": ["completion"],
+                },
+            )
         self._infer(h, rec, body, model, chat=rec.path == "/api/chat")
 
     def _infer(self, h: _Handler, rec: RequestRecord, body: dict[str, Any], model: str, chat: bool) -> None:
@@ -519,7 +578,9 @@ class OllamaEmulator:
             return self._reply(h, rec, 400, {"error": f'"{model}" does not support thinking'})
         fmt = body.get("format")
         if not (fmt in (None, "", "json") or isinstance(fmt, dict)):
-            return self._reply(h, rec, 400, {"error": f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON Schema'})
+            return self._reply(
+                h, rec, 400, {"error": f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON Schema'}
+            )
         options = body.get("options") or {}
         num_ctx = int(options.get("num_ctx") or DEFAULT_NUM_CTX)
         keep_alive = _keep_alive_s(body.get("keep_alive"))
@@ -531,8 +592,18 @@ class OllamaEmulator:
                     self._loaded.pop(_norm(model), None)
             else:
                 self._load(_norm(model), num_ctx, keep_alive)
-            return self._reply(h, rec, 200, {"model": model, "created_at": _now_iso(), key: empty, "done": True,
-                                             "done_reason": "unload" if keep_alive == 0 else "load"})
+            return self._reply(
+                h,
+                rec,
+                200,
+                {
+                    "model": model,
+                    "created_at": _now_iso(),
+                    key: empty,
+                    "done": True,
+                    "done_reason": "unload" if keep_alive == 0 else "load",
+                },
+            )
         with self._lock:  # admission: slots + queue
             admitted = self.pending < self.parallel + self.max_queue
             if admitted:
@@ -570,17 +641,31 @@ class OllamaEmulator:
         if fault is not None and fault.name == "invalid_json":
             props = list(fmt.get("properties", {})) if isinstance(fmt, dict) else []
             content = f'{{"{props[0] if props else "answer"}": "not a number"'
-        final = {"model": model, "created_at": _now_iso(), key: {"role": "assistant", "content": content} if chat
-                 else content, "done": True, "done_reason": comp.done_reason,
-                 "total_duration": _ns(time.monotonic() - rec.t_start), "load_duration": _ns(load),
-                 "prompt_eval_count": comp.prompt_eval_count, "prompt_eval_duration": _ns(self.latency_s),
-                 "eval_count": comp.eval_count, "eval_duration": _ns(eval_s)}
+        final = {
+            "model": model,
+            "created_at": _now_iso(),
+            key: {"role": "assistant", "content": content} if chat else content,
+            "done": True,
+            "done_reason": comp.done_reason,
+            "total_duration": _ns(time.monotonic() - rec.t_start),
+            "load_duration": _ns(load),
+            "prompt_eval_count": comp.prompt_eval_count,
+            "prompt_eval_duration": _ns(self.latency_s),
+            "eval_count": comp.eval_count,
+            "eval_duration": _ns(eval_s),
+        }
         final = {k: v for k, v in final.items() if v != 0 or k not in METRICS}  # Ollama omits zero metrics
         if body.get("stream", True) is False:  # Ollama streams unless told not to
             return self._reply(h, rec, 200, final)
-        lines = [{"model": model, "created_at": final["created_at"],
-                  key: {"role": "assistant", "content": piece} if chat else piece, "done": False}
-                 for piece in re.findall(r"\S+\s*|\s+", content)]
+        lines = [
+            {
+                "model": model,
+                "created_at": final["created_at"],
+                key: {"role": "assistant", "content": piece} if chat else piece,
+                "done": False,
+            }
+            for piece in re.findall(r"\S+\s*|\s+", content)
+        ]
         lines.append({**final, key: empty})
         rec.status = 200
         h.send(200, "".join(json.dumps(line) + "\n" for line in lines).encode(), "application/x-ndjson")
@@ -599,10 +684,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--load-ms", type=float, default=0.0)
     parser.add_argument("--spill-fraction", type=float, default=0.0)
     args = parser.parse_args(argv)
-    emu = OllamaEmulator(args.models.split(","), parallel=args.parallel, max_queue=args.max_queue,
-                         latency_s=args.latency_ms / 1000, per_token_s=args.per_token_ms / 1000,
-                         load_s=args.load_ms / 1000, spill_fraction=args.spill_fraction,
-                         host=args.host, port=args.port).start()
+    emu = OllamaEmulator(
+        args.models.split(","),
+        parallel=args.parallel,
+        max_queue=args.max_queue,
+        latency_s=args.latency_ms / 1000,
+        per_token_s=args.per_token_ms / 1000,
+        load_s=args.load_ms / 1000,
+        spill_fraction=args.spill_fraction,
+        host=args.host,
+        port=args.port,
+    ).start()
     print(f"Ollama emulator on {emu.host} (parallel={args.parallel}); Ctrl-C stops it", flush=True)
     try:
         while True:

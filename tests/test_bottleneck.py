@@ -161,10 +161,16 @@ def test_few_errors_do_not_decide() -> None:
 
 
 def test_no_gpu_data_says_so_and_judges_in_flight() -> None:
-    v = judge(evidence(samples(util=None), backend="llamacpp"))
+    v = judge(evidence(samples(util=None), backend="ollama"))
     assert v.kind == "no-gpu-data"
     assert any("No GPU telemetry" in x for x in v.evidence)
     assert any("1, 2, 4, 8" in a for a in v.advice)
+
+
+def test_no_gpu_data_on_the_embedded_backend_points_at_a_gpu_server() -> None:
+    v = judge(evidence(samples(util=None), backend="llamacpp"))
+    assert v.kind == "no-gpu-data"
+    assert any("one sequence at a time" in a and "OLLAMA_NUM_PARALLEL" in a for a in v.advice)
 
 
 def test_no_gpu_data_with_calibration_uses_it() -> None:

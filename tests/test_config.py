@@ -72,7 +72,18 @@ def test_template_fields_and_keep_alive_forms() -> None:
 
 def test_fingerprint_tracks_answers_not_plumbing() -> None:
     a = load_settings(None, BASE)
-    assert a.answer_fingerprint("d1", None) == load_settings(None, {**BASE, "in_flight": 8}).answer_fingerprint("d1", None)
+    assert a.answer_fingerprint("d1", None) == load_settings(None, {**BASE, "in_flight": 8}).answer_fingerprint(
+        "d1", None
+    )
     assert a.answer_fingerprint("d1", None) != a.answer_fingerprint("d2", None)
     changed = load_settings(None, {**BASE, "options": {"temperature": 0.7}})
     assert a.answer_fingerprint("d1", None) != changed.answer_fingerprint("d1", None)
+
+
+def test_output_dir_takes_the_run_date() -> None:
+    from datetime import date
+
+    settings = load_settings(None, {**BASE, "output_dir": "out/nightly/{date}"})
+    assert str(settings.for_run_date(date(2026, 11, 26)).output_dir) == "out/nightly/2026-11-26"
+    with pytest.raises(SettingsError, match="output_dir may only use the {date} placeholder"):
+        load_settings(None, {**BASE, "output_dir": "out/{night}"})

@@ -62,3 +62,19 @@ def test_cut_off_json_becomes_an_error_row_with_raw_text(tmp_path: Path) -> None
     assert results["status"].to_list() == ["error"] * 3
     assert results["error_kind"].to_list() == ["invalid_output"] * 3
     assert results["done_reason"].to_list() == ["length"] * 3 and all(results["response"].str.len_chars() > 0)
+
+
+def test_trimming_uses_the_models_own_tokenizer(tmp_path: Path) -> None:
+    from tasks.backends import token_counter
+    from tasks.config import load_settings
+    from tasks.dataset import prepare_chunk, validate_input
+
+    frame = make_rows(1).with_columns(text=pl.lit("a long candidate history " * 400))
+    job = embedded_job(tmp_path, trim_field="text", options={"num_ctx": 512, "num_predict": 48})
+    job["input_path"] = str(write_input(tmp_path / "long.parquet", frame))
+    settings = load_settings(None, job)
+    count = token_counter(settings)
+    assert count is not None
+    (row,) = prepare_chunk(settings, validate_input(settings).chunks[0], count_tokens=count)
+    used = sum(count(m["content"]) for m in row.messages)
+    assert row.trimmed and 300 < used <= 512 - 48 - 16  # cut to fit, not far below the budget

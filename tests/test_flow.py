@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,17 @@ from tests.ollama_emulator import OllamaEmulator, answer_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
-CONTENT = ["row_index", "id", "chunk", "status", "error_kind", "attempts", "response", "prompt_tokens", "completion_tokens"]
+CONTENT = [
+    "row_index",
+    "id",
+    "chunk",
+    "status",
+    "error_kind",
+    "attempts",
+    "response",
+    "prompt_tokens",
+    "completion_tokens",
+]
 
 
 def artifacts_of(state: Any) -> dict[str, Any]:
@@ -39,7 +50,10 @@ def test_every_row_once_with_artifacts(job: Any, emulator: OllamaEmulator) -> No
     manifest = state.result()
     results = pl.read_parquet(Path(settings["output_dir"]) / "results.parquet")
     assert results["row_index"].to_list() == list(range(20)) and results["id"].n_unique() == 20
-    expected = [answer_for([{"role": "user", "content": f"Role: data engineer\nCandidate: candidate {i} writes Python"}]) for i in range(20)]
+    expected = [
+        answer_for([{"role": "user", "content": f"Role: data engineer\nCandidate: candidate {i} writes Python"}])
+        for i in range(20)
+    ]
     assert results["response"].to_list() == expected
     assert manifest["complete"] and (manifest["rows_ok"], manifest["rows_error"]) == (20, 0)
     on_disk = json.loads((Path(settings["output_dir"]) / "manifest.json").read_text())
@@ -64,7 +78,9 @@ def test_every_row_once_with_artifacts(job: Any, emulator: OllamaEmulator) -> No
         ({"overrides": {"output_schema": "no_such_module:Model"}}, ValueError, "cannot be imported"),
     ],
 )
-def test_bad_input_fails_before_any_request(job: Any, emulator: OllamaEmulator, change: dict, error: type, message: str) -> None:
+def test_bad_input_fails_before_any_request(
+    job: Any, emulator: OllamaEmulator, change: dict, error: type, message: str
+) -> None:
     settings = job(frame=change.get("frame"), **change.get("overrides", {}))
     with pytest.raises(error, match=message):
         batch_inference(overrides=settings)
@@ -80,7 +96,14 @@ def test_gpu_limit_is_created_and_no_two_chunks_overlap(job: Any, emulator: Olla
     jobs = []
     for label in ("A", "B"):
         data = write_input(tmp_path / f"{label}.parquet", make_rows(16).with_columns(role=pl.lit(f"job {label}")))
-        jobs.append(job(input_path=str(data), output_dir=str(tmp_path / f"out-{label}"), gpu_limit=limit, name=f"job-{label.lower()}"))
+        jobs.append(
+            job(
+                input_path=str(data),
+                output_dir=str(tmp_path / f"out-{label}"),
+                gpu_limit=limit,
+                name=f"job-{label.lower()}",
+            )
+        )
     errors: list[BaseException] = []
     ran: dict[str, tuple[float, float]] = {}
 
@@ -114,7 +137,9 @@ def test_gpu_limit_is_created_and_no_two_chunks_overlap(job: Any, emulator: Olla
     assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:], strict=False)), f"chunks overlapped: {spans}"
 
 
-def test_resume_after_a_failed_run_matches_an_uninterrupted_run(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
+def test_resume_after_a_failed_run_matches_an_uninterrupted_run(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
     emulator.latency_s = 0.02
     reference = job(30, output_dir=str(tmp_path / "reference"), in_flight=2)
     batch_inference(overrides=reference)
@@ -132,6 +157,13 @@ def test_resume_after_a_failed_run_matches_an_uninterrupted_run(job: Any, emulat
     assert ours.equals(theirs)
     answered = Counter(r.prompt for r in emulator.requests if r.path == "/api/chat" and r.status == 200)
     assert len(answered) == 30 and set(answered.values()) == {1}  # no finished row sent twice
+
+
+def test_dated_output_dir_for_nightly_runs(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
+    manifest = batch_inference(overrides=job(3, output_dir=str(tmp_path / "nightly" / "{date}")))
+    (day,) = [p.name for p in (tmp_path / "nightly").iterdir()]
+    assert manifest["results"] == str(tmp_path / "nightly" / day / "results.parquet")
+    assert day == datetime.now().astimezone().date().isoformat()  # the run's scheduled (local) date
 
 
 def test_changed_settings_cannot_reuse_an_output_dir(job: Any, emulator: OllamaEmulator) -> None:

@@ -45,7 +45,9 @@ def test_every_row_once_with_n_in_flight(job: Any, emulator: OllamaEmulator) -> 
     assert frame["prompt_tokens"].min() > 0 and frame["eval_ms"].min() > 0  # Ollama's own timings kept
 
 
-@pytest.mark.parametrize("fault", [Fault.runner_crash(), Fault.drop(), Fault.busy(), Fault.oom(), Fault.http(500, "boom")])
+@pytest.mark.parametrize(
+    "fault", [Fault.runner_crash(), Fault.drop(), Fault.busy(), Fault.oom(), Fault.http(500, "boom")]
+)
 def test_transient_faults_are_retried(job: Any, emulator: OllamaEmulator, fault: Fault) -> None:
     emulator.inject(fault, match="candidate 3 writes")
     _, frame, stats = run_one_chunk(job, 6)
@@ -84,7 +86,10 @@ def test_hung_request_times_out_and_is_retried(job: Any, emulator: OllamaEmulato
 def test_structured_output_validated_typed_and_retried(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
     schema = {
         "type": "object",
-        "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 10}, "verdict": {"enum": ["hire", "pass"]}},
+        "properties": {
+            "score": {"type": "integer", "minimum": 0, "maximum": 10},
+            "verdict": {"enum": ["hire", "pass"]},
+        },
         "required": ["score", "verdict"],
     }
     (tmp_path / "s.json").write_text(json.dumps(schema))
@@ -134,7 +139,9 @@ def test_missing_model_stops_before_any_row(job: Any, emulator: OllamaEmulator) 
     assert not [r for r in emulator.requests if r.path == "/api/chat"]
 
 
-def test_outage_mid_chunk_keeps_finished_rows_and_resume_sends_the_rest_once(job: Any, emulator: OllamaEmulator) -> None:
+def test_outage_mid_chunk_keeps_finished_rows_and_resume_sends_the_rest_once(
+    job: Any, emulator: OllamaEmulator
+) -> None:
     emulator.latency_s = 0.05
     settings = load_settings(None, job(40, chunk_size=40, in_flight=2, outage_budget_s=0.5))
     chunk = validate_input(settings).chunks[0]
@@ -150,3 +157,57 @@ def test_outage_mid_chunk_keeps_finished_rows_and_resume_sends_the_rest_once(job
     frame = pl.read_parquet(chunk_path(settings.output_dir, chunk))
     assert frame["row_index"].to_list() == list(range(40)) and frame["status"].unique().to_list() == ["ok"]
     assert set(sent_per_row(emulator).values()) == {1}  # no finished row was answered twice
+
+
+def test_out_of_memory_lowers_in_flight_and_recovers(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.latency_s = 0.02
+    emulator.inject(Fault.oom(), times=2)
+    settings, frame, stats = run_one_chunk(job, 12, in_flight=4, oom_backoff_s=0.05)
+    assert frame["status"].unique().to_list() == ["ok"] and frame["attempts"].max() == 2
+    assert any("out of memory, in-flight lowered to 2" in e for e in stats.events)
+    assert any("in-flight lowered to 1" in e for e in stats.events)
+    assert set(sent_per_row(emulator).values()) == {1}
+
+
+def test_persistent_out_of_memory_stops_the_chunk_with_advice(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.inject(Fault.oom(), times=None)
+    with pytest.raises(
+        ChunkAborted, match=r"persistent out of memory: 6 requests in a row.*Lower options.num_ctx"
+    ) as info:
+        run_one_chunk(job, 12, in_flight=2, oom_backoff_s=0.01, max_attempts=20)
+    assert info.value.retryable is False
+    assert len([r for r in emulator.requests if r.path == "/api/chat"]) < 12  # it did not spin through every row
+
+
+def test_watchdog_fails_a_chunk_whose_backend_stopped_answering(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.latency_s = 0.02
+    emulator.inject(Fault.hang(), times=None, match="candidate 5 writes")
+    settings = load_settings(None, job(8, chunk_size=8, in_flight=1, request_timeout_s=60, stall_timeout_s=0.5))
+    chunk = validate_input(settings).chunks[0]
+    with pytest.raises(ChunkAborted, match="watchdog: no request finished or failed") as info:
+        run_chunk(settings, chunk)
+    assert info.value.retryable is True
+    assert finished_rows(settings.output_dir, chunk) == {0, 1, 2, 3, 4}  # what finished is kept
+    emulator.release_hangs()
+
+
+def test_huge_rows_are_sent_whole_and_flagged_when_cut(job: Any, emulator: OllamaEmulator) -> None:
+    huge = "x" * 3_000_000  # a 3 MB field
+    frame = pl.DataFrame({"id": ["big", "small"], "role": ["x", "x"], "text": [huge, "tiny"]})
+    settings = load_settings(None, job(frame=frame, chunk_size=2, options={"num_ctx": 8192, "num_predict": 16}))
+    run_chunk(settings, validate_input(settings).chunks[0])
+    rows = pl.read_parquet(chunk_path(settings.output_dir, validate_input(settings).chunks[0]))
+    assert rows["status"].to_list() == ["ok", "ok"] and rows["truncated"].to_list() == [True, False]
+    big = next(r for r in emulator.requests if r.path == "/api/chat" and r.prompt and "xxxx" in r.prompt)
+    assert len(big.body["messages"][0]["content"]) > 3_000_000  # sent as it was; Ollama cut it
+
+
+def test_trimmed_prompt_is_not_cut_by_the_server(job: Any, emulator: OllamaEmulator) -> None:
+    frame = pl.DataFrame({"id": ["long"], "role": ["x"], "text": ["word " * 5000]})
+    settings = load_settings(
+        None, job(frame=frame, chunk_size=1, trim_field="text", options={"num_ctx": 1024, "num_predict": 64})
+    )
+    run_chunk(settings, validate_input(settings).chunks[0])
+    row = pl.read_parquet(chunk_path(settings.output_dir, validate_input(settings).chunks[0])).row(0, named=True)
+    assert (row["status"], row["trimmed"], row["truncated"]) == ("ok", True, False)
+    assert row["prompt_tokens"] < 1024 - 64

@@ -170,16 +170,20 @@ def test_load_unload_and_reload_churn() -> None:
 
 
 # ---------------------------------------------------------------- faults
-@pytest.mark.parametrize(("fault", "status", "text"), [
-    (Fault.oom(), 500, OOM),
-    (Fault.runner_crash(), 500, CRASH),
-    (Fault.busy(), 503, BUSY),
-    (Fault.bad_request("invalid format"), 400, "invalid format"),
-    (Fault.not_found(MODEL), 404, f"model '{MODEL}' not found"),
-    (Fault.http(502, "bad gateway"), 502, "bad gateway"),
-])
-def test_http_faults_surface_as_response_error(emu: OllamaEmulator, client: ollama.Client,
-                                               fault: Fault, status: int, text: str) -> None:
+@pytest.mark.parametrize(
+    ("fault", "status", "text"),
+    [
+        (Fault.oom(), 500, OOM),
+        (Fault.runner_crash(), 500, CRASH),
+        (Fault.busy(), 503, BUSY),
+        (Fault.bad_request("invalid format"), 400, "invalid format"),
+        (Fault.not_found(MODEL), 404, f"model '{MODEL}' not found"),
+        (Fault.http(502, "bad gateway"), 502, "bad gateway"),
+    ],
+)
+def test_http_faults_surface_as_response_error(
+    emu: OllamaEmulator, client: ollama.Client, fault: Fault, status: int, text: str
+) -> None:
     emu.inject(fault)
     with pytest.raises(ollama.ResponseError) as exc:
         client.chat(MODEL, msgs("boom"))
@@ -284,6 +288,7 @@ def test_random_faults_are_seeded() -> None:
 # ---------------------------------------------------------------- capacity
 def test_parallel_slots_cap_in_flight() -> None:
     with OllamaEmulator([MODEL], parallel=2, latency_s=0.2) as emu:
+
         async def run() -> list[ollama.ChatResponse]:
             client = ollama.AsyncClient(host=emu.host, timeout=5)
             return await asyncio.gather(*(client.chat(MODEL, msgs(f"p{i}")) for i in range(6)))
@@ -309,6 +314,7 @@ def test_per_token_time_is_service_time() -> None:
 
 def test_max_queue_gives_503() -> None:
     with OllamaEmulator([MODEL], parallel=1, max_queue=1, latency_s=0.3) as emu:
+
         async def one(client: ollama.AsyncClient, i: int) -> str:
             try:
                 await client.chat(MODEL, msgs(f"q{i}"))

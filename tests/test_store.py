@@ -24,8 +24,15 @@ from tasks.store import (
 
 def row(i: int, chunk: int = 0, status: str = "ok") -> ResultRow:
     return ResultRow(
-        row_index=i, id=f"r{i}", chunk=chunk, status=status, attempts=1, response=f"answer {i}",
-        model="m", finished_at=datetime.now(UTC), error_kind=None if status == "ok" else "bad_request",
+        row_index=i,
+        id=f"r{i}",
+        chunk=chunk,
+        status=status,
+        attempts=1,
+        response=f"answer {i}",
+        model="m",
+        finished_at=datetime.now(UTC),
+        error_kind=None if status == "ok" else "bad_request",
     )
 
 
@@ -34,7 +41,7 @@ def test_checkpoints_then_chunk_file(tmp_path: Path) -> None:
     writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=2, checkpoint_every_s=3600)
     assert writer.add(row(3)) is False
     assert writer.add(row(1)) is True  # two rows buffered: a checkpoint is due
-    writer.write_part(writer.take())
+    writer.write_part(*writer.take())
     assert finished_rows(tmp_path, chunk) == {1, 3}
     # A new writer (a resumed run) continues the part numbering instead of overwriting.
     writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=2, checkpoint_every_s=3600)
@@ -63,7 +70,7 @@ def test_leftover_parts_after_a_crash_are_cleaned(tmp_path: Path) -> None:
     writer.add(row(0))
     writer.finish()
     # Simulate a crash between writing the chunk file and deleting its parts.
-    writer.write_part([row(0)])
+    writer._write_rows([row(0)], 7)
     clean_finished_parts(tmp_path, chunk)
     assert part_paths(tmp_path, chunk) == []
 
@@ -85,10 +92,37 @@ def test_consolidate_in_input_order_and_complete(tmp_path: Path) -> None:
 
 
 def test_claim_refuses_a_second_run_and_another_configuration(tmp_path: Path) -> None:
-    with claim_output_dir(tmp_path, "fp-1", {}):
-        with pytest.raises(OutputDirError, match="in use by another run"), claim_output_dir(tmp_path, "fp-1", {}):
-            pass
+    with (
+        claim_output_dir(tmp_path, "fp-1", {}),
+        pytest.raises(OutputDirError, match="in use by another run"),
+        claim_output_dir(tmp_path, "fp-1", {}),
+    ):
+        pass
     with claim_output_dir(tmp_path, "fp-1", {}):  # released: same configuration may resume
         pass
     with pytest.raises(OutputDirError, match="different job configuration"), claim_output_dir(tmp_path, "fp-2", {}):
         pass
+
+
+def test_a_killed_writer_loses_no_finished_row(tmp_path: Path) -> None:
+    """Rows journaled but not checkpointed survive a kill; a line cut mid-write is redone."""
+    chunk = ChunkSpec(index=2, offset=10, length=4)
+    writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=1000, checkpoint_every_s=3600)
+    writer.add(row(10, 2))
+    writer.write_part(*writer.take())  # part 0
+    writer.add(row(11, 2))
+    writer.add(row(12, 2))  # journal segment 1 only: no checkpoint yet
+    journal = next((tmp_path / "chunks").glob("*.journal-*.jsonl"))
+    with journal.open("a") as handle:
+        handle.write('{"row_index": 13, "id": "r1')  # the kill cut this line short
+    del writer  # the process dies: no close, no finish
+    assert finished_rows(tmp_path, chunk) == {10, 11, 12}
+    resumed = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=1000, checkpoint_every_s=3600)
+    assert [p.name for p in part_paths(tmp_path, chunk)] == [
+        "chunk-00002.part-00000.parquet",
+        "chunk-00002.part-00001.parquet",
+    ]
+    resumed.add(row(13, 2))
+    frame = resumed.finish()
+    assert frame["row_index"].to_list() == [10, 11, 12, 13]
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["chunk-00002.parquet"]

