@@ -59,6 +59,7 @@ class ChunkStats(BaseModel):
 
 
 OOM_STREAK_LIMIT = 6  # out-of-memory answers in a row at 1 in flight before the chunk gives up
+RAISE_AFTER = 50  # answers in a row before a slot taken away by out-of-memory is given back
 
 
 def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
@@ -97,11 +98,21 @@ class _ChunkRun:
         self.completion_tokens = 0
         self.events: list[str] = []
         self.oom_streak = 0
+        self.ok_streak = 0
         self.last_progress = time.monotonic()  # any answer or error from the backend counts
+
+    def _on_success(self) -> None:
+        """After out-of-memory, win back one in-flight slot per RAISE_AFTER answers in a row."""
+        self.ok_streak += 1
+        if self.limit < self.settings.in_flight and self.ok_streak >= RAISE_AFTER:
+            self.limit += 1
+            self.ok_streak = 0
+            self.note(f"{RAISE_AFTER} answers in a row since out-of-memory: in-flight raised to {self.limit}")
 
     def _on_oom(self, err: BackendError) -> None:
         """Fewer sequences need less KV cache: halve in-flight; give up when even one keeps failing."""
         self.oom_streak += 1
+        self.ok_streak = 0
         if self.limit > 1:
             self.limit = max(1, self.limit // 2)
             self.note(f"out of memory, in-flight lowered to {self.limit}, backing off: {err}")
@@ -215,6 +226,7 @@ class _ChunkRun:
             self.unreachable_since = None
             self.oom_streak = 0
             self.last_progress = time.monotonic()
+            self._on_success()
             latency_ms = (time.perf_counter() - started) * 1000
             self.latencies.append(latency_ms)
             self.prompt_tokens += reply.prompt_tokens or 0
@@ -257,12 +269,11 @@ class _ChunkRun:
                 await asyncio.to_thread(self.on_progress, self.finished, self.errors)
 
     async def worker(self, index: int, queue: asyncio.Queue[PreparedRow]) -> None:
-        # Workers above the current limit retire, which is how out-of-memory lowers in-flight.
-        while index < self.limit:
-            try:
-                row = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
+        while not queue.empty():
+            if index >= self.limit:  # parked by out-of-memory until the limit comes back up
+                await asyncio.sleep(0.2)
+                continue
+            row = queue.get_nowait()
             result = await self.process(row)
             self.finished += 1
             self.errors += result.status == "error"

@@ -19,7 +19,7 @@ from flows.batch_inference import batch_inference
 from tasks.dataset import InputError
 from tasks.store import OutputDirError
 from tests.conftest import make_rows, write_input
-from tests.ollama_emulator import OllamaEmulator, answer_for
+from tests.ollama_emulator import Fault, OllamaEmulator, answer_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -173,3 +173,13 @@ def test_changed_settings_cannot_reuse_an_output_dir(job: Any, emulator: OllamaE
         batch_inference(overrides={**settings, "options": {"num_ctx": 2048, "num_predict": 65}})
     batch_inference(overrides={**settings, "in_flight": 1})  # plumbing changes are fine: nothing resent
     assert len([r for r in emulator.requests if r.path == "/api/chat"]) == 4
+
+
+def test_report_shows_an_out_of_memory_recovery(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.inject(Fault.oom(), times=2, match="candidate 3 writes")
+    settings = job(8, name="oomtest", in_flight=4, oom_backoff_s=0.05)
+    state = batch_inference(overrides=settings, return_state=True)
+    report = artifacts_of(state)["oomtest-report"].data
+    assert "### Recoveries and back-offs" in report
+    assert "out of memory, in-flight lowered to 2" in report and "in-flight lowered to 1" in report
+    assert (Path(settings["output_dir"]) / "report.md").read_text().count("out of memory") >= 2
