@@ -101,7 +101,7 @@ def batch_inference(job_file: str | None = None, overrides: dict[str, Any] | Non
         ensure_gpu_limit(settings.gpu_limit)
         done_before = sum(len(finished_rows(out, c)) for c in plan.chunks)
         logger.info(
-            "%d rows in %d chunks, %d already done; backend %s, model %s, %d in flight",
+            "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight",
             plan.total_rows,
             len(plan.chunks),
             done_before,
@@ -124,6 +124,9 @@ def batch_inference(job_file: str | None = None, overrides: dict[str, Any] | Non
                     retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
                 )(settings, chunk, reporter)
                 reporter.chunk_done(stats)
+                if settings.in_flight == "auto" and stats.calibration:
+                    # Measured once, on the first rows; the remaining chunks keep the chosen level.
+                    settings = settings.model_copy(update={"in_flight": stats.in_flight})
             results = consolidate(out, plan.chunks, plan.total_rows)
             logger.info("wrote %s", results)
         except BaseException as exc:

@@ -48,7 +48,8 @@ class ChunkStats(BaseModel):
     completion_tokens: int = 0
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
-    in_flight: int = 1
+    in_flight: int = Field(1, description="Requests kept in flight (what 'auto' chose, if it ran).")
+    calibration: dict[int, float] | None = Field(None, description="'auto' measurements: level -> throughput.")
     started_at: float = 0.0
     finished_at: float = 0.0
     events: list[str] = Field(default_factory=list, description="Recoveries and back-offs, with times.")
@@ -86,7 +87,11 @@ class _ChunkRun:
         self.output_model = output_model
         self.schema = output_model.model_json_schema() if output_model else None
         self.on_progress = on_progress
-        self.limit = settings.in_flight  # lowered on out-of-memory
+        # The level the chunk aims for (what 'auto' chose), and the one in force (lowered on OOM).
+        self.ceiling = settings.workers if settings.in_flight == "auto" else int(settings.in_flight)
+        self.limit = 1 if settings.in_flight == "auto" else self.ceiling
+        self.calibration: dict[int, float] | None = None
+        self.calibrating = settings.in_flight == "auto"
         self.unreachable_since: float | None = None
         self.flush_lock = asyncio.Lock()
         self.finished = 0
@@ -104,7 +109,7 @@ class _ChunkRun:
     def _on_success(self) -> None:
         """After out-of-memory, win back one in-flight slot per RAISE_AFTER answers in a row."""
         self.ok_streak += 1
-        if self.limit < self.settings.in_flight and self.ok_streak >= RAISE_AFTER:
+        if self.limit < self.ceiling and self.ok_streak >= RAISE_AFTER and not self.calibrating:
             self.limit += 1
             self.ok_streak = 0
             self.note(f"{RAISE_AFTER} answers in a row since out-of-memory: in-flight raised to {self.limit}")
@@ -280,6 +285,40 @@ class _ChunkRun:
             if self.writer.add(result):
                 await self.flush()
 
+    async def calibrate(self, queue: asyncio.Queue[PreparedRow]) -> None:
+        """'auto' in-flight: raise the level 1, 2, 4 ... while total throughput still grows.
+
+        Each level is measured over 8 x level rows of the real work (nothing is wasted), with
+        the pool kept full, and the smallest level within 3 % of the best one wins: more
+        in flight only adds latency (and KV cache) once the backend's slots are saturated.
+        """
+        curve: dict[int, float] = {}
+        level = 1
+        while True:
+            self.limit = level
+            tokens, rows, started = self.completion_tokens, self.finished, time.monotonic()
+            while self.finished - rows < 8 * level and not queue.empty() and self.limit == level:
+                await asyncio.sleep(0.01)
+            if self.limit != level or self.finished - rows < 8 * level:
+                break  # out of memory changed the level, or the rows ran out: keep what was measured
+            elapsed = time.monotonic() - started
+            generated = self.completion_tokens - tokens
+            curve[level] = generated / elapsed if generated else (self.finished - rows) / elapsed
+            previous = curve.get(level // 2)
+            if level * 2 > self.ceiling or (previous is not None and curve[level] < previous * 1.05):
+                break
+            level *= 2
+        self.calibrating = False
+        if curve:
+            best = max(curve.values())
+            self.ceiling = min(n for n, v in curve.items() if v >= 0.97 * best)
+            oom_lowered = self.limit != level
+            self.limit = min(self.limit, self.ceiling) if oom_lowered else self.ceiling
+            self.calibration = curve
+            unit = "tokens/s" if self.completion_tokens else "rows/s"
+            shown = ", ".join(f"{n}: {v:.1f}" for n, v in curve.items())
+            self.note(f"auto in-flight: {unit} by level {{{shown}}} -> {self.ceiling} in flight")
+
     async def periodic_flush(self) -> None:
         """Checkpoint on time, and be the watchdog: no answer and no error for too long means stuck."""
         stall_s = self.settings.stall_timeout_s
@@ -300,7 +339,9 @@ class _ChunkRun:
         for row in rows:
             queue.put_nowait(row)
         flusher = asyncio.create_task(self.periodic_flush())
-        workers = [asyncio.create_task(self.worker(i, queue)) for i in range(self.settings.in_flight)]
+        workers = [asyncio.create_task(self.worker(i, queue)) for i in range(self.settings.workers)]
+        if self.settings.in_flight == "auto":
+            workers.append(asyncio.create_task(self.calibrate(queue)))
         work = asyncio.gather(*workers)
         try:
             done, _ = await asyncio.wait({work, flusher}, return_when=asyncio.FIRST_COMPLETED)
@@ -380,7 +421,8 @@ def run_chunk(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressCall
         completion_tokens=run.completion_tokens,
         latency_p50_ms=_percentile(run.latencies, 50),
         latency_p95_ms=_percentile(run.latencies, 95),
-        in_flight=settings.in_flight,
+        in_flight=run.ceiling,
+        calibration=run.calibration,
         started_at=started,
         finished_at=time.time(),
         events=run.events,

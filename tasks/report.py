@@ -142,7 +142,8 @@ class RunReporter:
         kinds = error_kinds(self.settings.output_dir, self.plan.chunks)
         evidence = RunEvidence(
             backend=self.settings.backend,
-            in_flight=self.settings.in_flight,
+            in_flight=self.stats[-1].in_flight if self.stats else self.settings.workers,
+            calibration=next((s.calibration for s in self.stats if s.calibration), None),
             num_ctx=self.settings.options.num_ctx,
             requests_per_s=sent / active if active else 0.0,
             tokens_per_s=tokens / active if active else 0.0,
@@ -174,7 +175,8 @@ class RunReporter:
             "",
             f"Status: {status}. {manifest['rows_ok']:,} ok and {manifest['rows_error']:,} error rows of "
             f"{manifest['rows_total']:,} ({len(self.plan.chunks)} chunks of {s.chunk_size:,}), "
-            f"backend `{s.backend}`, model `{s.model}`, {s.in_flight} request(s) in flight, wall {_duration(manifest['wall_s'])}.",
+            f"backend `{s.backend}`, model `{s.model}`, {evidence.in_flight} request(s) in flight"
+            f"{' (chosen by auto)' if s.in_flight == 'auto' else ''}, wall {_duration(manifest['wall_s'])}.",
             "",
             "| throughput (while sending) | value |",
             "|---|---|",
@@ -190,6 +192,18 @@ class RunReporter:
             f"| peak RSS of the job | {_fmt(telemetry.get('rss_peak_mib'))} MiB |",
             "",
             *render_markdown(verdict),
+            *(
+                [
+                    "### In-flight calibration (auto)",
+                    "",
+                    "| in flight | throughput |",
+                    "|---|---|",
+                    *(f"| {n} | {v:.1f} |" for n, v in evidence.calibration.items()),
+                    "",
+                ]
+                if evidence.calibration
+                else []
+            ),
             "### Errors by kind",
             "",
             ", ".join(f"`{k}`: {v}" for k, v in sorted(evidence.errors.items())) or "none",

@@ -183,3 +183,13 @@ def test_report_shows_an_out_of_memory_recovery(job: Any, emulator: OllamaEmulat
     assert "### Recoveries and back-offs" in report
     assert "out of memory, in-flight lowered to 2" in report and "in-flight lowered to 1" in report
     assert (Path(settings["output_dir"]) / "report.md").read_text().count("out of memory") >= 2
+
+
+def test_auto_in_flight_is_measured_once_and_reported(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.per_token_s = 0.002
+    state = batch_inference(overrides=job(80, name="autotest", chunk_size=40, in_flight="auto"), return_state=True)
+    artifacts = artifacts_of(state)
+    table = json.loads(artifacts["autotest-chunks"].data)
+    assert table[0]["in_flight"] == table[1]["in_flight"] >= 2  # chunk 1 kept what chunk 0 measured
+    report = artifacts["autotest-report"].data
+    assert "### In-flight calibration (auto)" in report and "(chosen by auto)" in report

@@ -211,3 +211,20 @@ def test_trimmed_prompt_is_not_cut_by_the_server(job: Any, emulator: OllamaEmula
     row = pl.read_parquet(chunk_path(settings.output_dir, validate_input(settings).chunks[0])).row(0, named=True)
     assert (row["status"], row["trimmed"], row["truncated"]) == ("ok", True, False)
     assert row["prompt_tokens"] < 1024 - 64
+
+
+def test_auto_in_flight_finds_the_backends_parallel_slots(job: Any) -> None:
+    # Four slots at 10 ms a token: 400 tokens/s at most. Throughput doubles up to 4 in flight,
+    # then only hides the client's own round trip (a queued request starts the moment a slot frees).
+    with OllamaEmulator(parallel=4, per_token_s=0.01) as emu:
+        settings = load_settings(
+            None, job(160, chunk_size=160, in_flight="auto", max_in_flight=16, ollama_host=emu.host)
+        )
+        stats = run_chunk(settings, validate_input(settings).chunks[0])
+    curve = stats.calibration
+    assert curve is not None and list(curve)[:3] == [1, 2, 4], curve
+    assert curve[2] > 1.7 * curve[1] and curve[4] > 1.7 * curve[2]  # scaling while slots are free
+    assert curve.get(8, curve[4]) < 1.2 * curve[4]  # flat once the 4 slots are full
+    assert stats.in_flight in (4, 8) and curve[stats.in_flight] >= 0.9 * 400
+    assert emu.peak_in_flight == 4 and stats.ok == 160
+    assert any("auto in-flight" in e for e in stats.events)
