@@ -228,3 +228,13 @@ def test_auto_in_flight_finds_the_backends_parallel_slots(job: Any) -> None:
     assert stats.in_flight in (4, 8) and curve[stats.in_flight] >= 0.9 * 400
     assert emu.peak_in_flight == 4 and stats.ok == 160
     assert any("auto in-flight" in e for e in stats.events)
+
+
+def test_row_values_never_become_paths(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
+    frame = pl.DataFrame({"id": ["../../escape", "/etc/passwd"], "role": ["x", "x"], "text": ["../../../x", "~/y"]})
+    settings = load_settings(None, job(frame=frame, chunk_size=2))
+    run_chunk(settings, validate_input(settings).chunks[0])
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {"input.parquet", "out/chunks/chunk-00000.parquet"}  # names come from chunk indices only
+    rows = pl.read_parquet(tmp_path / "out" / "chunks" / "chunk-00000.parquet")
+    assert rows["id"].to_list() == ["../../escape", "/etc/passwd"]
