@@ -22,7 +22,7 @@ from tasks.backends import BackendError, make_backend
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
-from tasks.inference import ChunkAborted, ChunkStats, run_chunk
+from tasks.inference import ChunkAborted, ChunkStats, finished_chunk_stats, run_chunk
 from tasks.report import RunReporter
 from tasks.schema import load_output_model, output_columns
 from tasks.store import build_manifest, claim_output_dir, consolidate, counts, finished_rows, write_json_atomic
@@ -120,6 +120,9 @@ def batch_inference(job_file: str | None = None, overrides: dict[str, Any] | Non
             # Chunks run one after another, in order: each takes the GPU slot the moment the
             # previous one frees it, instead of dozens of task threads polling for it.
             for chunk in plan.chunks:
+                if (finished := finished_chunk_stats(settings, chunk)) is not None:
+                    reporter.chunk_done(finished)  # done by an earlier run: no task, no GPU slot
+                    continue
                 stats = run_chunk_task.with_options(
                     retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
                 )(settings, chunk, reporter)

@@ -386,15 +386,21 @@ async def _run_chunk_async(
     return run
 
 
+def finished_chunk_stats(settings: JobSettings, chunk: ChunkSpec) -> ChunkStats | None:
+    """Stats of a chunk an earlier run finished (its leftovers cleaned), or None if it has work left."""
+    clean_finished_parts(settings.output_dir, chunk)
+    if not chunk_path(settings.output_dir, chunk).exists():
+        return None
+    now = time.time()
+    return ChunkStats(index=chunk.index, rows=chunk.length, resumed_rows=chunk.length, started_at=now, finished_at=now)
+
+
 def run_chunk(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressCallback | None = None) -> ChunkStats:
     """Process every row of `chunk` not yet on disk and write the chunk file."""
     out = settings.output_dir
-    clean_finished_parts(out, chunk)
+    if (finished := finished_chunk_stats(settings, chunk)) is not None:
+        return finished
     started = time.time()
-    if chunk_path(out, chunk).exists():
-        return ChunkStats(
-            index=chunk.index, rows=chunk.length, resumed_rows=chunk.length, started_at=started, finished_at=started
-        )
     output_model = load_output_model(settings.output_schema) if settings.output_schema else None
     writer = ChunkWriter(
         out, chunk, output_columns(output_model), settings.checkpoint_rows, settings.checkpoint_every_s
