@@ -309,7 +309,9 @@ class _ChunkRun:
                 break
             level *= 2
         self.calibrating = False
-        if curve:
+        if not curve:  # too few rows to measure even one level: stay where we are
+            self.ceiling = self.limit
+        else:
             best = max(curve.values())
             self.ceiling = min(n for n, v in curve.items() if v >= 0.97 * best)
             oom_lowered = self.limit != level
