@@ -30,9 +30,14 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not model and not server and not soak" $(PYTEST_ARGS)
 
+# Throughput benchmark (not a test; ~14 min on 2 cores): JSON on stdout and in bench/results/<UTC>.json.
+# BENCH_ARGS=--quick for a ~3 min run; `python -m bench.benchmark --compare OLD NEW` compares two results.
+bench: install
+	$(BIN)/python -m bench.benchmark $(BENCH_ARGS)
+
 lint: install
-	$(BIN)/ruff check flows tasks tests deployments jobs
-	$(BIN)/ruff format --check flows tasks tests deployments jobs
+	$(BIN)/ruff check flows tasks tests deployments jobs bench
+	$(BIN)/ruff format --check flows tasks tests deployments jobs bench
 
 clean:
 	rm -rf out data .pytest_cache
