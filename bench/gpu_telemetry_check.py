@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from tasks.bottleneck import RunEvidence, TelemetrySummary, judge  # noqa: E402
 from tasks.charts import timeline_png  # noqa: E402
-from tasks.telemetry import Sampler, summarize, write_samples  # noqa: E402
+from tasks.store import write_parquet_atomic  # noqa: E402
+from tasks.telemetry import Sampler, summarize  # noqa: E402
 
 HIDDEN, FFN, LAYERS = 3840, 15360, 48  # Gemma 3 12B's MLP shape
 
@@ -88,7 +89,7 @@ def main() -> None:
     sampler.stop()
 
     frame = sampler.frame()
-    write_samples(frame, args.out / "samples.parquet")
+    write_parquet_atomic(frame, args.out / "samples.parquet")
     chart = timeline_png(frame, sampler.marks())
     if chart:
         (args.out / "timeline.png").write_bytes(chart)

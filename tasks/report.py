@@ -27,8 +27,8 @@ from tasks.charts import sparkline, timeline_png
 from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, JobPlan
 from tasks.inference import ChunkStats
-from tasks.store import error_kinds, write_atomic
-from tasks.telemetry import Sampler, summarize, write_samples
+from tasks.store import error_kinds, write_atomic, write_parquet_atomic
+from tasks.telemetry import Sampler, summarize
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class RunReporter:
         """Write telemetry, chart and report files, then the table and report artifacts."""
         out: Path = self.settings.output_dir
         samples = self.sampler.frame()
-        write_samples(samples, out / "telemetry" / "samples.parquet")
+        write_parquet_atomic(samples, out / "telemetry" / "samples.parquet")
         chart = timeline_png(samples, self.sampler.marks())
         if chart:
             write_atomic(out / "timeline.png", lambda tmp: tmp.write_bytes(chart))

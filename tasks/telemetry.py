@@ -1,4 +1,4 @@
-"""GPU (NVML) and host (psutil) telemetry: a sampler thread, Parquet output, window summaries.
+"""GPU (NVML) and host (psutil) telemetry: a sampler thread and window summaries (store writes the Parquet).
 
 This is the only module that imports `pynvml` (package `nvidia-ml-py`).
 
@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import httpx
@@ -363,18 +361,6 @@ def fetch_ollama_ps(client: httpx.Client, url: str) -> tuple[float | None, float
 def _to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     # strict=False: a source may hand ints for float fields (e.g. MiB from a fake or an old driver).
     return pl.DataFrame(rows, schema=SCHEMA, strict=False)
-
-
-def write_samples(frame: pl.DataFrame, path: str | Path) -> None:
-    """Write samples to Parquet atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        frame.write_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def summarize(frame: pl.DataFrame, t0: float, t1: float) -> dict[str, Any]:

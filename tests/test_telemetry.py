@@ -15,7 +15,8 @@ import polars as pl
 import pytest
 
 from tasks import telemetry
-from tasks.telemetry import Sampler, open_gpu_source, summarize, write_samples
+from tasks.store import write_parquet_atomic
+from tasks.telemetry import Sampler, open_gpu_source, summarize
 
 GIB = 1024**3
 
@@ -214,7 +215,7 @@ def test_ollama_unreachable_gives_none() -> None:
     assert summarize(df, 0, time.time())["ollama_spill"] is None
 
 
-def test_frame_survives_flush_and_write_samples_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_frame_survives_flush_and_parquet_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(telemetry, "_FLUSH_ROWS", 5)  # pack rows into frames early and often
     s = Sampler(interval_s=0.005, gpu_source=FakeGpu(n=1))
     s.start()
@@ -223,7 +224,7 @@ def test_frame_survives_flush_and_write_samples_roundtrip(tmp_path: Path, monkey
     df = s.frame()
     assert df.height == s.samples
     out = tmp_path / "run" / "samples.parquet"
-    write_samples(df, out)
+    write_parquet_atomic(df, out)
     assert pl.read_parquet(out).equals(df)
     assert [p.name for p in out.parent.iterdir()] == ["samples.parquet"]  # no temp left
 
