@@ -143,9 +143,11 @@ class ChunkWriter:
                 self._write_rows(rows, _seq(journal))
             journal.unlink()
 
+    def _journal_path(self, seq: int) -> Path:
+        return self.out / "chunks" / f"{self.chunk.name}.journal-{seq:05d}.jsonl"
+
     def _open_journal(self) -> Any:
-        path = self.out / "chunks" / f"{self.chunk.name}.journal-{self._seq:05d}.jsonl"
-        return path.open("a", encoding="utf-8")
+        return self._journal_path(self._seq).open("a", encoding="utf-8")
 
     def add(self, row: ResultRow) -> bool:
         """Journal and buffer a finished row; True when a checkpoint is due."""
@@ -177,7 +179,7 @@ class ChunkWriter:
         """Checkpoint: the rows of journal segment `seq` become part `seq`, then the segment goes."""
         if rows:
             self._write_rows(rows, seq)
-        (self.out / "chunks" / f"{self.chunk.name}.journal-{seq:05d}.jsonl").unlink(missing_ok=True)
+        self._journal_path(seq).unlink(missing_ok=True)
 
     def close(self) -> None:
         """Stop journaling; rows not yet checkpointed stay in the journal for `finish` or the next run."""
@@ -185,10 +187,10 @@ class ChunkWriter:
 
     def finish(self) -> pl.DataFrame:
         """Write the chunk file from its parts; check every row of the chunk is there once."""
-        if not self._journal.closed:
-            self.write_part(*self.take())
+        # The rows buffered since the last checkpoint are exactly the open journal segment:
+        # recovery turns it into the last part, the same path a resumed run takes.
         self.close()
-        self._recover()  # rows journaled since the last checkpoint become the last part
+        self._recover()
         parts = part_paths(self.out, self.chunk)
         frame = pl.read_parquet(parts).sort("row_index") if parts else pl.DataFrame()
         expected = list(range(self.chunk.offset, self.chunk.offset + self.chunk.length))
