@@ -9,7 +9,7 @@ import re
 import string
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -96,7 +96,7 @@ class JobSettings(BaseModel):
     options: GenerationOptions = Field(default_factory=GenerationOptions, description="Generation options.")
     keep_alive: int | str = Field(-1, description="Ollama keep_alive: -1 keeps the model loaded for the whole job.")
     chunk_size: int = Field(5000, ge=1, le=1_000_000, description="Rows per chunk (one Prefect task each).")
-    in_flight: int | Literal["auto"] = Field(
+    in_flight: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
         1,
         description="Requests kept in flight inside a chunk (match OLLAMA_NUM_PARALLEL), or 'auto': measure "
         "throughput at 1, 2, 4 ... on the first rows and keep the smallest level within 3 % of the best.",
@@ -149,13 +149,6 @@ class JobSettings(BaseModel):
         # Ollama parses strings as Go durations ("10m", "1h30m") or plain seconds.
         if isinstance(value, str) and not re.fullmatch(r"-?\d+|(\d+(\.\d+)?(ms|s|m|h))+", value):
             raise ValueError("keep_alive must be seconds (-1 = forever) or a duration like '10m', '1h30m'")
-        return value
-
-    @field_validator("in_flight")
-    @classmethod
-    def _in_flight_bounds(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and not 1 <= value <= 256:
-            raise ValueError("in_flight must be 'auto' or between 1 and 256")
         return value
 
     @property

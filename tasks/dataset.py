@@ -78,21 +78,23 @@ def _fit(settings: JobSettings, values: dict[str, str], count: TokenCounter) -> 
     field = settings.trim_field
     budget = settings.options.num_ctx - settings.options.num_predict - TEMPLATE_TOKENS
 
-    def fits(keep: int) -> bool:
-        cut = _render(settings, {**values, field: values[field][:keep] + TRIM_MARK})  # type: ignore[index]
-        return sum(count(m["content"]) for m in cut) <= budget
+    def cut(keep: int) -> list[dict[str, str]]:
+        return _render(settings, {**values, field: values[field][:keep] + TRIM_MARK})  # type: ignore[index]
 
-    if field is None or sum(count(m["content"]) for m in messages) <= budget:
+    def fits(candidate: list[dict[str, str]]) -> bool:
+        return sum(count(m["content"]) for m in candidate) <= budget
+
+    if field is None or fits(messages):
         return messages, False
     # No token spans 16 characters in practice: this bounds the search without tokenizing megabytes.
     low, high = 0, min(len(values[field]), 16 * budget)
     while low < high:
         mid = (low + high + 1) // 2
-        if fits(mid):
+        if fits(cut(mid)):
             low = mid
         else:
             high = mid - 1
-    return _render(settings, {**values, field: values[field][:low] + TRIM_MARK}), True
+    return cut(low), True
 
 
 def scan_input(path: Path) -> pl.LazyFrame:
