@@ -111,7 +111,9 @@ def check_server(api_url: str, auth_string: str | None) -> None:
     try:
         httpx.get(health, timeout=10).raise_for_status()
     except httpx.HTTPError as exc:
-        raise BootstrapError(f"no Prefect server answers at {health} ({exc}); start one: see the Operate section of README.md") from exc
+        raise BootstrapError(
+            f"no Prefect server answers at {health} ({exc}); start one: see the Operate section of README.md"
+        ) from exc
     # /admin/version needs credentials when the server has an auth string; /health never does.
     anonymous = httpx.get(f"{api_url.rstrip('/')}/admin/version", timeout=10)
     if anonymous.status_code == 401:

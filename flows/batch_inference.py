@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -21,11 +23,20 @@ from prefect.runtime import flow_run
 from tasks.backends import BackendError, make_backend
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
+from tasks.dispatch import Dispatcher, LaneFailed
 from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
 from tasks.inference import ChunkAborted, ChunkStats, finished_chunk_stats, run_chunk
 from tasks.report import RunReporter
 from tasks.schema import load_output_model, output_columns
-from tasks.store import build_manifest, claim_output_dir, consolidate, counts, finished_rows, write_json_atomic
+from tasks.store import (
+    build_manifest,
+    claim_output_dir,
+    consolidate,
+    counts,
+    finished_rows,
+    join_output_dir,
+    write_json_atomic,
+)
 from tasks.telemetry import Sampler
 
 
@@ -45,12 +56,24 @@ async def _check_backend(settings: JobSettings) -> None:
 
 
 @task(name="check-backend", cache_policy=NO_CACHE)
-def check_backend(settings: JobSettings) -> None:
-    """Fail fast when the backend is down or lacks the model, naming the host and model."""
-    try:
-        asyncio.run(_check_backend(settings))
-    except BackendError as err:
-        raise RuntimeError(f"backend check failed: {err}") from err
+def check_backend(settings: JobSettings) -> tuple[list[JobSettings], list[str]]:
+    """Fail fast when the backend is down or lacks the model, naming the host and model.
+
+    With several endpoints the run goes on with those that answer; returns them and the
+    problems of the others.
+    """
+    up, problems = [], []
+    for lane in settings.lanes():
+        try:
+            asyncio.run(_check_backend(lane))
+            up.append(lane)
+        except BackendError as err:
+            problems.append(str(err))
+    if not up:
+        raise RuntimeError(f"backend check failed: {'; '.join(problems)}")
+    for problem in problems:
+        get_run_logger().warning("endpoint left out of this run: %s", problem)
+    return up, problems
 
 
 def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
@@ -71,17 +94,22 @@ def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
     retry_condition_fn=_retry_unless_fatal,
 )
 def run_chunk_task(settings: JobSettings, chunk: ChunkSpec, reporter: RunReporter) -> ChunkStats:
-    """One chunk inside the GPU slot; a retry resumes after the rows already checkpointed."""
+    """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed."""
     with gpu_slot(settings.gpu_limit, settings.slot_timeout_s):
         reporter.chunk_started(chunk)
-        return run_chunk(settings, chunk, on_progress=reporter.progress)
+        return run_chunk(settings, chunk, on_progress=partial(reporter.progress, chunk.index))
 
 
-@flow(name="batch-inference", log_prints=True)
-def batch_inference(job_file: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Score every row of the job's input; returns the manifest."""
-    logger = get_run_logger()
-    started = time.time()
+class Job(NamedTuple):
+    """A job file read, its input validated and planned, before anything is sent."""
+
+    settings: JobSettings
+    plan: JobPlan
+    fingerprint: str
+    record: dict[str, Any]
+
+
+def prepare_job(job_file: str | None, overrides: dict[str, Any] | None) -> Job:
     # A scheduled run keeps its date through retries and reruns, so it resumes its own directory.
     scheduled = flow_run.scheduled_start_time
     settings = load_settings(job_file, overrides).for_run_date(scheduled.astimezone().date())
@@ -89,49 +117,102 @@ def batch_inference(job_file: str | None = None, overrides: dict[str, Any] | Non
     output_columns(output_model)  # a schema field colliding with a result column fails here, not mid-run
     plan = plan_chunks(settings)
     schema_json = None if output_model is None else str(output_model.model_json_schema())
-    fingerprint = settings.answer_fingerprint(plan.input_digest, schema_json)
+    record = {"settings": settings.model_dump(mode="json"), "total_rows": plan.total_rows, "chunks": len(plan.chunks)}
+    return Job(settings, plan, settings.answer_fingerprint(plan.input_digest, schema_json), record)
+
+
+def run_chunks(settings: JobSettings, lanes: list[JobSettings], chunks: list[ChunkSpec], reporter: RunReporter) -> None:
+    """Each chunk on whichever endpoint is free, one chunk per endpoint at a time.
+
+    One endpoint: a failing chunk is retried by Prefect on it (chunk_retries). Several: the chunk
+    moves to another endpoint at once, and the failing one sits out chunk_retry_delay_s before it
+    may take another (chunk_retries times, then it is retired for the run).
+    """
+    several = len(lanes) > 1
+    task = run_chunk_task.with_options(
+        retries=0 if several else settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
+    )
+
+    def run(lane: int, batch: list[ChunkSpec]) -> ChunkStats:
+        try:
+            return task(lanes[lane], batch[0], reporter)
+        except ChunkAborted as exc:
+            if not several:
+                raise
+            raise LaneFailed(str(exc), retryable=exc.retryable) from exc
+
+    def done(lane: int, batch: list[ChunkSpec], stats: ChunkStats) -> None:
+        reporter.chunk_done(stats)
+        if lanes[lane].in_flight == "auto" and stats.calibration:
+            # Measured once per endpoint, on its first rows; its later chunks keep the chosen level.
+            lanes[lane] = lanes[lane].model_copy(update={"in_flight": stats.in_flight})
+
+    names = [lane.ollama_base_url if lane.backend == "ollama" else "embedded" for lane in lanes]
+    dispatcher = Dispatcher(
+        names, run, done, retries=settings.chunk_retries if several else 0, retry_delay_s=settings.chunk_retry_delay_s
+    )
+    try:
+        dispatcher(chunks)
+    finally:
+        reporter.notes.extend(dispatcher.events)
+
+
+@flow(name="batch-inference", log_prints=True)
+def batch_inference(
+    job_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    chunks: list[int] | None = None,
+    host: str | None = None,
+) -> dict[str, Any]:
+    """Score every row of the job's input; returns the manifest.
+
+    `chunks` and `host` are set by the scale-out flow: this run is then one host's shard, runs
+    only those chunks inside the parent's output directory, and reports under `<name>-<host>`.
+    """
+    logger = get_run_logger()
+    started = time.time()
+    settings, plan, fingerprint, record = prepare_job(job_file, overrides)
     out = settings.output_dir
-    job_record = {
-        "settings": settings.model_dump(mode="json"),
-        "total_rows": plan.total_rows,
-        "chunks": len(plan.chunks),
-    }
-    with claim_output_dir(out, fingerprint, job_record):
-        check_backend(settings)
-        ensure_gpu_limit(settings.gpu_limit)
+    if chunks is None:
+        hold, key, report_dir = claim_output_dir(out, fingerprint, record), settings.name, out
+    else:
+        plan = plan.shard(chunks)
+        label = host or socket.gethostname()
+        hold, key = join_output_dir(out, fingerprint), f"{settings.name}-{label}"
+        report_dir = out / "shards" / f"{label}-{plan.chunks[0].name}"
+    with hold:
+        lanes, left_out = check_backend(settings)
+        for lane in lanes:
+            ensure_gpu_limit(lane.gpu_limit)
         done_before = sum(len(finished_rows(out, c)) for c in plan.chunks)
         logger.info(
-            "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight",
+            "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight, on %s",
             plan.total_rows,
             len(plan.chunks),
             done_before,
             settings.backend,
             settings.model,
             settings.in_flight,
+            ", ".join(lane.gpu_limit for lane in lanes),
         )
         sampler = Sampler(
             interval_s=settings.telemetry_interval_s,
-            ollama_host=settings.ollama_base_url if settings.backend == "ollama" else None,
+            ollama_hosts=[lane.ollama_base_url for lane in lanes if lane.backend == "ollama"],
         )
         sampler.start()
-        reporter = RunReporter(settings, plan, done_before, sampler)
+        reporter = RunReporter(settings, plan, done_before, sampler, key=key, report_dir=report_dir)
+        reporter.notes.extend(f"left out at the start: {problem}" for problem in left_out)
         failure: BaseException | None = None
         try:
-            # Chunks run one after another, in order: each takes the GPU slot the moment the
-            # previous one frees it, instead of dozens of task threads polling for it.
+            todo = []
             for chunk in plan.chunks:
                 if (finished := finished_chunk_stats(settings, chunk)) is not None:
                     reporter.chunk_done(finished)  # done by an earlier run: no task, no GPU slot
-                    continue
-                stats = run_chunk_task.with_options(
-                    retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
-                )(settings, chunk, reporter)
-                reporter.chunk_done(stats)
-                if settings.in_flight == "auto" and stats.calibration:
-                    # Measured once, on the first rows; the remaining chunks keep the chosen level.
-                    settings = settings.model_copy(update={"in_flight": stats.in_flight})
-            results = consolidate(out, plan.chunks, plan.total_rows)
-            logger.info("wrote %s", results)
+                else:
+                    todo.append(chunk)
+            run_chunks(settings, lanes, todo, reporter)
+            if chunks is None:
+                logger.info("wrote %s", consolidate(out, plan.chunks, plan.total_rows))
         except BaseException as exc:
             failure = exc
             raise
@@ -147,7 +228,9 @@ def batch_inference(job_file: str | None = None, overrides: dict[str, Any] | Non
                 complete=failure is None,
                 error=None if failure is None else f"{type(failure).__name__}: {failure}",
             )
-            write_json_atomic(manifest, out / "manifest.json")
+            if chunks is not None:
+                manifest |= {"results": None, "host": label, "shard_chunks": chunks}
+            write_json_atomic(manifest, report_dir / "manifest.json")
             reporter.finish(manifest)
     return manifest
 

@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 import re
+import socket
 import string
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,6 +65,34 @@ class GenerationOptions(BaseModel):
         return opts
 
 
+LIMIT_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class Endpoint(BaseModel):
+    """One Ollama server (one per GPU: a single Ollama spread over several GPUs leaves them mostly idle)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(min_length=1, description="Ollama base URL, e.g. http://127.0.0.1:11435.")
+    gpu_limit: str | None = Field(
+        None,
+        pattern=LIMIT_NAME,
+        description="Prefect global concurrency limit held per chunk on this endpoint; unset means "
+        "'gpu-<host>-<port>' (a loopback host is named after this machine), so every job that uses "
+        "the same Ollama shares its limit.",
+    )
+
+    @property
+    def limit_name(self) -> str:
+        if self.gpu_limit:
+            return self.gpu_limit
+        url = urlparse(self.host if "://" in self.host else f"http://{self.host}")
+        host = url.hostname or "localhost"
+        if host in ("localhost", "127.0.0.1", "::1", "0.0.0.0"):
+            host = socket.gethostname()
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", f"gpu-{host}-{url.port or 11434}")[:64]
+
+
 class JobSettings(BaseModel):
     """Everything one batch job needs; unknown keys are an error."""
 
@@ -89,6 +119,12 @@ class JobSettings(BaseModel):
     model: str = Field("gemma3:12b", min_length=1, description="Model name (Ollama tag; a label for llamacpp).")
     ollama_host: str | None = Field(
         None, description="Ollama base URL; unset means $OLLAMA_HOST, then http://127.0.0.1:11434."
+    )
+    endpoints: list[Endpoint] = Field(
+        default_factory=list,
+        description="Several Ollama servers (backend 'ollama'): chunks run on whichever endpoint is free, "
+        "each endpoint holding its own GPU limit; a failing endpoint's chunks move to the others. "
+        "Unset: the one server of ollama_host, guarded by gpu_limit.",
     )
     model_path: Path | None = Field(
         None, description="GGUF file for llamacpp; unset means Gemma 3 270M Q4_K_M from its PyPI package."
@@ -127,7 +163,7 @@ class JobSettings(BaseModel):
         description="Structured output: a JSON Schema file (.json) or a pydantic model as 'module:Class'.",
     )
     gpu_limit: str = Field(
-        "gpu", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Prefect global concurrency limit held per chunk."
+        "gpu", pattern=LIMIT_NAME, description="Prefect global concurrency limit held per chunk (one endpoint)."
     )
     slot_timeout_s: float = Field(
         6 * 3600.0, gt=0, description="How long a chunk waits for the GPU slot before failing with a clear message."
@@ -164,7 +200,25 @@ class JobSettings(BaseModel):
             raise ValueError("ollama_host is set but backend is 'llamacpp'")
         if self.backend == "ollama" and self.model_path is not None:
             raise ValueError("model_path is set but backend is 'ollama' (Ollama loads its own models)")
+        if self.endpoints:
+            if self.backend != "ollama":
+                raise ValueError("endpoints are Ollama servers: set backend: ollama")
+            if self.ollama_host is not None:
+                raise ValueError("set either ollama_host (one server) or endpoints (several), not both")
+            for what, names in (
+                ("host", [e.host.rstrip("/") for e in self.endpoints]),
+                ("gpu_limit", [e.limit_name for e in self.endpoints]),
+            ):
+                if dupes := sorted({n for n in names if names.count(n) > 1}):
+                    raise ValueError(f"endpoints: {what} {', '.join(dupes)} is listed twice")
         return self
+
+    def lanes(self) -> list[JobSettings]:
+        """One settings object per endpoint (its host and GPU limit), or just this one."""
+        return [
+            self.model_copy(update={"ollama_host": e.host, "gpu_limit": e.limit_name, "endpoints": []})
+            for e in self.endpoints
+        ] or [self]
 
     @field_validator("output_dir")
     @classmethod

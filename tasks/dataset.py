@@ -42,6 +42,19 @@ class JobPlan(BaseModel):
     input_digest: str
     chunks: list[ChunkSpec]
 
+    def shard(self, indices: list[int]) -> JobPlan:
+        """The part of the plan one host runs: chunks by index, in the order given."""
+        if not indices:
+            raise InputError("a shard needs at least one chunk index")
+        bad = [i for i in indices if not 0 <= i < len(self.chunks)]
+        if bad or len(set(indices)) != len(indices):
+            raise InputError(
+                f"shard chunk indices {indices} must be distinct and in 0..{len(self.chunks) - 1} "
+                "(the parent and this run must read the same input and chunk_size)"
+            )
+        chunks = [self.chunks[i] for i in indices]
+        return self.model_copy(update={"chunks": chunks, "total_rows": sum(c.length for c in chunks)})
+
 
 class PreparedRow(BaseModel):
     """One input row ready to send: its messages, or the reason it cannot be sent."""

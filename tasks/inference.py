@@ -17,7 +17,7 @@ from tasks.backends import Backend, BackendError, Reply, make_backend, token_cou
 from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, PreparedRow, prepare_chunk
 from tasks.schema import ResultRow, load_output_model, output_columns
-from tasks.store import ChunkWriter, chunk_path, clean_finished_parts, finished_rows
+from tasks.store import ChunkWriter, chunk_path, claim_chunk, clean_finished_parts, finished_rows
 
 ProgressCallback = Callable[[int, int], None]  # (rows finished so far in this chunk, errors so far)
 
@@ -38,6 +38,7 @@ class ChunkStats(BaseModel):
 
     index: int
     rows: int = Field(description="Rows in the chunk.")
+    endpoint: str | None = Field(None, description="Where the chunk ran: an Ollama URL or 'embedded'.")
     resumed_rows: int = Field(0, description="Rows already on disk from an earlier run, not sent again.")
     sent_rows: int = Field(0, description="Rows processed in this run.")
     ok: int = 0
@@ -399,9 +400,14 @@ def finished_chunk_stats(settings: JobSettings, chunk: ChunkSpec) -> ChunkStats 
 
 def run_chunk(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressCallback | None = None) -> ChunkStats:
     """Process every row of `chunk` not yet on disk and write the chunk file."""
+    with claim_chunk(settings.output_dir, chunk):
+        if (finished := finished_chunk_stats(settings, chunk)) is not None:
+            return finished
+        return _run_claimed(settings, chunk, on_progress)
+
+
+def _run_claimed(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressCallback | None) -> ChunkStats:
     out = settings.output_dir
-    if (finished := finished_chunk_stats(settings, chunk)) is not None:
-        return finished
     started = time.time()
     output_model = load_output_model(settings.output_schema) if settings.output_schema else None
     writer = ChunkWriter(
@@ -419,6 +425,7 @@ def run_chunk(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressCall
     return ChunkStats(
         index=chunk.index,
         rows=chunk.length,
+        endpoint=settings.ollama_base_url if settings.backend == "ollama" else "embedded",
         resumed_rows=len(done),
         sent_rows=len(rows),
         ok=status_counts.get("ok", 0),

@@ -50,6 +50,7 @@ def chunk_row(stats: ChunkStats, telemetry: dict[str, Any]) -> dict[str, Any]:
     secs = stats.seconds if stats.sent_rows else None
     return {
         "chunk": stats.index,
+        "endpoint": stats.endpoint,
         "rows": stats.rows,
         "resumed": stats.resumed_rows,
         "ok": stats.ok,
@@ -73,8 +74,19 @@ def chunk_row(stats: ChunkStats, telemetry: dict[str, Any]) -> dict[str, Any]:
 class RunReporter:
     """Owns one run's artifacts and terminal progress line; fed by the flow and the chunk tasks."""
 
-    def __init__(self, settings: JobSettings, plan: JobPlan, done_before: int, sampler: Sampler) -> None:
+    def __init__(
+        self,
+        settings: JobSettings,
+        plan: JobPlan,
+        done_before: int,
+        sampler: Sampler,
+        *,
+        key: str | None = None,
+        report_dir: Path | None = None,
+    ) -> None:
         self.settings = settings
+        self.key = key or settings.name  # artifact key prefix: the job, or the job on one host
+        self.report_dir = report_dir or settings.output_dir
         self.plan = plan
         self.sampler = sampler
         self.done_before = done_before
@@ -83,11 +95,13 @@ class RunReporter:
         self.started = time.time()
         self.rows: list[dict[str, Any]] = []
         self.stats: list[ChunkStats] = []
+        self.notes: list[str] = []  # chunks moved between endpoints, for the recoveries section
+        self._live: dict[int, tuple[int, int]] = {}  # chunk -> (rows, errors) finished so far, while running
         self._lock = threading.Lock()
         self._last_update = 0.0
         self._tty = sys.stderr.isatty()
         self.progress_id = create_progress_artifact(
-            progress=self._pct(done_before), key=f"{settings.name}-progress", description=self._line(0, 0)
+            progress=self._pct(done_before), key=f"{self.key}-progress", description=self._line(0, 0)
         )
 
     def _pct(self, done: int) -> float:
@@ -99,23 +113,25 @@ class RunReporter:
         rate = sent / elapsed if elapsed > 0 and sent else 0.0
         eta = (self.plan.total_rows - done) / rate if rate else float("nan")
         return (
-            f"[{self.settings.name}] {done:,}/{self.plan.total_rows:,} rows ({self._pct(done):.1f}%) · "
+            f"[{self.key}] {done:,}/{self.plan.total_rows:,} rows ({self._pct(done):.1f}%) · "
             f"{rate:.2f} rows/s · ETA {_duration(eta)} · {errors} errors"
         )
 
     def chunk_started(self, chunk: ChunkSpec) -> None:
         self.sampler.mark(f"{chunk.name} start")
 
-    def progress(self, done_in_chunk: int, errors_in_chunk: int, force: bool = False) -> None:
+    def progress(self, chunk: int, done_in_chunk: int, errors_in_chunk: int, force: bool = False) -> None:
         """Called after each checkpoint: update the artifact and the terminal line, at most once a second."""
         with self._lock:
+            if done_in_chunk or errors_in_chunk:
+                self._live[chunk] = (done_in_chunk, errors_in_chunk)
             now = time.monotonic()
             # A terminal redraws one line each second; logs and the UI get a line every 10 s.
             if not force and now - self._last_update < (1.0 if self._tty else 10.0):
                 return
             self._last_update = now
-            sent = self.done_in_finished_chunks + done_in_chunk
-            errors = self.errors + errors_in_chunk
+            sent = self.done_in_finished_chunks + sum(done for done, _ in self._live.values())
+            errors = self.errors + sum(errs for _, errs in self._live.values())
             line = self._line(sent, errors)
             try:
                 update_progress_artifact(self.progress_id, self._pct(self.done_before + sent), description=line)
@@ -128,15 +144,18 @@ class RunReporter:
         self.stats.append(stats)
         self.rows.append(chunk_row(stats, summarize(self.sampler.frame(), stats.started_at, stats.finished_at)))
         with self._lock:
+            self._live.pop(stats.index, None)
             self.done_in_finished_chunks += stats.sent_rows
             self.errors += stats.errors
-        self.progress(0, 0, force=True)
+        self.progress(stats.index, 0, 0, force=True)
 
     def evidence(self) -> tuple[RunEvidence, dict[str, Any]]:
         """The run's figures for the verdict: rates over the time chunks were actually sending."""
-        active = sum(s.seconds for s in self.stats if s.sent_rows)
+        # Endpoints work side by side: their rates add up (each over its own sending time).
+        per_endpoint = self._per_endpoint().values()
+        requests_per_s = sum(e["rows"] / e["seconds"] for e in per_endpoint)
+        tokens_per_s = sum(e["tokens"] / e["seconds"] for e in per_endpoint)
         sent = sum(s.sent_rows for s in self.stats)
-        tokens = sum(s.completion_tokens for s in self.stats)
         samples = self.sampler.frame()
         telemetry = summarize(samples, self.started, time.time()) if samples.height else {}
         kinds = error_kinds(self.settings.output_dir, self.plan.chunks)
@@ -145,8 +164,8 @@ class RunReporter:
             in_flight=self.stats[-1].in_flight if self.stats else self.settings.workers,
             calibration=next((s.calibration for s in self.stats if s.calibration), None),
             num_ctx=self.settings.options.num_ctx,
-            requests_per_s=sent / active if active else 0.0,
-            tokens_per_s=tokens / active if active else 0.0,
+            requests_per_s=requests_per_s,
+            tokens_per_s=tokens_per_s,
             chunk_tokens_per_s=[s.completion_tokens / s.seconds for s in self.stats if s.sent_rows],
             rows_total=self.plan.total_rows,
             rows_done=self.done_before + sent,
@@ -167,7 +186,7 @@ class RunReporter:
         rate = evidence.requests_per_s
         eta = eta_hours(s.production_rows, rate) if rate else float("inf")
         status = "complete" if manifest["complete"] else f"**incomplete** ({manifest['error']})"
-        events = [e for st in self.stats for e in st.events]
+        events = [*self.notes, *(e for st in self.stats for e in st.events)]
         samples = self.sampler.frame()
         gpu = samples.filter(pl.col("vram_used_mib").is_not_null()).sort("t")
         lines = [
@@ -191,6 +210,7 @@ class RunReporter:
             f"| host CPU mean | {_fmt(telemetry.get('cpu_mean_pct'), '.0f', ' %')} |",
             f"| peak RSS of the job | {_fmt(telemetry.get('rss_peak_mib'))} MiB |",
             "",
+            *self._endpoints_table(),
             *render_markdown(verdict),
             *(
                 [
@@ -224,14 +244,42 @@ class RunReporter:
             lines += ["", f"![timeline]({image})"]
         lines += [
             "",
-            f"Files: `{s.output_dir}/results.parquet`, `manifest.json`, `chunks/`, `telemetry/samples.parquet`, "
-            "`report.md`, `timeline.png`.",
+            f"Files: `{s.output_dir}/results.parquet`, `chunks/`; `{self.report_dir}/manifest.json`, "
+            "`telemetry/samples.parquet`, `report.md`, `timeline.png`.",
         ]
         return "\n".join(lines) + "\n"
 
+    def _per_endpoint(self) -> dict[str, dict[str, float]]:
+        """Chunks, rows sent, sending seconds and generated tokens of this run, per endpoint."""
+        per: dict[str, dict[str, float]] = {}
+        for st in self.stats:
+            if st.sent_rows:
+                e = per.setdefault(st.endpoint or "?", {"chunks": 0, "rows": 0, "seconds": 0.0, "tokens": 0})
+                e["chunks"] += 1
+                e["rows"] += st.sent_rows
+                e["seconds"] += st.seconds
+                e["tokens"] += st.completion_tokens
+        return per
+
+    def _endpoints_table(self) -> list[str]:
+        """Per endpoint, when chunks ran on more than one."""
+        per = self._per_endpoint()
+        if len(per) < 2:
+            return []
+        return [
+            "| endpoint | chunks | rows sent | requests/s | generated tokens/s |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {name} | {e['chunks']:.0f} | {e['rows']:,.0f} | {e['rows'] / e['seconds']:.2f} | "
+                f"{e['tokens'] / e['seconds']:.1f} |"
+                for name, e in sorted(per.items())
+            ),
+            "",
+        ]
+
     def finish(self, manifest: dict[str, Any]) -> Verdict:
         """Write telemetry, chart and report files, then the table and report artifacts."""
-        out: Path = self.settings.output_dir
+        out = self.report_dir
         samples = self.sampler.frame()
         write_parquet_atomic(samples, out / "telemetry" / "samples.parquet")
         chart = timeline_png(samples, self.sampler.marks())
@@ -244,8 +292,8 @@ class RunReporter:
         # The UI shows images given as data URIs inside markdown, so the chart travels with the artifact.
         inline = f"data:image/png;base64,{base64.b64encode(chart).decode()}" if chart else None
         report = self.markdown(manifest, verdict, evidence, telemetry, inline)
-        name = self.settings.name
+        key = self.key
         if self.rows:
-            create_table_artifact(table=self.rows, key=f"{name}-chunks", description=f"Per-chunk summary of {name}")
-        create_markdown_artifact(markdown=report, key=f"{name}-report", description=verdict.headline[:200])
+            create_table_artifact(table=self.rows, key=f"{key}-chunks", description=f"Per-chunk summary of {key}")
+        create_markdown_artifact(markdown=report, key=f"{key}-report", description=verdict.headline[:200])
         return verdict

@@ -227,37 +227,65 @@ def consolidate(out: Path, chunks: list[ChunkSpec], total_rows: int) -> Path:
     return target
 
 
-@contextmanager
-def claim_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any]) -> Iterator[None]:
-    """Hold the directory for one run, refusing another run or another configuration.
-
-    flock is released by the kernel when the holder dies, so a killed run leaves no
-    stale lock behind.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    handle = (out / ".lock").open("a+")
+def _flock(path: Path, what: str) -> Any:
+    """An exclusive, non-blocking flock on `path`, with this holder written in; the kernel releases
+    it when the holder dies, so a killed run leaves no stale lock behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         owner = handle.read().strip() or "unknown"
         handle.close()
-        raise OutputDirError(f"output_dir {out} is in use by another run ({owner})") from None
+        raise OutputDirError(f"{what} is in use by another run ({owner})") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _check_job_record(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> None:
+    record_path = out / "job.json"
+    if record_path.exists():
+        previous = json.loads(record_path.read_text(encoding="utf-8"))
+        if previous.get("fingerprint") != fingerprint:
+            raise OutputDirError(
+                f"output_dir {out} holds results of a different job configuration "
+                f"(fingerprint {previous.get('fingerprint')}, this job {fingerprint}); "
+                "use another output_dir, or delete this one to start over"
+            )
+    elif job_record is None:
+        raise OutputDirError(f"output_dir {out} has no job.json: a shard runs only inside its parent's directory")
+    else:
+        write_json_atomic({"fingerprint": fingerprint, **job_record}, record_path)
+
+
+@contextmanager
+def claim_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any]) -> Iterator[None]:
+    """Hold the directory for one run, refusing another run or another configuration."""
+    handle = _flock(out / ".lock", f"output_dir {out}")
     try:
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        record_path = out / "job.json"
-        if record_path.exists():
-            previous = json.loads(record_path.read_text(encoding="utf-8"))
-            if previous.get("fingerprint") != fingerprint:
-                raise OutputDirError(
-                    f"output_dir {out} holds results of a different job configuration "
-                    f"(fingerprint {previous.get('fingerprint')}, this job {fingerprint}); "
-                    "use another output_dir, or delete this one to start over"
-                )
-        else:
-            write_json_atomic({"fingerprint": fingerprint, **job_record}, record_path)
+        _check_job_record(out, fingerprint, job_record)
+        yield
+    finally:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+
+
+@contextmanager
+def join_output_dir(out: Path, fingerprint: str) -> Iterator[None]:
+    """A shard's entry into the directory its parent holds: same configuration, no directory lock
+    (hosts work side by side); each chunk is locked on its own (claim_chunk)."""
+    _check_job_record(out, fingerprint, None)
+    yield
+
+
+@contextmanager
+def claim_chunk(out: Path, chunk: ChunkSpec) -> Iterator[None]:
+    """Hold one chunk, so two processes (or hosts, on a shared filesystem) never write it at once."""
+    handle = _flock(out / ".locks" / f"{chunk.name}.lock", f"{chunk.name} of {out}")
+    try:
         yield
     finally:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -34,7 +34,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import httpx
@@ -186,7 +186,7 @@ class Sampler:
         self,
         interval_s: float = 1.0,
         gpu_source: GpuSource | None | Literal["auto"] = "auto",
-        ollama_host: str | None = None,
+        ollama_hosts: Sequence[str] = (),
         ollama_headers: dict[str, str] | None = None,
         server_pid: int | None = None,
     ) -> None:
@@ -195,7 +195,7 @@ class Sampler:
         self.interval_s = interval_s
         self._source_arg = gpu_source
         self._source: GpuSource | None = None
-        self._ollama_url = ollama_host.rstrip("/") + "/api/ps" if ollama_host else None
+        self._ollama_urls = [host.rstrip("/") + "/api/ps" for host in ollama_hosts]
         self._ollama_headers = ollama_headers or {}
         self._server_pid = server_pid
         self._stop = threading.Event()
@@ -273,7 +273,7 @@ class Sampler:
         proc = psutil.Process()
         cpu.read()  # prime the CPU deltas so the first real sample has an interval
         # Only build an HTTP client when polling: creating one loads an SSL context (~30 ms CPU).
-        client = httpx.Client(timeout=OLLAMA_TIMEOUT_S, headers=self._ollama_headers) if self._ollama_url else None
+        client = httpx.Client(timeout=OLLAMA_TIMEOUT_S, headers=self._ollama_headers) if self._ollama_urls else None
         try:
             while not self._stop.is_set():
                 began = time.perf_counter()
@@ -336,12 +336,16 @@ class Sampler:
         return {k: fields.get(k) for k in GPU_FIELDS}
 
     def _poll_ollama(self, client: httpx.Client | None) -> tuple[float | None, float | None]:
-        if client is None or self._ollama_url is None:
+        if client is None:
             return None, None
         now = time.monotonic()
         if now >= self._ollama_next:
             self._ollama_next = now + OLLAMA_POLL_S
-            self._ollama = fetch_ollama_ps(client, self._ollama_url)
+            answers = [fetch_ollama_ps(client, url) for url in self._ollama_urls]
+            size = [a[0] for a in answers if a[0] is not None]
+            vram = [a[1] for a in answers if a[1] is not None]
+            # Summed over the endpoints that answered; None when none did.
+            self._ollama = (sum(size) if size else None, sum(vram) if vram else None)
         return self._ollama  # between polls the last answer stands
 
 

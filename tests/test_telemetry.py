@@ -191,7 +191,7 @@ def ps_server() -> Iterator[str]:
 
 def test_ollama_ps_spill_detected(ps_server: str) -> None:
     s = Sampler(
-        interval_s=0.02, gpu_source=FakeGpu(n=1), ollama_host=ps_server, ollama_headers={"Authorization": "Bearer t"}
+        interval_s=0.02, gpu_source=FakeGpu(n=1), ollama_hosts=[ps_server], ollama_headers={"Authorization": "Bearer t"}
     )
     s.start()
     _wait_for(lambda: s.samples >= 3)
@@ -206,7 +206,7 @@ def test_ollama_unreachable_gives_none() -> None:
     with socket.socket() as sock:  # a port that was free a moment ago: connection refused
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    s = Sampler(interval_s=0.02, gpu_source=None, ollama_host=f"http://127.0.0.1:{port}")
+    s = Sampler(interval_s=0.02, gpu_source=None, ollama_hosts=[f"http://127.0.0.1:{port}"])
     s.start()
     _wait_for(lambda: s.samples >= 3)
     assert _stop_timed(s) < 1.0
