@@ -83,16 +83,47 @@ def work_pools(config: dict[str, Any]) -> list[str]:
 
 
 def gpu_limits(config: dict[str, Any]) -> list[str]:
-    """The global concurrency limits the deployed jobs acquire per chunk (JobSettings.gpu_limit)."""
-    from tasks.config import load_settings
+    """The global concurrency limits the deployed jobs acquire per chunk: each job's gpu_limit (or
+    one per endpoint), and for a scale-out deployment one per host (`gpu-<queue>` unless set)."""
+    from flows.scale_out import Host
+    from tasks.config import load_settings, merge_overrides
 
     names: list[str] = []
     for deployment in config["deployments"]:
         params = deployment.get("parameters") or {}
-        settings = load_settings(params.get("job_file"), params.get("overrides"))
-        if settings.gpu_limit not in names:
-            names.append(settings.gpu_limit)
+        if not params.get("job_file"):
+            continue  # the shard deployment: its parent passes the job
+        hosts = [Host.model_validate(h) for h in params.get("hosts") or []]
+        for extra in [h.settings_overrides() for h in hosts] or [{}]:
+            settings = load_settings(params["job_file"], merge_overrides(params.get("overrides") or {}, extra))
+            names += [lane.gpu_limit for lane in settings.lanes() if lane.gpu_limit not in names]
     return names
+
+
+def work_queues(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(pool, queue) pairs: each deployment's queue, and the hosts' queues a scale-out deployment names."""
+    pairs: list[tuple[str, str]] = []
+    for deployment in config["deployments"]:
+        pool = deployment["work_pool"]
+        queues = [pool.get("work_queue_name") or "default"]
+        queues += [h["queue"] for h in (deployment.get("parameters") or {}).get("hosts") or []]
+        pairs += [(pool["name"], q) for q in queues if (pool["name"], q) not in pairs]
+    return pairs
+
+
+def ensure_work_queue(client: Any, pool: str, name: str) -> str:
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    try:
+        client.read_work_queue_by_name(name, work_pool_name=pool)
+        return f"work queue '{pool}/{name}': exists"
+    except ObjectNotFound:
+        pass
+    try:
+        client.create_work_queue(name, work_pool_name=pool)
+    except ObjectAlreadyExists:
+        return f"work queue '{pool}/{name}': exists (created concurrently)"
+    return f"work queue '{pool}/{name}': created"
 
 
 def _is_loopback(url: str) -> bool:
@@ -195,10 +226,17 @@ def deploy_all(env: dict[str, str]) -> None:
         raise BootstrapError(f"`prefect deploy --all` failed with exit status {done.returncode}")
 
 
-def describe_deployments(client: Any, config: dict[str, Any], flow_name: str = "batch-inference") -> list[str]:
+FLOW_NAMES = {
+    "flows/batch_inference.py:batch_inference": "batch-inference",
+    "flows/scale_out.py:scale_out": "batch-inference-scale-out",
+}
+
+
+def describe_deployments(client: Any, config: dict[str, Any]) -> list[str]:
     """One line per deployment as the server has it: what prefect.yaml asked for, read back."""
     lines = []
     for spec in config["deployments"]:
+        flow_name = FLOW_NAMES[spec["entrypoint"]]
         dep = client.read_deployment_by_name(f"{flow_name}/{spec['name']}")
         schedules = ", ".join(
             f"{getattr(s.schedule, 'cron', s.schedule)} {getattr(s.schedule, 'timezone', '')}".strip()
@@ -243,6 +281,8 @@ def main() -> int:
         with get_client(sync_client=True) as client:
             for pool in work_pools(config):
                 say(ensure_work_pool(client, pool))
+            for pool, queue in work_queues(config):
+                say(ensure_work_queue(client, pool, queue))
             for name in gpu_limits(config):
                 say(ensure_global_limit(client, name))
         env = dict(os.environ, PREFECT_API_URL=api_url)

@@ -231,11 +231,12 @@ def batch_inference(
             if chunks is not None:
                 manifest |= {"results": None, "host": label, "shard_chunks": chunks}
             write_json_atomic(manifest, report_dir / "manifest.json")
-            reporter.finish(manifest)
+            manifest |= reporter.finish(manifest)  # throughput, verdict, telemetry: for a scale-out parent
+            write_json_atomic(manifest, report_dir / "manifest.json")
     return manifest
 
 
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`--set options.num_ctx=8192` → {"options": {"num_ctx": 8192}}; values parse as YAML."""
     overrides: dict[str, Any] = {}
     for pair in pairs:
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="YAML job file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     args = parser.parse_args(argv)
-    manifest = batch_inference(job_file=str(args.config) if args.config else None, overrides=_parse_overrides(args.set))
+    manifest = batch_inference(job_file=str(args.config) if args.config else None, overrides=parse_overrides(args.set))
     print(f"{manifest['rows_ok']} ok, {manifest['rows_error']} error rows → {manifest['results']}")
     return 0
 

@@ -283,11 +283,11 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_overrides(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -314,7 +314,7 @@ def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] 
             raise SettingsError(f"job file {path} must hold a mapping of settings, not {type(loaded).__name__}")
         data = loaded or {}
         source = str(path)
-    data = _merge(data, overrides or {})
+    data = merge_overrides(data, overrides or {})
     try:
         return JobSettings.model_validate(data)
     except ValidationError as exc:

@@ -179,7 +179,7 @@ class _ChunkRun:
         down_for = now - self.unreachable_since
         if down_for >= self.settings.outage_budget_s:
             raise ChunkAborted(
-                f"{err} (for {down_for:.0f}s, outage_budget_s={self.settings.outage_budget_s:.0f})", retryable=True
+                f"{err} (for {down_for:.0f}s, outage_budget_s={self.settings.outage_budget_s:g})", retryable=True
             )
         await asyncio.sleep(min(5.0, self.settings.outage_budget_s - down_for, 0.5 + down_for / 4))
 

@@ -277,8 +277,11 @@ class RunReporter:
             "",
         ]
 
-    def finish(self, manifest: dict[str, Any]) -> Verdict:
-        """Write telemetry, chart and report files, then the table and report artifacts."""
+    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write telemetry, chart and report files, then the table and report artifacts.
+
+        Returns the run's figures for the manifest: a scale-out parent reads them per host.
+        """
         out = self.report_dir
         samples = self.sampler.frame()
         write_parquet_atomic(samples, out / "telemetry" / "samples.parquet")
@@ -296,4 +299,74 @@ class RunReporter:
         if self.rows:
             create_table_artifact(table=self.rows, key=f"{key}-chunks", description=f"Per-chunk summary of {key}")
         create_markdown_artifact(markdown=report, key=f"{key}-report", description=verdict.headline[:200])
-        return verdict
+        return {
+            "verdict": verdict.kind,
+            "headline": verdict.headline,
+            "rows_sent": sum(st.sent_rows for st in self.stats),
+            "sending_s": round(sum(st.seconds for st in self.stats if st.sent_rows), 3),
+            "requests_per_s": round(evidence.requests_per_s, 3),
+            "tokens_per_s": round(evidence.tokens_per_s, 1),
+            "telemetry": telemetry,
+        }
+
+
+def publish_scale_out_report(
+    settings: JobSettings, manifest: dict[str, Any], shards: list[dict[str, Any]], events: list[str]
+) -> str:
+    """The parent's report of a job spread over hosts: one line per host, from its shard runs' manifests.
+
+    Each host's own report (with its GPU timeline) is the `<name>-<host>-report` artifact.
+    """
+    per_host: dict[str, list[dict[str, Any]]] = {}
+    for shard in shards:
+        per_host.setdefault(shard["host"], []).append(shard)
+    # Hosts work side by side: their rates add up; each host's rate is over its own sending time.
+    total_rate = 0.0
+    lines = [
+        "| host | shard runs | rows sent (finished chunks) | requests/s | generated tokens/s | VRAM peak MiB | GPU util mean | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for host, runs in sorted(per_host.items()):
+        rows = sum(r.get("rows_sent", 0) for r in runs)
+        secs = sum(r.get("sending_s", 0.0) for r in runs)
+        tokens = sum(r.get("tokens_per_s", 0.0) * r.get("sending_s", 0.0) for r in runs)
+        rate = rows / secs if secs else 0.0
+        total_rate += rate
+        peaks = [r["telemetry"].get("vram_peak_mib") for r in runs if r.get("telemetry")]
+        utils = [r["telemetry"].get("gpu_util_mean") for r in runs if r.get("telemetry")]
+        peak = max((p for p in peaks if p is not None), default=None)
+        util = [u for u in utils if u is not None]
+        lines.append(
+            f"| {host} | {len(runs)} | {rows:,} | {rate:.2f} | {tokens / secs if secs else 0.0:.1f} | "
+            f"{_fmt(peak)} | {_fmt(sum(util) / len(util) if util else None, '.0f', ' %')} | "
+            f"{runs[-1].get('verdict', 'n/a')} (`{settings.name}-{host}-report`) |"
+        )
+    status = "complete" if manifest["complete"] else f"**incomplete** ({manifest['error']})"
+    eta = eta_hours(settings.production_rows, total_rate) if total_rate else float("inf")
+    text = (
+        "\n".join(
+            [
+                f"# Scale-out report: {settings.name}",
+                "",
+                f"Status: {status}. {manifest['rows_ok']:,} ok and {manifest['rows_error']:,} error rows of "
+                f"{manifest['rows_total']:,} ({manifest['chunks']} chunks) over {len(manifest['hosts'])} host(s), "
+                f"wall {_duration(manifest['wall_s'])}.",
+                "",
+                *lines,
+                "",
+                f"All hosts together: {total_rate:.2f} requests/s while sending → "
+                f"**{eta:.1f} h for the {settings.production_rows:,}-row production job**.",
+                "",
+                "### Moves between hosts",
+                "",
+                *([f"- {e}" for e in events] or ["none"]),
+                "",
+                f"Files: `{settings.output_dir}/results.parquet`, `manifest.json`; each shard run's report, "
+                "telemetry and manifest under `shards/<host>-<first chunk>/`.",
+            ]
+        )
+        + "\n"
+    )
+    write_atomic(settings.output_dir / "report.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    create_markdown_artifact(markdown=text, key=f"{settings.name}-report", description=f"{settings.name} over hosts")
+    return text

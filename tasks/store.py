@@ -348,6 +348,12 @@ def build_manifest(
     }
 
 
+def read_shard_manifests(out: Path) -> list[dict[str, Any]]:
+    """Manifests the shard runs of a scale-out job left in out/shards/, oldest first."""
+    found = [json.loads(p.read_text(encoding="utf-8")) for p in (out / "shards").glob("*/manifest.json")]
+    return sorted(found, key=lambda m: m["started_at"])
+
+
 def error_kinds(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
     """Error rows by kind over everything on disk (finished chunks and checkpoint parts)."""
     paths = [p for c in chunks for p in ([chunk_path(out, c)] if chunk_path(out, c).exists() else part_paths(out, c))]

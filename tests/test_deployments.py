@@ -26,7 +26,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC
@@ -213,7 +215,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert boot.returncode == 0, f"bootstrap failed ({boot.returncode}):\n{boot.stdout}\n{boot.stderr}"
 
         worker = _start(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu", "--name", "test-worker"],
+            # The default queue only: the hosts' queues belong to the scale-out test's workers.
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu", "--work-queue", "default"]
+            + ["--name", "test-worker"],
             worker_env,
             tmp,  # not the repository: the deployment's pull step must set the working directory
             logs["worker"],
@@ -369,7 +373,8 @@ def test_prefect_yaml_settings_are_on_the_server(stack: Stack) -> None:
     from prefect.client.schemas.schedules import CronSchedule
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    assert [d["name"] for d in spec["deployments"]] == ["smoke", "nightly", "production-170k"]
+    names = [d["name"] for d in spec["deployments"]]
+    assert names == ["smoke", "nightly", "production-170k", "shard", "nightly-2-hosts"]
     # The server runs with the settings the README's Operate section prescribes (secrets come back masked).
     server = httpx.get(f"{stack.api_url}/admin/settings", headers=_basic(stack.auth), timeout=10).json()
     assert server["server"]["concurrency"]["lease_storage"] == LEASE_STORAGE
@@ -377,21 +382,31 @@ def test_prefect_yaml_settings_are_on_the_server(stack: Stack) -> None:
     with _client() as client:
         pool = client.read_work_pool("gpu")
         assert pool.type == "process"
-        assert "default" in {q.name for q in client.read_work_queues(work_pool_name="gpu")}
-        gpu = client.read_global_concurrency_limit_by_name("gpu")
-        assert gpu.limit == 1 and gpu.active
+        assert {"default", "host-a", "host-b"} <= {q.name for q in client.read_work_queues(work_pool_name="gpu")}
+        for name in ("gpu", "gpu-host-a", "gpu-host-b"):
+            gcl = client.read_global_concurrency_limit_by_name(name)
+            assert gcl.limit == 1 and gcl.active
         for d in spec["deployments"]:
-            dep = client.read_deployment_by_name(f"{FLOW}/{d['name']}")
-            assert dep.entrypoint == d["entrypoint"] == "flows/batch_inference.py:batch_inference"
+            scale_out = d["entrypoint"] == "flows/scale_out.py:scale_out"
+            flow_name = "batch-inference-scale-out" if scale_out else FLOW
+            dep = client.read_deployment_by_name(f"{flow_name}/{d['name']}")
+            assert dep.entrypoint == d["entrypoint"]
             assert (dep.work_pool_name, dep.work_queue_name) == ("gpu", "default")
             assert dep.parameters == d["parameters"]
             assert dep.enforce_parameter_schema is True
             assert set(dep.tags) == set(d["tags"])
+            assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+            if d["name"] == "shard":  # hosts run shards side by side: no deployment limit, no job of its own
+                assert dep.global_concurrency_limit is None and dep.schedules == []
+                continue
             assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
             assert dep.concurrency_options is not None
             assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
-            assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
             settings = load_settings(ROOT / d["parameters"]["job_file"])  # the job file loads and validates
+            if scale_out:
+                assert [h["queue"] for h in d["parameters"]["hosts"]] == ["host-a", "host-b"]
+                assert settings.name == "nightly" and dep.schedules == []
+                continue
             assert settings.name == d["name"]
             if d["name"] != "nightly":
                 assert dep.schedules == []
@@ -663,3 +678,94 @@ def test_report_artifact_renders_in_the_ui(stack: Stack, embedded_run: dict[str,
     assert report.description and report.description in text  # the verdict headline
     assert "smoke-report" in text and shot.stat().st_size > 50_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scale_out_over_two_host_workers(stack: Stack) -> None:
+    """`prefect deployment run batch-inference-scale-out/nightly-2-hosts`: two process workers on their own
+    queues (two hosts), each beside its own Ollama; host-b's Ollama dies in its second chunk."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    out = stack.tmp / "out-scale-out"
+    frame = pl.DataFrame(
+        {
+            "candidate_id": [f"c{i:03d}" for i in range(48)],
+            "role": ["data engineer"] * 48,
+            "summary": [f"candidate {i}: Python, Polars, Prefect" for i in range(48)],
+        }
+    )
+    frame.write_parquet(stack.tmp / "scale-out.parquet")
+    overrides = {
+        "name": "scaleout",
+        "input_path": str(stack.tmp / "scale-out.parquet"),
+        "output_dir": str(out),
+        "chunk_size": 8,
+        "outage_budget_s": 0.5,
+        "request_timeout_s": 2,
+        "chunk_retries": 0,
+        "checkpoint_every_s": 0.2,
+    }
+    host_env = {**stack.env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONUNBUFFERED": "1"}
+    procs: list[subprocess.Popen[bytes]] = []
+    with (
+        OllamaEmulator(models=["gemma3:12b"], parallel=4, latency_s=0.01) as emu_a,
+        OllamaEmulator(models=["gemma3:12b"], parallel=4, latency_s=0.05) as emu_b,
+    ):
+        hosts = [
+            {"queue": "host-a", "overrides": {"ollama_host": emu_a.host}},
+            {"queue": "host-b", "overrides": {"ollama_host": emu_b.host}},
+        ]
+
+        def kill_b() -> None:  # in host-b's second chunk: one finished chunk, one half done
+            while len(emu_b.chat_prompts()) < 11:
+                time.sleep(0.005)
+            emu_b.down()
+
+        killer = threading.Thread(target=kill_b, daemon=True)
+        try:
+            for queue in ("host-a", "host-b"):
+                stack.logs[queue] = stack.tmp / f"worker-{queue}.log"
+                cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu", "--work-queue", queue]
+                procs.append(_start([*cmd, "--name", f"worker-{queue}"], host_env, stack.tmp, stack.logs[queue]))
+            killer.start()
+            done = _prefect(
+                stack,
+                "deployment",
+                "run",
+                "batch-inference-scale-out/nightly-2-hosts",
+                "--param",
+                f"overrides={json.dumps(overrides)}",
+                "--param",
+                f"hosts={json.dumps(hosts)}",
+                "--param",
+                "chunks_per_run=2",
+                "--watch",
+            )
+        finally:
+            for proc in procs:
+                _stop(proc)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0 and "Completed" in output, (
+            f"{output[-3000:]}\n{stack.tail('host-a')}\n{stack.tail('host-b')}\n{stack.tail('worker')}"
+        )
+        parent_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", output).group(1))  # type: ignore[union-attr]
+        results = pl.read_parquet(out / "results.parquet")
+        assert sorted(results["id"].to_list()) == frame["candidate_id"].to_list()
+        assert results["status"].unique().to_list() == ["ok"]
+        on_a, on_b = Counter(emu_a.chat_prompts()), Counter(emu_b.chat_prompts())
+        assert sum(on_b.values()) >= 11 and max(on_a.values()) == 1  # host-b worked until its Ollama died
+        assert not set(on_a) & set(on_b) and sum(on_a.values()) + sum(on_b.values()) == 48  # no row twice
+
+    with _client() as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
+        )
+    by_queue = Counter((c.work_queue_name, c.state.name) for c in children)
+    assert by_queue[("host-a", "Completed")] >= 2 and by_queue[("host-b", "Failed")] == 1, by_queue
+    for child in children:
+        assert child.parameters["host"] == child.work_queue_name
+    arts = _artifacts(parent_id)
+    report = arts["scaleout-report"].data
+    assert "| host-a |" in report and "| host-b |" in report and "on host-b ended Failed" in report
+    # Each host reports on its own run, under its own key.
+    for child in children:
+        assert f"scaleout-{child.work_queue_name}-report" in _artifacts(child.id)

@@ -1,0 +1,178 @@
+"""Scale out over several GPU hosts: a parent flow hands shards of one job to each host's Prefect worker.
+
+Each GPU host runs a worker on its own work queue of the `gpu` pool, beside its own Ollama. The
+parent validates and plans the job, then starts `batch-inference/shard` runs on those queues, a
+few chunks per run (`chunks_per_run`): a host that finishes gets the next chunks, so a faster host
+does more. A host whose shard run fails, or does not start within `start_timeout_s`, has its
+chunks moved to the other hosts; the rows it finished stay. The parent then writes one
+results.parquet and a report with a line per host. The output directory must be on storage every
+host mounts at the same path (NFS or similar): the chunk files are the hand-over.
+
+Run locally:   python -m flows.scale_out --config jobs/nightly.yaml --host host-a --host host-b
+As deployed:   prefect deployment run 'batch-inference-scale-out/nightly-2-hosts'
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.states import Cancelled, State
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.batch_inference import parse_overrides, prepare_job
+from tasks.config import LIMIT_NAME, merge_overrides
+from tasks.dataset import ChunkSpec
+from tasks.dispatch import Dispatcher, LaneFailed
+from tasks.inference import finished_chunk_stats
+from tasks.report import publish_scale_out_report
+from tasks.store import build_manifest, claim_output_dir, consolidate, counts, read_shard_manifests, write_json_atomic
+
+POLL_S = 2.0
+
+
+class Host(BaseModel):
+    """One GPU host: the work queue its worker polls, and settings only it uses."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queue: str = Field(pattern=LIMIT_NAME, description="Work queue (of the shard deployment's pool) of its worker.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Job settings for this host only: ollama_host, endpoints (one per GPU), in_flight, gpu_limit. "
+        "Without gpu_limit or endpoints the host's chunks hold the limit 'gpu-<queue>'.",
+    )
+
+    def settings_overrides(self) -> dict[str, Any]:
+        if "gpu_limit" in self.overrides or "endpoints" in self.overrides:
+            return self.overrides
+        return {"gpu_limit": f"gpu-{self.queue}", **self.overrides}
+
+
+def _wait_for_shard(flow_run_id: Any, start_timeout_s: float) -> State:
+    """Poll the shard run to its end; cancel it if no worker picked it up in time."""
+    created = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.is_final():
+                return state
+            if (state is None or state.is_scheduled() or state.is_pending()) and (
+                time.monotonic() - created > start_timeout_s
+            ):
+                message = f"no worker started it within {start_timeout_s:.0f}s"
+                client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+                return Cancelled(message=message)
+            time.sleep(POLL_S)
+
+
+@flow(name="batch-inference-scale-out", log_prints=True)
+def scale_out(
+    hosts: list[Host],
+    job_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    deployment: str = "batch-inference/shard",
+    chunks_per_run: Annotated[int, Field(ge=1)] = 4,
+    start_timeout_s: Annotated[float, Field(gt=0)] = 600.0,
+) -> dict[str, Any]:
+    """Run one job over several hosts' workers; returns the manifest of the whole job."""
+    logger = get_run_logger()
+    started = time.time()
+    if not hosts:
+        raise ValueError("hosts: name at least one work queue")
+    settings, plan, fingerprint, record = prepare_job(job_file, overrides)
+    out = settings.output_dir
+    # The children get the directory this run resolved, so a shard that starts after midnight
+    # does not fill {date} with its own day.
+    base = merge_overrides(overrides or {}, {"output_dir": str(out)})
+    with claim_output_dir(out, fingerprint, record):
+        todo = [c for c in plan.chunks if finished_chunk_stats(settings, c) is None]
+        logger.info(
+            "%d rows in %d chunks, %d to do, over hosts %s",
+            plan.total_rows,
+            len(plan.chunks),
+            len(todo),
+            ", ".join(h.queue for h in hosts),
+        )
+
+        def run_shard(lane: int, batch: list[ChunkSpec]) -> None:
+            host = hosts[lane]
+            child = run_deployment(
+                deployment,
+                parameters={
+                    "job_file": job_file,
+                    "overrides": merge_overrides(base, host.settings_overrides()),
+                    "chunks": [c.index for c in batch],
+                    "host": host.queue,
+                },
+                work_queue_name=host.queue,
+                flow_run_name=f"{settings.name}-{host.queue}-{batch[0].name}",
+                timeout=0,  # returns at once; _wait_for_shard also notices a host that never starts it
+                as_subflow=True,
+            )
+            state = _wait_for_shard(child.id, start_timeout_s)
+            if not state.is_completed():
+                raise LaneFailed(f"shard run {child.name} on {host.queue} ended {state.name}: {state.message}")
+
+        dispatcher = Dispatcher(
+            [h.queue for h in hosts],
+            run_shard,
+            lambda lane, batch, _: logger.info("%s finished %s", hosts[lane].queue, ", ".join(c.name for c in batch)),
+            batch=chunks_per_run,
+            retries=settings.chunk_retries,
+            retry_delay_s=settings.chunk_retry_delay_s,
+        )
+        failure: BaseException | None = None
+        try:
+            dispatcher(todo)
+            logger.info("wrote %s", consolidate(out, plan.chunks, plan.total_rows))
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            manifest = build_manifest(
+                settings,
+                plan,
+                fingerprint,
+                counts(out, plan.chunks),
+                started,
+                time.time(),
+                complete=failure is None,
+                error=None if failure is None else f"{type(failure).__name__}: {failure}",
+            )
+            manifest["hosts"] = [h.queue for h in hosts]
+            write_json_atomic(manifest, out / "manifest.json")
+            publish_scale_out_report(settings, manifest, read_shard_manifests(out), dispatcher.events)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML job file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument("--host", action="append", default=[], metavar="QUEUE", help="a host's work queue")
+    parser.add_argument("--hosts", type=Path, help="YAML list of hosts: [{queue: ..., overrides: {...}}, ...]")
+    parser.add_argument("--chunks-per-run", type=int, default=4)
+    args = parser.parse_args(argv)
+    hosts = [Host(queue=q) for q in args.host]
+    if args.hosts:
+        hosts += [Host.model_validate(h) for h in yaml.safe_load(args.hosts.read_text(encoding="utf-8")) or []]
+    manifest = scale_out(
+        hosts=hosts,
+        job_file=str(args.config) if args.config else None,
+        overrides=parse_overrides(args.set),
+        chunks_per_run=args.chunks_per_run,
+    )
+    print(f"{manifest['rows_ok']} ok, {manifest['rows_error']} error rows → {manifest['results']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The dispatcher on its own: who takes what, moves, benching, retirement."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from tasks.dispatch import Dispatcher, LaneFailed
+
+
+def test_free_lanes_take_the_next_batch_and_a_failed_batch_moves() -> None:
+    done: list[tuple[str, list[int]]] = []
+    lock = threading.Lock()
+    calls: Counter[str] = Counter()
+
+    def run(lane: int, batch: list[int]) -> int:
+        name = "ab"[lane]
+        with lock:
+            calls[name] += 1
+        if name == "b" and calls["b"] == 2:
+            raise LaneFailed("b's server died")
+        time.sleep(0.01 if name == "a" else 0.03)
+        return sum(batch)
+
+    dispatcher = Dispatcher(["a", "b"], run, lambda lane, batch, _: done.append(("ab"[lane], batch)), batch=2)
+    dispatcher(list(range(10)))
+    assert sorted(i for _, batch in done for i in batch) == list(range(10))  # every item once
+    assert calls["b"] == 2 and [lane for lane, _ in done].count("b") == 1  # retired after its failure
+    assert any("b failed (b's server died); 2 item(s) go back" in e for e in dispatcher.events)
+    assert any("b retired for this run after 1 failure(s)" in e for e in dispatcher.events)
+
+
+def test_a_benched_lane_comes_back_after_the_delay() -> None:
+    attempts: list[float] = []
+
+    def run(lane: int, batch: list[int]) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise LaneFailed("blip")
+
+    done: list[list[int]] = []
+    Dispatcher(["only"], run, lambda _l, batch, _r: done.append(batch), retries=2, retry_delay_s=0.2)([7])
+    assert done == [[7]] and len(attempts) == 3
+    assert attempts[1] - attempts[0] >= 0.2 and attempts[2] - attempts[1] >= 0.2
+
+
+def test_every_lane_failing_raises_the_last_failure() -> None:
+    def run(lane: int, batch: list[int]) -> None:
+        raise LaneFailed(f"lane {lane} down", retryable=lane == 0)
+
+    with pytest.raises(LaneFailed, match=r"every lane failed, 3 batch item\(s\) left undone; last: lane") as info:
+        Dispatcher(["x", "y"], run, lambda *_: None, retries=1, retry_delay_s=0.0)([1, 2, 3])
+    assert isinstance(info.value.__cause__, LaneFailed)
+
+
+def test_other_errors_are_raised_once_running_batches_end() -> None:
+    finished: list[int] = []
+
+    def run(lane: int, batch: list[int]) -> None:
+        if lane == 0:
+            raise ValueError("a bug, not a lane failure")
+        time.sleep(0.1)
+        finished.append(batch[0])
+
+    with pytest.raises(ValueError, match="a bug"):
+        Dispatcher(["x", "y"], run, lambda *_: None)([1, 2, 3])
+    assert finished == [2]  # lane y's batch ran to its end before the error came out
