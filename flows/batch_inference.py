@@ -146,6 +146,10 @@ def run_chunks(settings: JobSettings, lanes: list[JobSettings], chunks: list[Chu
         if lanes[lane].in_flight == "auto" and stats.calibration:
             # Measured once per endpoint, on its first rows; its later chunks keep the chosen level.
             lanes[lane] = lanes[lane].model_copy(update={"in_flight": stats.in_flight})
+        if stats.num_ctx is not None and stats.num_ctx != lanes[lane].options.num_ctx:
+            # Persistent out-of-memory lowered it: later chunks start there instead of failing again.
+            options = lanes[lane].options.model_copy(update={"num_ctx": stats.num_ctx})
+            lanes[lane] = lanes[lane].model_copy(update={"options": options})
 
     names = [lane.ollama_base_url if lane.backend == "ollama" else "embedded" for lane in lanes]
     dispatcher = Dispatcher(

@@ -153,6 +153,14 @@ class JobSettings(BaseModel):
     oom_backoff_s: float = Field(
         5.0, ge=0, le=600, description="First wait after an out-of-memory answer (doubles per attempt, max 30 s)."
     )
+    oom_num_ctx_floor: int | None = Field(
+        None,
+        ge=256,
+        le=131072,
+        description="Ollama: when out-of-memory persists at 1 in flight, halve options.num_ctx (the model reloads "
+        "with a smaller KV cache) down to this floor before giving up; the rest of the run keeps the lowered "
+        "value and the report lists each step. Unset: stop the chunk with advice instead.",
+    )
     chunk_retries: int = Field(2, ge=0, le=20, description="Prefect retries of a chunk whose backend went away.")
     chunk_retry_delay_s: float = Field(60.0, ge=0, le=86400, description="Wait before a chunk retry.")
     output_dir: Path = Field(
@@ -200,6 +208,10 @@ class JobSettings(BaseModel):
             raise ValueError("ollama_host is set but backend is 'llamacpp'")
         if self.backend == "ollama" and self.model_path is not None:
             raise ValueError("model_path is set but backend is 'ollama' (Ollama loads its own models)")
+        if self.oom_num_ctx_floor is not None and self.oom_num_ctx_floor > self.options.num_ctx:
+            raise ValueError(
+                f"oom_num_ctx_floor {self.oom_num_ctx_floor} is above options.num_ctx {self.options.num_ctx}"
+            )
         if self.endpoints:
             if self.backend != "ollama":
                 raise ValueError("endpoints are Ollama servers: set backend: ollama")

@@ -50,6 +50,7 @@ class ChunkStats(BaseModel):
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     in_flight: int = Field(1, description="Requests kept in flight (what 'auto' chose, if it ran).")
+    num_ctx: int | None = Field(None, description="options.num_ctx in force at the end (lowered by persistent OOM).")
     calibration: dict[int, float] | None = Field(None, description="'auto' measurements: level -> throughput.")
     started_at: float = 0.0
     finished_at: float = 0.0
@@ -82,6 +83,7 @@ class _ChunkRun:
         on_progress: ProgressCallback | None,
     ) -> None:
         self.settings = settings
+        self.options = settings.options  # replaced when persistent out-of-memory lowers num_ctx
         self.backend = backend
         self.chunk = chunk
         self.writer = writer
@@ -125,6 +127,17 @@ class _ChunkRun:
         else:
             self.note(f"out of memory at 1 in flight ({self.oom_streak} in a row), backing off: {err}")
         if self.limit == 1 and self.oom_streak >= OOM_STREAK_LIMIT:
+            floor, old = self.settings.oom_num_ctx_floor, self.options.num_ctx
+            if floor is not None and old // 2 >= floor:
+                # Ollama sizes the KV cache as num_ctx x OLLAMA_NUM_PARALLEL at load: a smaller
+                # context is the one lever left, at the price of a reload and of longer prompts.
+                self.options = self.options.model_copy(update={"num_ctx": old // 2})
+                self.oom_streak = 0
+                self.note(
+                    f"out of memory persists at 1 in flight: num_ctx {old} -> {old // 2} (the model reloads; "
+                    "prompts longer than that are now cut and flagged truncated)"
+                )
+                return
             raise ChunkAborted(
                 f"persistent out of memory: {self.oom_streak} requests in a row failed with 1 in flight ({err}). "
                 "Lower options.num_ctx, OLLAMA_NUM_PARALLEL or the model size, or free the GPU, then rerun: "
@@ -149,7 +162,7 @@ class _ChunkRun:
     def _ok_row(
         self, row: PreparedRow, reply: Reply, attempts: int, latency_ms: float, parsed: dict[str, Any] | None
     ) -> ResultRow:
-        num_ctx = self.settings.options.num_ctx
+        num_ctx = self.options.num_ctx
         return self._row(
             row,
             status="ok",
@@ -170,6 +183,15 @@ class _ChunkRun:
             total_ms=reply.total_ms,
         )
 
+    async def _unload(self) -> None:
+        """Half-way to giving up on out-of-memory: unload the model, so the next request loads it
+        into a GPU freed of it (a runner that survived an OOM can keep fragmented memory)."""
+        self.note("out of memory persists: unloading the model (keep_alive 0); the next request loads it")
+        try:
+            await self.backend.unload()
+        except BackendError as err:  # the retry that follows reports what is wrong
+            self.note(f"unload failed: {err}")
+
     async def _wait_for_backend(self, err: BackendError) -> None:
         """Server down: wait with capped back-off, fail the chunk once the outage budget is spent."""
         now = time.monotonic()
@@ -185,7 +207,7 @@ class _ChunkRun:
 
     async def _ask(self, messages: list[dict[str, str]], resamples: int) -> Reply:
         """One request under a total deadline: httpx's timeout is per read, a slow trickle never trips it."""
-        options = self.settings.options.for_request(resamples)
+        options = self.options.for_request(resamples)
         try:
             return await asyncio.wait_for(
                 self.backend.chat(messages, options=options, schema=self.schema), self.settings.request_timeout_s
@@ -201,10 +223,11 @@ class _ChunkRun:
             self.kinds["empty_field"] += 1
             return self._row(row, status="error", error_kind="empty_field", error=row.error, attempts=0)
         attempts = 0
+        free = 0  # out-of-memory answers not charged to the row (the GPU's state, not the row's)
         resamples = 0  # schema-invalid answers so far: each retry samples differently
         last_error: BackendError | None = None
         last_reply: Reply | None = None
-        while attempts < self.settings.max_attempts:
+        while attempts - free < self.settings.max_attempts:
             attempts += 1
             self.requests += 1
             started = time.perf_counter()
@@ -224,7 +247,13 @@ class _ChunkRun:
                 self.last_progress = time.monotonic()
                 if err.action == "oom":
                     self._on_oom(err)
-                if attempts < self.settings.max_attempts:
+                    if self.oom_streak == OOM_STREAK_LIMIT // 2:
+                        await self._unload()
+                    # While the chunk adapts (fewer in flight, a smaller num_ctx) a row is not
+                    # charged for the first few; the chunk's OOM streak bounds the whole.
+                    if free < OOM_STREAK_LIMIT:
+                        free += 1
+                if attempts - free < self.settings.max_attempts:
                     # A GPU that ran out of memory needs the model reloaded (seconds for a 12B model).
                     base = {"oom": self.settings.oom_backoff_s, "backoff": 2.0}.get(err.action, 0.5)
                     await asyncio.sleep(_backoff(attempts, base=base))
@@ -437,6 +466,7 @@ def _run_claimed(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressC
         latency_p50_ms=_percentile(run.latencies, 50),
         latency_p95_ms=_percentile(run.latencies, 95),
         in_flight=run.ceiling,
+        num_ctx=run.options.num_ctx,
         calibration=run.calibration,
         started_at=started,
         finished_at=time.time(),

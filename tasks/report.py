@@ -61,6 +61,7 @@ def chunk_row(stats: ChunkStats, telemetry: dict[str, Any]) -> dict[str, Any]:
         "latency_p50_ms": None if stats.latency_p50_ms is None else round(stats.latency_p50_ms),
         "latency_p95_ms": None if stats.latency_p95_ms is None else round(stats.latency_p95_ms),
         "in_flight": stats.in_flight,
+        "num_ctx": stats.num_ctx,
         "vram_peak_mib": telemetry.get("vram_peak_mib"),
         "vram_mean_mib": None if telemetry.get("vram_mean_mib") is None else round(telemetry["vram_mean_mib"]),
         "vram_headroom_mib": telemetry.get("vram_headroom_mib"),

@@ -15,6 +15,8 @@ Semantics a test can rely on:
   as Ollama can run out of memory while loading; use `match=` to target rows. They are
   taken on arrival, before queueing (a hung request holds no slot); `invalid_json` is
   served normally, with broken content.
+- `vram_bytes`: a request whose model load would need more (weights + KV cache for num_ctx x
+  `parallel` slots, as Ollama allocates it) fails with Ollama's out-of-memory 500.
 - `think: true` -> 400 "... does not support thinking" (emulated models are gemma3-like).
 """
 
@@ -301,6 +303,7 @@ class OllamaEmulator:
         per_token_s: float = 0.0,
         load_s: float = 0.0,
         spill_fraction: float = 0.0,
+        vram_bytes: int | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -308,6 +311,7 @@ class OllamaEmulator:
         self.parallel, self.max_queue = parallel, max_queue
         self.latency_s, self.per_token_s, self.load_s = latency_s, per_token_s, load_s
         self.spill_fraction = spill_fraction  # share of the model in CPU RAM, seen in /api/ps
+        self.vram_bytes = vram_bytes
         self.bind_host, self.port = host, port
         self.in_flight = self.pending = self.peak_in_flight = self.peak_pending = 0
         self._lock = threading.Lock()
@@ -584,6 +588,14 @@ class OllamaEmulator:
         options = body.get("options") or {}
         num_ctx = int(options.get("num_ctx") or DEFAULT_NUM_CTX)
         keep_alive = _keep_alive_s(body.get("keep_alive"))
+        if (
+            keep_alive != 0
+            and self.vram_bytes is not None
+            and MODEL_SIZE + KV_BYTES_PER_TOKEN * num_ctx * self.parallel > self.vram_bytes
+        ):
+            with self._lock:
+                self._loaded.pop(_norm(model), None)  # the runner died while loading
+            return self._reply(h, rec, 500, {"error": OOM})
         key = "message" if chat else "response"
         empty = {"role": "assistant", "content": ""} if chat else ""
         if not source:  # load / unload request

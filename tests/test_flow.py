@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -183,6 +184,20 @@ def test_report_shows_an_out_of_memory_recovery(job: Any, emulator: OllamaEmulat
     assert "### Recoveries and back-offs" in report
     assert "out of memory, in-flight lowered to 2" in report and "in-flight lowered to 1" in report
     assert (Path(settings["output_dir"]) / "report.md").read_text().count("out of memory") >= 2
+
+
+def test_lowered_num_ctx_carries_over_to_later_chunks(job: Any) -> None:
+    with OllamaEmulator(models=["gemma3:12b"], parallel=4, vram_bytes=12 * 10**9) as emu:  # 4 x 8k does not fit
+        settings = job(16, name="ctxtest", ollama_host=emu.host, oom_backoff_s=0.01, oom_num_ctx_floor=2048)
+        settings["options"] = {"num_ctx": 8192, "num_predict": 64}
+        state = batch_inference(overrides=settings, return_state=True)
+        chunk1 = re.compile(r"candidate (8|9|1[0-5]) writes")
+        second = [r.body["options"]["num_ctx"] for r in emu.requests if r.prompt and chunk1.search(r.prompt)]
+    assert state.result()["rows_ok"] == 16
+    assert second == [4096] * 8  # chunk 1 (rows 8-15) started at 4096: no out-of-memory round again
+    artifacts = artifacts_of(state)
+    assert [r["num_ctx"] for r in json.loads(artifacts["ctxtest-chunks"].data)] == [4096, 4096]
+    assert "num_ctx 8192 -> 4096 (the model reloads" in artifacts["ctxtest-report"].data
 
 
 def test_auto_in_flight_is_measured_once_and_reported(job: Any, emulator: OllamaEmulator) -> None:

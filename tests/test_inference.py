@@ -11,7 +11,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tasks.config import load_settings
+from tasks.config import SettingsError, load_settings
 from tasks.dataset import validate_input
 from tasks.inference import ChunkAborted, run_chunk
 from tasks.store import chunk_path, finished_rows
@@ -239,3 +239,23 @@ def test_row_values_never_become_paths(job: Any, emulator: OllamaEmulator, tmp_p
     assert written == {"input.parquet", "out/chunks/chunk-00000.parquet", "out/.locks/chunk-00000.lock"}
     rows = pl.read_parquet(tmp_path / "out" / "chunks" / "chunk-00000.parquet")
     assert rows["id"].to_list() == ["../../escape", "/etc/passwd"]
+
+
+def test_persistent_out_of_memory_lowers_num_ctx_when_allowed(job: Any) -> None:
+    # A card that holds the weights plus 4 slots of 4k context, not of 8k (Ollama allocates num_ctx x parallel).
+    with OllamaEmulator(models=["gemma3:12b"], parallel=4, vram_bytes=12 * 10**9) as emu:
+        overrides = {"options": {"num_ctx": 8192, "num_predict": 64}, "oom_num_ctx_floor": 2048}
+        settings, frame, stats = run_one_chunk(
+            job, 12, in_flight=4, oom_backoff_s=0.01, ollama_host=emu.host, **overrides
+        )
+    assert frame["status"].to_list() == ["ok"] * 12  # no row was charged for the GPU's state
+    assert stats.num_ctx == 4096 and stats.in_flight == 4
+    assert any("num_ctx 8192 -> 4096" in e for e in stats.events)
+    # Half-way (3 in a row at 1 in flight) the model was unloaded, Ollama's way: generate, no prompt, keep_alive 0.
+    unloads = [r for r in emu.requests if r.path == "/api/generate" and r.body.get("keep_alive") == 0]
+    assert len(unloads) == 1 and unloads[0].status == 200 and not unloads[0].body.get("prompt")
+    assert any("unloading the model (keep_alive 0)" in e for e in stats.events)
+    sent = [r.body["options"]["num_ctx"] for r in emu.requests if r.path == "/api/chat"]
+    assert sent[-12:] == [4096] * 12 and set(sent[:-12]) == {8192}  # answered at 4096; all 8192 ones failed
+    with pytest.raises(SettingsError, match="oom_num_ctx_floor 8192 is above options.num_ctx 4096"):
+        load_settings(None, job(4, oom_num_ctx_floor=8192, options={"num_ctx": 4096}))

@@ -23,7 +23,7 @@ from flows.batch_inference import batch_inference
 from tasks.config import load_settings
 from tasks.dataset import validate_input
 from tasks.gpu_slot import GpuSlotTimeout
-from tasks.store import finished_rows
+from tasks.store import chunk_path, finished_rows
 from tests.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -87,6 +87,40 @@ def test_sigkill_mid_chunk_then_rerun_equals_an_uninterrupted_run(
     assert len(sent) == 48
     resent = sum(n - 1 for n in sent.values())
     assert resent <= 4, f"{resent} rows were answered twice; at most the 4 in flight may be"
+
+
+@pytest.mark.parametrize("point", ["between chunks", "at the end"])
+def test_sigkill_at_a_chunk_boundary_then_rerun(job: Any, emulator: OllamaEmulator, tmp_path: Path, point: str) -> None:
+    """Killed right after a chunk file appears: between two chunks, or after the last one, when the
+    flow consolidates (the kill may land before, inside or after the results write)."""
+    emulator.latency_s = 0.01
+    limit = f"gpu-kill-{os.getpid()}-{point.replace(' ', '-')}"
+    settings = job(24, chunk_size=8, in_flight=4, gpu_limit=limit)
+    batch_inference(overrides={**settings, "output_dir": str(tmp_path / "reference")})
+    emulator.reset_stats()
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(settings))
+    parsed = load_settings(job_file)
+    chunks = validate_input(parsed).chunks
+    target = chunks[0] if point == "between chunks" else chunks[-1]
+
+    proc = start_flow(job_file, tmp_path / "flow.log")
+    deadline = time.monotonic() + 120
+    while not chunk_path(parsed.output_dir, target).exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "flow.log").read_text()[-3000:]
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with get_client(sync_client=True) as client:  # the documented recovery of the killed run's slot
+        client.update_global_concurrency_limit(limit, GlobalConcurrencyLimitUpdate(active_slots=0))
+    before = sum(answered(emulator).values())
+    batch_inference(job_file=str(job_file))
+    ours = pl.read_parquet(parsed.output_dir / "results.parquet").select(CONTENT)
+    assert ours.equals(pl.read_parquet(tmp_path / "reference" / "results.parquet").select(CONTENT))
+    sent = answered(emulator)
+    assert len(sent) == 24 and sum(n - 1 for n in sent.values()) <= 4  # at most the rows that were in flight
+    if point == "at the end":
+        assert sum(sent.values()) == before  # every chunk was on disk: the rerun only consolidated
 
 
 def test_killed_during_consolidation_reruns_without_sending(job: Any, emulator: OllamaEmulator) -> None:

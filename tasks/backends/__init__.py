@@ -56,6 +56,9 @@ class Backend(Protocol):
         self, messages: list[dict[str, str]], *, options: dict[str, Any], schema: dict[str, Any] | None
     ) -> Reply: ...
 
+    async def unload(self) -> None:
+        """Free the GPU memory the model holds; the next request loads it again (no-op if in-process)."""
+
     async def close(self) -> None: ...
 
 

@@ -116,5 +116,8 @@ class LlamaCppBackend:
                 _LLAMA_THREAD, self._complete, messages, options, schema
             )
 
+    async def unload(self) -> None:
+        pass  # the model lives in this process's RAM, cached for the job; nothing to give back
+
     async def close(self) -> None:
         self._llm = None  # the model stays cached for the next chunk of this process

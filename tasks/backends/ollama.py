@@ -117,6 +117,13 @@ class OllamaBackend:
             total_ms=_ms(resp.total_duration),
         )
 
+    async def unload(self) -> None:
+        # Ollama's documented unload: a generate request without a prompt and keep_alive 0.
+        try:
+            await self.client.generate(model=self.model, keep_alive=0)
+        except Exception as exc:
+            raise classify(exc, self.model, self.host) from exc
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client._client.aclose()  # the ollama client exposes no close()
