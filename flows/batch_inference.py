@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import socket
 import sys
 import time
@@ -181,7 +182,8 @@ def batch_inference(
         hold, key, report_dir = claim_output_dir(out, fingerprint, record), settings.name, out
     else:
         plan = plan.shard(chunks)
-        label = host or socket.gethostname()
+        # Artifact keys take lowercase letters, digits and dashes only.
+        label = re.sub(r"[^a-z0-9-]+", "-", (host or socket.gethostname()).lower())
         hold, key = join_output_dir(out, fingerprint), f"{settings.name}-{label}"
         report_dir = out / "shards" / f"{label}-{plan.chunks[0].name}"
     with hold:

@@ -28,7 +28,7 @@ from prefect.states import Cancelled, State
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.batch_inference import parse_overrides, prepare_job
-from tasks.config import LIMIT_NAME, merge_overrides
+from tasks.config import merge_overrides
 from tasks.dataset import ChunkSpec
 from tasks.dispatch import Dispatcher, LaneFailed
 from tasks.inference import finished_chunk_stats
@@ -43,7 +43,11 @@ class Host(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    queue: str = Field(pattern=LIMIT_NAME, description="Work queue (of the shard deployment's pool) of its worker.")
+    queue: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
+        description="Work queue of the host's worker (in the shard deployment's pool); names its artifacts and "
+        "its default GPU limit.",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Job settings for this host only: ollama_host, endpoints (one per GPU), in_flight, gpu_limit. "
