@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -108,9 +109,10 @@ class ChunkWriter:
     """Collects a chunk's result rows: a journal line per finished row, Parquet checkpoints in batches.
 
     Every finished row is appended to a JSON-lines journal segment at once (written through to
-    the OS, so a killed process loses nothing it finished). A checkpoint turns the segment into
-    a Parquet part (fsynced, so it survives the machine too) when `checkpoint_rows` rows are
-    buffered or `checkpoint_every_s` has passed; `finish` folds the parts into the chunk file.
+    the OS, so a killed process loses nothing it finished); `sync` makes the segment durable, so
+    a machine crash loses nothing that was synced. A checkpoint turns the segment into a Parquet
+    part (fsynced) when `checkpoint_rows` rows are buffered or `checkpoint_every_s` has passed;
+    `finish` folds the parts into the chunk file.
     Journal segment k always becomes part k, which makes recovery after a crash unambiguous.
     """
 
@@ -129,6 +131,7 @@ class ChunkWriter:
         self.checkpoint_every_s = checkpoint_every_s
         self._buffer: list[ResultRow] = []
         self._last_flush = time.monotonic()
+        self._sync_lock = threading.Lock()  # sync() runs in a thread; rotation must not close under it
         (out / "chunks").mkdir(parents=True, exist_ok=True)
         self._recover()
         existing = part_paths(out, chunk)
@@ -147,7 +150,18 @@ class ChunkWriter:
         return self.out / "chunks" / f"{self.chunk.name}.journal-{seq:05d}.jsonl"
 
     def _open_journal(self) -> Any:
+        self._segment_synced = False
         return self._journal_path(self._seq).open("a", encoding="utf-8")
+
+    def sync(self) -> None:
+        """Flush the journal to the disk (fdatasync): rows journaled so far survive a machine crash."""
+        with self._sync_lock:
+            if self._journal.closed:
+                return
+            os.fdatasync(self._journal.fileno())
+            if not self._segment_synced:  # the new segment's name too, once, off the request path
+                _fsync_dir(self.out / "chunks")
+                self._segment_synced = True
 
     def add(self, row: ResultRow) -> bool:
         """Journal and buffer a finished row; True when a checkpoint is due."""
@@ -165,9 +179,10 @@ class ChunkWriter:
         """Hand the buffered rows and their segment number to a checkpoint (which may run in a thread)."""
         rows, self._buffer = self._buffer, []
         seq = self._seq
-        self._journal.close()
-        self._seq += 1
-        self._journal = self._open_journal()
+        with self._sync_lock:
+            self._journal.close()
+            self._seq += 1
+            self._journal = self._open_journal()
         self._last_flush = time.monotonic()
         return rows, seq
 
@@ -183,7 +198,8 @@ class ChunkWriter:
 
     def close(self) -> None:
         """Stop journaling; rows not yet checkpointed stay in the journal for `finish` or the next run."""
-        self._journal.close()
+        with self._sync_lock:
+            self._journal.close()
 
     def finish(self) -> pl.DataFrame:
         """Write the chunk file from its parts; check every row of the chunk is there once."""

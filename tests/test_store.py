@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,6 +53,32 @@ def test_checkpoints_then_chunk_file(tmp_path: Path) -> None:
     assert part_paths(tmp_path, chunk) == [] and chunk_path(tmp_path, chunk).exists()
     assert finished_rows(tmp_path, chunk) == {0, 1, 2, 3, 4}
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_journal_sync_runs_beside_checkpoints(tmp_path: Path) -> None:
+    """sync() (fdatasync, in a thread) while checkpoints close and rotate journal segments: no error, no row lost."""
+    chunk = ChunkSpec(index=0, offset=0, length=400)
+    writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=7, checkpoint_every_s=3600)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def sync_forever() -> None:
+        while not stop.is_set():
+            try:
+                writer.sync()
+            except BaseException as exc:  # what an unguarded fdatasync on a closed segment would raise
+                errors.append(exc)
+
+    syncer = threading.Thread(target=sync_forever)
+    syncer.start()
+    for i in range(400):
+        if writer.add(row(i)):
+            writer.write_part(*writer.take())
+    stop.set()
+    syncer.join()
+    writer.sync()
+    assert errors == [] and writer.finish()["row_index"].to_list() == list(range(400))
+    writer.sync()  # after close: nothing to sync, no error
 
 
 def test_finish_refuses_missing_or_duplicated_rows(tmp_path: Path) -> None:
