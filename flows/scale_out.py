@@ -153,7 +153,9 @@ def scale_out(
             )
             manifest["hosts"] = [h.queue for h in hosts]
             write_json_atomic(manifest, out / "manifest.json")
-            publish_scale_out_report(settings, manifest, read_shard_manifests(out), dispatcher.events)
+            # This run's shards only: an earlier, interrupted run of the job left its own there.
+            shards = [m for m in read_shard_manifests(out) if m["started_at"] >= started]
+            publish_scale_out_report(settings, manifest, shards, dispatcher.events)
     return manifest
 
 
