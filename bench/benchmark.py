@@ -2,6 +2,7 @@
 
     python -m bench.benchmark            # full (~14 min on 2 cores), or: make bench
     python -m bench.benchmark --quick    # fewer rows (~3 min)
+    PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://... python -m bench.benchmark   # Postgres server
     python -m bench.benchmark --compare bench/results/A.json bench/results/B.json
 
 Not part of the test suite. Every flow runs as the real CLI (`python -m flows.batch_inference
@@ -120,9 +121,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+PG_URL_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+
+
 @contextlib.contextmanager
 def prefect_server(home: Path) -> Iterator[tuple[str, int]]:
-    """One `prefect server start` (SQLite under `home`) for every flow of the benchmark."""
+    """One `prefect server start` for every flow of the benchmark: SQLite under `home`, or the
+    database in $PREFECT_SERVER_DATABASE_CONNECTION_URL (passed through in the environment)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home)}
@@ -841,6 +846,8 @@ def meta(profile: Profile) -> dict[str, Any]:
         "ram_gib": r(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "versions": {n: _version(n) for n in ("prefect", "ollama", "httpx", "polars", "pydantic", "llama-cpp-python")},
+        # The server's database decides the chunk hand-over (README, Performance): say which one ran.
+        "prefect_database": "postgresql" if "postgresql" in os.environ.get(PG_URL_ENV, "") else "sqlite",
     }
 
 
