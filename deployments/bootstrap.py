@@ -302,6 +302,11 @@ def main() -> int:
         f"server hint: start it with PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE={LEASE_STORAGE} "
         "so GPU slots do not leak when it restarts"
     )
+    say(
+        "server hint: for nightly/production jobs give it Postgres "
+        "(PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://...): a chunk hand-over takes ~0.26 s "
+        "there instead of ~2 s on SQLite (README.md, Operate)"
+    )
     return 0
 
 
