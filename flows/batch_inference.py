@@ -33,7 +33,6 @@ from tasks.store import (
     build_manifest,
     claim_output_dir,
     consolidate,
-    counts,
     finished_rows,
     join_output_dir,
     write_json_atomic,
@@ -224,16 +223,7 @@ def batch_inference(
             raise
         finally:
             sampler.stop()
-            manifest = build_manifest(
-                settings,
-                plan,
-                fingerprint,
-                counts(out, plan.chunks),
-                started,
-                time.time(),
-                complete=failure is None,
-                error=None if failure is None else f"{type(failure).__name__}: {failure}",
-            )
+            manifest = build_manifest(settings, plan, fingerprint, started, failure)
             if chunks is not None:
                 manifest |= {"results": None, "host": label, "shard_chunks": chunks}
             write_json_atomic(manifest, report_dir / "manifest.json")

@@ -33,7 +33,7 @@ from tasks.dataset import ChunkSpec
 from tasks.dispatch import Dispatcher, LaneFailed
 from tasks.inference import finished_chunk_stats
 from tasks.report import publish_scale_out_report
-from tasks.store import build_manifest, claim_output_dir, consolidate, counts, read_shard_manifests, write_json_atomic
+from tasks.store import build_manifest, claim_output_dir, consolidate, read_shard_manifests, write_json_atomic
 
 POLL_S = 2.0
 
@@ -141,16 +141,7 @@ def scale_out(
             failure = exc
             raise
         finally:
-            manifest = build_manifest(
-                settings,
-                plan,
-                fingerprint,
-                counts(out, plan.chunks),
-                started,
-                time.time(),
-                complete=failure is None,
-                error=None if failure is None else f"{type(failure).__name__}: {failure}",
-            )
+            manifest = build_manifest(settings, plan, fingerprint, started, failure)
             manifest["hosts"] = [h.queue for h in hosts]
             write_json_atomic(manifest, out / "manifest.json")
             # This run's shards only: an earlier, interrupted run of the job left its own there.

@@ -319,18 +319,15 @@ def counts(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
 
 
 def build_manifest(
-    settings: Any,
-    plan: Any,
-    fingerprint: str,
-    row_counts: dict[str, int],
-    started: float,
-    finished: float,
-    *,
-    complete: bool,
-    error: str | None,
+    settings: Any, plan: Any, fingerprint: str, started: float, failure: BaseException | None
 ) -> dict[str, Any]:
-    """What a run produced, with what, and how long it took."""
+    """What a run produced (counted on disk now), with what, how long it took, and why it stopped."""
     from importlib.metadata import PackageNotFoundError, version
+
+    finished = time.time()
+    row_counts = counts(settings.output_dir, plan.chunks)
+    complete = failure is None
+    error = None if failure is None else f"{type(failure).__name__}: {failure}"
 
     def _version(name: str) -> str | None:
         try:
