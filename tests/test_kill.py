@@ -20,8 +20,8 @@ from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_API_URL
 
 from flows.batch_inference import batch_inference
-from tasks.config import load_settings
-from tasks.dataset import validate_input
+from tasks.config import JobSettings, load_settings
+from tasks.dataset import ChunkSpec, validate_input
 from tasks.gpu_slot import GpuSlotTimeout
 from tasks.store import chunk_path, finished_rows
 from tests.ollama_emulator import OllamaEmulator
@@ -49,6 +49,18 @@ def answered(emulator: OllamaEmulator) -> Counter[str]:
     return Counter(r.prompt for r in emulator.requests if r.path == "/api/chat" and r.status == 200)
 
 
+def reference_then_job_file(
+    settings: dict[str, Any], emulator: OllamaEmulator, tmp_path: Path
+) -> tuple[Path, JobSettings, list[ChunkSpec]]:
+    """An uninterrupted run of `settings` into tmp/reference, then the same job as a file for the CLI."""
+    batch_inference(overrides={**settings, "output_dir": str(tmp_path / "reference")})
+    emulator.reset_stats()
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(settings))
+    parsed = load_settings(job_file)
+    return job_file, parsed, validate_input(parsed).chunks
+
+
 def test_sigkill_mid_chunk_then_rerun_equals_an_uninterrupted_run(
     job: Any, emulator: OllamaEmulator, tmp_path: Path
 ) -> None:
@@ -56,12 +68,7 @@ def test_sigkill_mid_chunk_then_rerun_equals_an_uninterrupted_run(
     # No Parquet checkpoint inside a chunk during the run: only the per-row journal protects rows.
     limit = f"gpu-kill-{os.getpid()}"
     settings = job(48, chunk_size=16, in_flight=4, checkpoint_every_s=3600, checkpoint_rows=100_000, gpu_limit=limit)
-    batch_inference(overrides={**settings, "output_dir": str(tmp_path / "reference")})
-    emulator.reset_stats()
-    job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump(settings))
-    parsed = load_settings(job_file)
-    chunks = validate_input(parsed).chunks
+    job_file, parsed, chunks = reference_then_job_file(settings, emulator, tmp_path)
 
     log = tmp_path / "flow.log"
     proc = start_flow(job_file, log)
@@ -96,12 +103,7 @@ def test_sigkill_at_a_chunk_boundary_then_rerun(job: Any, emulator: OllamaEmulat
     emulator.latency_s = 0.01
     limit = f"gpu-kill-{os.getpid()}-{point.replace(' ', '-')}"
     settings = job(24, chunk_size=8, in_flight=4, gpu_limit=limit)
-    batch_inference(overrides={**settings, "output_dir": str(tmp_path / "reference")})
-    emulator.reset_stats()
-    job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump(settings))
-    parsed = load_settings(job_file)
-    chunks = validate_input(parsed).chunks
+    job_file, parsed, chunks = reference_then_job_file(settings, emulator, tmp_path)
     target = chunks[0] if point == "between chunks" else chunks[-1]
 
     proc = start_flow(job_file, tmp_path / "flow.log")
