@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks.backends import BackendError, make_backend
+from tasks.backends import BackendError, ServerInfo, make_backend
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.dispatch import Dispatcher, LaneFailed
@@ -46,34 +46,48 @@ def plan_chunks(settings: JobSettings) -> JobPlan:
     return validate_input(settings)
 
 
-async def _check_backend(settings: JobSettings) -> None:
+async def _check_backend(settings: JobSettings) -> ServerInfo:
     backend = make_backend(settings)
     try:
         await backend.open()
         await backend.check()
+        return await backend.describe()
     finally:
         await backend.close()
 
 
 @task(name="check-backend", cache_policy=NO_CACHE)
-def check_backend(settings: JobSettings) -> tuple[list[JobSettings], list[str]]:
+def check_backend(settings: JobSettings) -> tuple[list[JobSettings], list[str], list[ServerInfo]]:
     """Fail fast when the backend is down or lacks the model, naming the host and model.
 
-    With several endpoints the run goes on with those that answer; returns them and the
-    problems of the others.
+    With several endpoints the run goes on with those that answer; returns them, the problems
+    of the others, and what each server that answered says of itself (slots, context).
     """
-    up, problems = [], []
+    logger = get_run_logger()
+    up, problems, infos = [], [], []
     for lane in settings.lanes():
         try:
-            asyncio.run(_check_backend(lane))
-            up.append(lane)
+            info = asyncio.run(_check_backend(lane))
         except BackendError as err:
             problems.append(str(err))
+            continue
+        up.append(lane)
+        infos.append(info)
+        if info.context_per_slot is not None and info.context_per_slot < lane.options.num_ctx:
+            # The server's per-sequence context is fixed at its start; prompts the job thinks fit can fail.
+            logger.warning(
+                "%s gives each of its %s slots %d tokens of context, less than options.num_ctx %d: "
+                "longer prompts fail as error rows; lower num_ctx or start the server with a larger context",
+                lane.server_label,
+                info.parallel_slots,
+                info.context_per_slot,
+                lane.options.num_ctx,
+            )
     if not up:
         raise RuntimeError(f"backend check failed: {'; '.join(problems)}")
     for problem in problems:
-        get_run_logger().warning("endpoint left out of this run: %s", problem)
-    return up, problems
+        logger.warning("endpoint left out of this run: %s", problem)
+    return up, problems, infos
 
 
 def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
@@ -151,7 +165,7 @@ def run_chunks(settings: JobSettings, lanes: list[JobSettings], chunks: list[Chu
             options = lanes[lane].options.model_copy(update={"num_ctx": stats.num_ctx})
             lanes[lane] = lanes[lane].model_copy(update={"options": options})
 
-    names = [lane.ollama_base_url if lane.backend == "ollama" else "embedded" for lane in lanes]
+    names = [lane.server_label for lane in lanes]
     dispatcher = Dispatcher(
         names, run, done, retries=settings.chunk_retries if several else 0, retry_delay_s=settings.chunk_retry_delay_s
     )
@@ -186,7 +200,7 @@ def batch_inference(
         hold, key = join_output_dir(out, fingerprint), f"{settings.name}-{label}"
         report_dir = out / "shards" / f"{label}-{plan.chunks[0].name}"
     with hold:
-        lanes, left_out = check_backend(settings)
+        lanes, left_out, servers = check_backend(settings)
         for lane in lanes:
             ensure_gpu_limit(lane.gpu_limit)
         done_before = sum(len(finished_rows(out, c)) for c in plan.chunks)

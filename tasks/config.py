@@ -69,17 +69,21 @@ LIMIT_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 class Endpoint(BaseModel):
-    """One Ollama server (one per GPU: a single Ollama spread over several GPUs leaves them mostly idle)."""
+    """One inference server, one per GPU (a single server spread over several GPUs leaves them mostly idle)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field(min_length=1, description="Ollama base URL, e.g. http://127.0.0.1:11435.")
+    host: str = Field(
+        min_length=1,
+        description="The server's base URL: Ollama's (http://127.0.0.1:11435) or, for backend 'openai', "
+        "the OpenAI-compatible one (http://127.0.0.1:8080/v1).",
+    )
     gpu_limit: str | None = Field(
         None,
         pattern=LIMIT_NAME,
         description="Prefect global concurrency limit held per chunk on this endpoint; unset means "
         "'gpu-<host>-<port>' (a loopback host is named after this machine), so every job that uses "
-        "the same Ollama shares its limit.",
+        "the same server shares its limit.",
     )
 
     @property
@@ -115,16 +119,30 @@ class JobSettings(BaseModel):
         description="A template field cut (and the row flagged `trimmed`) when the prompt would not fit "
         "num_ctx - num_predict; unset, an overlong prompt is sent whole and flagged `truncated` if cut.",
     )
-    backend: Literal["ollama", "llamacpp"] = Field("llamacpp", description="Inference engine.")
-    model: str = Field("gemma3:12b", min_length=1, description="Model name (Ollama tag; a label for llamacpp).")
+    backend: Literal["ollama", "llamacpp", "openai"] = Field(
+        "llamacpp",
+        description="Inference engine: 'ollama', the embedded 'llamacpp', or 'openai' for any OpenAI-compatible "
+        "chat-completions server (vLLM, SGLang, llama.cpp's llama-server, Ollama's /v1).",
+    )
+    model: str = Field(
+        "gemma3:12b",
+        min_length=1,
+        description="Model name: an Ollama tag, the id an OpenAI-compatible server lists at GET /v1/models "
+        "(required for 'openai'), a label for llamacpp.",
+    )
     ollama_host: str | None = Field(
         None, description="Ollama base URL; unset means $OLLAMA_HOST, then http://127.0.0.1:11434."
     )
+    base_url: str | None = Field(
+        None,
+        description="Backend 'openai': the server's OpenAI API base URL, e.g. http://127.0.0.1:8000/v1. "
+        "The key, if the server wants one, comes from $OPENAI_API_KEY only.",
+    )
     endpoints: list[Endpoint] = Field(
         default_factory=list,
-        description="Several Ollama servers (backend 'ollama'): chunks run on whichever endpoint is free, "
+        description="Several servers (backend 'ollama' or 'openai'): chunks run on whichever endpoint is free, "
         "each endpoint holding its own GPU limit; a failing endpoint's chunks move to the others. "
-        "Unset: the one server of ollama_host, guarded by gpu_limit.",
+        "Unset: the one server of ollama_host / base_url, guarded by gpu_limit.",
     )
     model_path: Path | None = Field(
         None, description="GGUF file for llamacpp; unset means Gemma 3 270M Q4_K_M from its PyPI package."
@@ -206,17 +224,26 @@ class JobSettings(BaseModel):
             raise ValueError(f"trim_field '{self.trim_field}' is not a field of prompt_template")
         if self.backend == "llamacpp" and self.ollama_host is not None:
             raise ValueError("ollama_host is set but backend is 'llamacpp'")
-        if self.backend == "ollama" and self.model_path is not None:
-            raise ValueError("model_path is set but backend is 'ollama' (Ollama loads its own models)")
+        if self.backend != "llamacpp" and self.model_path is not None:
+            raise ValueError(f"model_path is set but backend is '{self.backend}' (the server loads its own models)")
+        if self.backend != "openai" and self.base_url is not None:
+            raise ValueError(f"base_url is set but backend is '{self.backend}' (ollama_host names an Ollama server)")
+        if self.backend == "openai":
+            if self.ollama_host is not None:
+                raise ValueError("ollama_host is set but backend is 'openai': set base_url")
+            if self.base_url is None and not self.endpoints:
+                raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8080/v1) or endpoints")
+            if "model" not in self.model_fields_set:
+                raise ValueError("backend 'openai' needs model: the id the server lists at GET <base_url>/models")
         if self.oom_num_ctx_floor is not None and self.oom_num_ctx_floor > self.options.num_ctx:
             raise ValueError(
                 f"oom_num_ctx_floor {self.oom_num_ctx_floor} is above options.num_ctx {self.options.num_ctx}"
             )
         if self.endpoints:
-            if self.backend != "ollama":
-                raise ValueError("endpoints are Ollama servers: set backend: ollama")
-            if self.ollama_host is not None:
-                raise ValueError("set either ollama_host (one server) or endpoints (several), not both")
+            if self.backend == "llamacpp":
+                raise ValueError("endpoints are servers: set backend: ollama or openai")
+            if self.ollama_host is not None or self.base_url is not None:
+                raise ValueError("set either ollama_host / base_url (one server) or endpoints (several), not both")
             for what, names in (
                 ("host", [e.host.rstrip("/") for e in self.endpoints]),
                 ("gpu_limit", [e.limit_name for e in self.endpoints]),
@@ -227,8 +254,9 @@ class JobSettings(BaseModel):
 
     def lanes(self) -> list[JobSettings]:
         """One settings object per endpoint (its host and GPU limit), or just this one."""
+        url_field = "base_url" if self.backend == "openai" else "ollama_host"
         return [
-            self.model_copy(update={"ollama_host": e.host, "gpu_limit": e.limit_name, "endpoints": []})
+            self.model_copy(update={url_field: e.host, "gpu_limit": e.limit_name, "endpoints": []})
             for e in self.endpoints
         ] or [self]
 
@@ -248,6 +276,15 @@ class JobSettings(BaseModel):
     @property
     def ollama_base_url(self) -> str:
         return self.ollama_host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
+
+    @property
+    def server_label(self) -> str:
+        """Where requests go: the server's URL, or 'embedded' for the in-process model."""
+        if self.backend == "ollama":
+            return self.ollama_base_url
+        if self.backend == "openai":
+            return (self.base_url or "").rstrip("/")
+        return "embedded"
 
     @property
     def template_fields(self) -> list[str]:

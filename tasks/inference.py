@@ -470,7 +470,7 @@ def _run_claimed(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressC
     return ChunkStats(
         index=chunk.index,
         rows=chunk.length,
-        endpoint=settings.ollama_base_url if settings.backend == "ollama" else "embedded",
+        endpoint=settings.server_label,
         resumed_rows=len(done),
         sent_rows=len(rows),
         ok=status_counts.get("ok", 0),

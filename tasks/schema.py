@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 # Kinds of error a row can end with; the report groups errors by these.
 ErrorKind = Literal[
     "empty_field",  # a template field was null/empty: nothing was sent
-    "bad_request",  # the backend refused the request (HTTP 400, prompt over the context...)
+    "bad_request",  # the backend refused the request (HTTP 400)
+    "context_length",  # the prompt does not fit the server's context (an OpenAI-compatible server's 400)
     "invalid_output",  # the answer never validated against the output schema
     "timeout",
     "dropped",

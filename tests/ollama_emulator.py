@@ -163,6 +163,39 @@ def completion_for(
     return Completion(answer, min(prompt_tokens, num_ctx), eval_count, reason, prompt_tokens > num_ctx)
 
 
+def _native_request(body: dict[str, Any]) -> dict[str, Any]:
+    """Ollama's OpenAI compatibility (/v1/chat/completions): the request as /api/chat sees it."""
+    options = {
+        k: body[o]
+        for o, k in (("max_tokens", "num_predict"), ("temperature", "temperature"), ("seed", "seed"))
+        if body.get(o) is not None
+    }
+    fmt = body.get("response_format") or {}
+    schema = (fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else None
+    return {
+        "model": body.get("model"),
+        "messages": body.get("messages") or [],
+        "format": schema or ("json" if fmt.get("type") == "json_object" else None),
+        "options": options,
+        "stream": False,
+    }
+
+
+def _openai_shape(status: int, obj: Any) -> Any:
+    """A native /api/chat answer or error in the shape Ollama's /v1 sends."""
+    if status >= 400:
+        return {"error": {"message": obj.get("error", ""), "type": "api_error", "param": None, "code": None}}
+    prompt, completion = obj.get("prompt_eval_count", 0), obj.get("eval_count", 0)
+    return {
+        "id": f"chatcmpl-{_hash(json.dumps(obj)) % 10**6}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": obj["model"],
+        "choices": [{"index": 0, "message": obj["message"], "finish_reason": obj.get("done_reason", "stop")}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    }
+
+
 # ---------------------------------------------------------------- faults and records
 @dataclass(frozen=True)
 class Fault:
@@ -506,6 +539,8 @@ class OllamaEmulator:
 
     def _reply(self, h: _Handler, rec: RequestRecord, status: int, obj: Any) -> None:
         rec.status = status
+        if rec.path == "/v1/chat/completions":
+            obj = _openai_shape(status, obj)
         h.send(status, json.dumps(obj).encode())
 
     def _route(self, h: _Handler, rec: RequestRecord, raw: bytes) -> None:
@@ -523,7 +558,10 @@ class OllamaEmulator:
                 if rec.path == "/api/ps"
                 else {"models": [self._model_entry(m) for m in self.models]},
             )
-        if h.command != "POST" or rec.path not in (*INFER_PATHS, "/api/show"):
+        if h.command == "GET" and rec.path == "/v1/models":
+            models = [{"id": m, "object": "model", "created": 0, "owned_by": "library"} for m in self.models]
+            return self._reply(h, rec, 200, {"object": "list", "data": models})
+        if h.command != "POST" or rec.path not in (*INFER_PATHS, "/api/show", "/v1/chat/completions"):
             rec.status = 404
             return h.send(404, b"404 page not found", "text/plain")
         if not raw:
@@ -557,7 +595,9 @@ class OllamaEmulator:
                     "capabilities": ["completion"],
                 },
             )
-        self._infer(h, rec, body, model, chat=rec.path == "/api/chat")
+        if rec.path == "/v1/chat/completions":
+            body = _native_request(body)
+        self._infer(h, rec, body, model, chat=rec.path != "/api/generate")
 
     def _infer(self, h: _Handler, rec: RequestRecord, body: dict[str, Any], model: str, chat: bool) -> None:
         source: Prompt = (body.get("messages") or []) if chat else str(body.get("prompt") or "")

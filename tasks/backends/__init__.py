@@ -42,6 +42,16 @@ class Reply:
     total_ms: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What an engine says of itself, for the report and the verdict; None where it does not say."""
+
+    engine: str
+    parallel_slots: int | None = None  # sequences the server decodes together (llama.cpp --parallel)
+    context_per_slot: int | None = None  # tokens of KV cache each of those sequences gets
+    build: str | None = None
+
+
 class Backend(Protocol):
     """An inference engine. Constructors do no I/O; `open` connects or loads."""
 
@@ -51,6 +61,9 @@ class Backend(Protocol):
 
     async def check(self) -> None:
         """Raise BackendError (unreachable / model missing) before any row is sent."""
+
+    async def describe(self) -> ServerInfo:
+        """What the server says of its slots and context, after `check`."""
 
     async def chat(
         self, messages: list[dict[str, str]], *, options: dict[str, Any], schema: dict[str, Any] | None
@@ -73,6 +86,10 @@ def make_backend(settings: JobSettings) -> Backend:
             timeout_s=settings.request_timeout_s,
             keep_alive=settings.keep_alive,
         )
+    if settings.backend == "openai":
+        from tasks.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(base_url=settings.server_label, model=settings.model, timeout_s=settings.request_timeout_s)
     from tasks.backends.llamacpp import LlamaCppBackend
 
     return LlamaCppBackend(model_path=settings.model_path, model=settings.model, num_ctx=settings.options.num_ctx)
@@ -83,8 +100,12 @@ def token_counter(settings: JobSettings) -> Callable[[str], int] | None:
 
     Ollama's API has no tokenize endpoint, so for it trimming uses a conservative estimate.
     """
-    if settings.trim_field is None or settings.backend != "llamacpp":
+    if settings.trim_field is None or settings.backend == "ollama":
         return None
+    if settings.backend == "openai":
+        from tasks.backends.openai import token_counter as server_counter
+
+        return server_counter(settings.server_label)
     from tasks.backends.llamacpp import token_counter as llama_counter
 
     return llama_counter(settings.model_path, settings.options.num_ctx)

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import ollama
 
-from tasks.backends import Action, BackendError, Reply
+from tasks.backends import Action, BackendError, Reply, ServerInfo
 
 # Texts Ollama puts in a 500 when the GPU runs out of memory (FACTS.md, llm/status.go).
 _OOM_MARKERS = (
@@ -91,6 +91,10 @@ class OllamaBackend:
             await self.client.show(self.model)
         except Exception as exc:  # classify re-raises what it does not know
             raise classify(exc, self.model, self.host) from exc
+
+    async def describe(self) -> ServerInfo:
+        # Ollama's API does not say how many requests it decodes together (OLLAMA_NUM_PARALLEL).
+        return ServerInfo(engine="ollama")
 
     async def chat(
         self, messages: list[dict[str, str]], *, options: dict[str, Any], schema: dict[str, Any] | None

