@@ -69,7 +69,7 @@ class RunEvidence(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["ollama", "llamacpp"] = Field(description="inference engine")
+    backend: Literal["ollama", "llamacpp", "openai"] = Field(description="inference engine")
     in_flight: int = Field(ge=1, description="requests the client kept in flight")
     parallel_slots: int | None = Field(
         None, ge=1, description="OLLAMA_NUM_PARALLEL if known (default 1 since Ollama 0.10)"

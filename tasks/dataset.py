@@ -66,7 +66,7 @@ class PreparedRow(BaseModel):
     trimmed: bool = False
 
 
-TokenCounter = Callable[[str], int]
+TokenCounter = Callable[[list[dict[str, str]]], int]  # a request's messages -> prompt tokens
 TEMPLATE_TOKENS = 16  # chat-template markers around the messages
 TRIM_MARK = " …[trimmed]"
 
@@ -75,6 +75,11 @@ def estimate_tokens(text: str) -> int:
     """A deliberately high token count when no tokenizer is at hand: 3 UTF-8 bytes per token
     (Gemma averages ~4 characters per token on English), so a trimmed prompt fits for sure."""
     return len(text.encode("utf-8")) // 3 + 1
+
+
+def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    """estimate_tokens over a request's messages, with the chat template's markers."""
+    return sum(estimate_tokens(m["content"]) for m in messages) + TEMPLATE_TOKENS
 
 
 def _render(settings: JobSettings, values: dict[str, str]) -> list[dict[str, str]]:
@@ -89,13 +94,13 @@ def _fit(settings: JobSettings, values: dict[str, str], count: TokenCounter) -> 
     leaves num_predict tokens for the answer."""
     messages = _render(settings, values)
     field = settings.trim_field
-    budget = settings.options.num_ctx - settings.options.num_predict - TEMPLATE_TOKENS
+    budget = settings.options.num_ctx - settings.options.num_predict
 
     def cut(keep: int) -> list[dict[str, str]]:
         return _render(settings, {**values, field: values[field][:keep] + TRIM_MARK})  # type: ignore[index]
 
     def fits(candidate: list[dict[str, str]]) -> bool:
-        return sum(count(m["content"]) for m in candidate) <= budget
+        return count(candidate) <= budget
 
     if field is None or fits(messages):
         return messages, False
@@ -223,6 +228,6 @@ def prepare_chunk(
                 )
             )
             continue
-        messages, trimmed = _fit(settings, values, count_tokens or estimate_tokens)  # type: ignore[arg-type]
+        messages, trimmed = _fit(settings, values, count_tokens or estimate_prompt_tokens)  # type: ignore[arg-type]
         prepared.append(PreparedRow(row_index=row_index, id=record["__id"], messages=messages, trimmed=trimmed))
     return prepared

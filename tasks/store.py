@@ -356,7 +356,16 @@ def build_manifest(
         "settings": settings.model_dump(mode="json"),
         "versions": {
             name: _version(name)
-            for name in ("prefect", "ollama", "polars", "pyarrow", "pydantic", "llama-cpp-python", "nvidia-ml-py")
+            for name in (
+                "prefect",
+                "ollama",
+                "openai",
+                "polars",
+                "pyarrow",
+                "pydantic",
+                "llama-cpp-python",
+                "nvidia-ml-py",
+            )
         },
     }
 

@@ -244,19 +244,17 @@ def test_real_server_context_overflow_is_an_error_row_and_trimming_uses_its_toke
     assert 1500 < trimmed["prompt_tokens"][1] <= 2048 - 16
 
 
-@pytest.mark.usefixtures("prefect_server")
 def test_real_server_auto_in_flight_picks_a_level_from_the_measured_curve(tmp_path: Path, llama_server: Any) -> None:
     # Levels 1, 2, 4 need 8 + 16 + 32 rows of real work to measure.
     job = real_job(tmp_path, llama_server, 64, chunk_size=64, in_flight="auto", max_in_flight=4, output_schema=None)
-    job["options"] = {"num_ctx": 2048, "num_predict": 24, "seed": 1}
-    manifest = batch_inference(overrides=job)
-    assert manifest["complete"]
-    (stats,) = [c for c in manifest["chunks"] if c.get("calibration")]
-    curve = {int(k): v for k, v in stats["calibration"].items()}
-    assert list(curve)[0] == 1 and all(v > 0 for v in curve.values())
+    job["options"] = {"num_ctx": 2048, "num_predict": 16, "seed": 1}
+    frame, stats = run_one(job)
+    assert frame.height == 64 and frame["status"].to_list() == ["ok"] * 64
+    curve = stats.calibration
+    assert curve is not None and list(curve)[0] == 1 and all(v > 0 for v in curve.values())
     best = max(curve.values())
-    assert stats["in_flight"] == min(n for n, v in curve.items() if v >= 0.97 * best)  # the rule, on real numbers
-    assert "auto in-flight" in (tmp_path / "out" / "report.md").read_text()
+    assert stats.in_flight == min(n for n, v in curve.items() if v >= 0.97 * best)  # the rule, on real numbers
+    assert any("auto in-flight: tokens/s by level" in e for e in stats.events)
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -269,6 +267,7 @@ def test_real_server_sigkill_mid_run_resumes_without_sending_a_finished_row_agai
 
     limit = f"gpu-llama-kill-{os.getpid()}"
     job = real_job(tmp_path, llama_server, 24, gpu_limit=limit, checkpoint_every_s=3600, checkpoint_rows=100_000)
+    job["options"] = {"num_ctx": 2048, "num_predict": 32, "seed": 1}
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
     parsed = load_settings(job_file)

@@ -95,8 +95,8 @@ def make_backend(settings: JobSettings) -> Backend:
     return LlamaCppBackend(model_path=settings.model_path, model=settings.model, num_ctx=settings.options.num_ctx)
 
 
-def token_counter(settings: JobSettings) -> Callable[[str], int] | None:
-    """The engine's own tokenizer when trimming needs one and the engine offers it.
+def token_counter(settings: JobSettings) -> Callable[[list[dict[str, str]]], int] | None:
+    """The engine's own count of a request's prompt tokens, when trimming needs it and the engine offers it.
 
     Ollama's API has no tokenize endpoint, so for it trimming uses a conservative estimate.
     """
@@ -105,7 +105,7 @@ def token_counter(settings: JobSettings) -> Callable[[str], int] | None:
     if settings.backend == "openai":
         from tasks.backends.openai import token_counter as server_counter
 
-        return server_counter(settings.server_label)
+        return server_counter(settings.server_label, settings.model)
     from tasks.backends.llamacpp import token_counter as llama_counter
 
     return llama_counter(settings.model_path, settings.options.num_ctx)

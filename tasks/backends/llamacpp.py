@@ -49,10 +49,18 @@ def default_model_path() -> Path:
     return Path(assemble())
 
 
-def token_counter(model_path: Path | None, n_ctx: int) -> Callable[[str], int]:
-    """Count tokens with the model's own tokenizer (the model is loaded once per process)."""
+def token_counter(model_path: Path | None, n_ctx: int) -> Callable[[list[dict[str, str]]], int]:
+    """Count a request's prompt tokens with the model's own tokenizer (loaded once per process),
+    plus a margin for the chat template's turn markers."""
+    from tasks.dataset import TEMPLATE_TOKENS
+
     llm = _load(str(model_path or default_model_path()), n_ctx)
-    return lambda text: len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def count(messages: list[dict[str, str]]) -> int:
+        tokens = (len(llm.tokenize(m["content"].encode("utf-8"), add_bos=False, special=True)) for m in messages)
+        return sum(tokens) + TEMPLATE_TOKENS
+
+    return count
 
 
 class LlamaCppBackend:

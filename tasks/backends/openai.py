@@ -183,21 +183,35 @@ def _auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def token_counter(base_url: str) -> Callable[[str], int] | None:
-    """Count tokens with the server's own tokenizer (llama.cpp's and vLLM's /tokenize), or None
-    where the server has no such endpoint and trimming falls back to an estimate."""
+def token_counter(base_url: str, model: str) -> Callable[[list[dict[str, str]]], int] | None:
+    """Count a request's prompt tokens as the server will, chat template included, or None where
+    the server cannot say (trimming then falls back to a cautious estimate).
+
+    llama.cpp renders the template at /apply-template and counts at /tokenize; vLLM's /tokenize
+    takes the messages directly. The template's markers are tens of tokens, so counting the
+    message texts alone would let a trimmed prompt overflow the context by that much.
+    """
     http = httpx.Client(timeout=30.0, headers=_auth_headers())
-    url = f"{server_root(base_url)}/tokenize"
+    root = server_root(base_url)
 
-    def count(text: str) -> int:
-        # llama.cpp reads `content`, vLLM `prompt`; each ignores the other's field.
-        resp = http.post(url, json={"content": text, "prompt": text, "add_special": False})
+    def llama_cpp(messages: list[dict[str, str]]) -> int:
+        prompt = http.post(f"{root}/apply-template", json={"messages": messages})
+        prompt.raise_for_status()
+        tokens = http.post(f"{root}/tokenize", json={"content": prompt.json()["prompt"], "add_special": True})
+        tokens.raise_for_status()
+        return len(tokens.json()["tokens"])
+
+    def vllm(messages: list[dict[str, str]]) -> int:
+        resp = http.post(f"{root}/tokenize", json={"model": model, "messages": messages})
         resp.raise_for_status()
-        return len(resp.json()["tokens"])
+        return int(resp.json()["count"])
 
-    try:
-        count("probe")
-    except (httpx.HTTPError, KeyError, ValueError):
-        http.close()
-        return None
-    return count
+    probe = [{"role": "user", "content": "probe"}]
+    for count in (llama_cpp, vllm):
+        try:
+            count(probe)
+        except (httpx.HTTPError, KeyError, ValueError):
+            continue
+        return count
+    http.close()
+    return None
