@@ -95,7 +95,8 @@ def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
 )
 def run_chunk_task(settings: JobSettings, chunk: ChunkSpec, reporter: RunReporter) -> ChunkStats:
     """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed."""
-    with gpu_slot(settings.gpu_limit, settings.slot_timeout_s):
+    about = {"chunk": chunk.name, "output_dir": str(settings.output_dir), "flow_run": flow_run.name}
+    with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=get_run_logger().warning, about=about):
         reporter.chunk_started(chunk)
         return run_chunk(settings, chunk, on_progress=partial(reporter.progress, chunk.index))
 
@@ -117,7 +118,12 @@ def prepare_job(job_file: str | None, overrides: dict[str, Any] | None) -> Job:
     output_columns(output_model)  # a schema field colliding with a result column fails here, not mid-run
     plan = plan_chunks(settings)
     schema_json = None if output_model is None else str(output_model.model_json_schema())
-    record = {"settings": settings.model_dump(mode="json"), "total_rows": plan.total_rows, "chunks": len(plan.chunks)}
+    record = {
+        "settings": settings.model_dump(mode="json"),
+        "input_digest": plan.input_digest,  # chunks read the snapshot this names, never the input file again
+        "total_rows": plan.total_rows,
+        "chunks": len(plan.chunks),
+    }
     return Job(settings, plan, settings.answer_fingerprint(plan.input_digest, schema_json), record)
 
 
