@@ -31,6 +31,7 @@ from tasks.report import RunReporter
 from tasks.schema import load_output_model, output_columns
 from tasks.store import (
     build_manifest,
+    check_chunk_files,
     claim_output_dir,
     consolidate,
     finished_rows,
@@ -195,6 +196,10 @@ def batch_inference(
         lanes, left_out = check_backend(settings)
         for lane in lanes:
             ensure_gpu_limit(lane.gpu_limit)
+        # What earlier runs left: damaged or foreign files set aside, torn journal lines counted.
+        findings = [*plan.notes, *check_chunk_files(out, plan.chunks)]
+        for finding in findings:
+            logger.warning(finding)
         done_before = sum(len(finished_rows(out, c)) for c in plan.chunks)
         logger.info(
             "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight, on %s",
@@ -213,6 +218,7 @@ def batch_inference(
         sampler.start()
         reporter = RunReporter(settings, plan, done_before, sampler, key=key, report_dir=report_dir)
         reporter.notes.extend(f"left out at the start: {problem}" for problem in left_out)
+        reporter.notes.extend(findings)
         failure: BaseException | None = None
         try:
             todo = []

@@ -81,7 +81,7 @@ def owner_fingerprint(out: Path) -> str | None:
 
 def file_fingerprint(path: Path) -> str | None:
     """The fingerprint a chunk or part file was written under (None: written before files had one)."""
-    return (pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY.encode(), b"").decode() or None
+    return (pq.read_metadata(path).metadata or {}).get(FINGERPRINT_KEY.encode(), b"").decode() or None
 
 
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:
@@ -410,14 +410,17 @@ def check_chunk_files(out: Path, chunks: list[ChunkSpec]) -> list[str]:
         for line in ledger.read_bytes().splitlines():
             with suppress(ValueError, KeyError, TypeError):
                 finished.add(int(json.loads(line)["chunk"]))
+    redo: set[int] = set()  # finished once, to be done again: off the ledger, so it is said once
     for chunk in chunks:
         done = chunk_path(out, chunk)
         if done.exists():
             if problem := _chunk_file_problem(done, chunk, fingerprint):
                 said.append(_set_aside(out, done, problem, f"its {chunk.length} rows are"))
+                redo.add(chunk.index)
             continue
         if chunk.index in finished:
-            said.append(f"{done.name} was written by an earlier run but is gone: its rows are sent again")
+            said.append(f"{done.name} was written by an earlier run but is gone: its {chunk.length} rows are sent again")
+            redo.add(chunk.index)
         for part in part_paths(out, chunk):
             if problem := _chunk_file_problem(part, chunk, fingerprint):
                 said.append(_set_aside(out, part, problem, "its rows are"))
@@ -431,6 +434,9 @@ def check_chunk_files(out: Path, chunks: list[ChunkSpec]) -> list[str]:
                     f"{journal.name}: {read.skipped} torn or unreadable line(s) skipped, "
                     f"{len(read.rows)} row(s) kept; the skipped rows are sent again"
                 )
+    if redo & finished:
+        lines = [json.dumps({"chunk": i}) for i in sorted(finished - redo)]
+        write_atomic(ledger, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8"))
     return said
 
 
