@@ -259,7 +259,7 @@ class JobSettings(BaseModel):
 
     def answer_fingerprint(self, input_digest: str, schema_json: str | None) -> str:
         """Hash of everything that changes the answers, so a rerun never mixes two configurations."""
-        keyed = self.model_dump(mode="json", include=ANSWER_FIELDS)
+        keyed = self.model_dump(mode="json", include=set(ANSWER_FIELDS))
         keyed["input"] = input_digest
         keyed["schema"] = schema_json
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]

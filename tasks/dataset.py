@@ -213,8 +213,11 @@ def validate_input(settings: JobSettings) -> JobPlan:
     try:
         columns = scan.collect_schema().names()
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise (_bad_jsonl_line(path, exc) if FORMATS[path.suffix.lower()] == "ndjson" else
-               InputError(f"input {path} cannot be read: {exc}")) from exc
+        raise (
+            _bad_jsonl_line(path, exc)
+            if FORMATS[path.suffix.lower()] == "ndjson"
+            else InputError(f"input {path} cannot be read: {exc}")
+        ) from exc
     if settings.id_column not in columns:
         raise InputError(f"input {path}: id column '{settings.id_column}' not found (columns: {', '.join(columns)})")
     missing = [f for f in settings.template_fields if f not in columns]
@@ -232,8 +235,9 @@ def validate_input(settings: JobSettings) -> JobPlan:
         try:
             _write_snapshot(settings, scan, snapshot)
         except (pl.exceptions.PolarsError, OSError) as exc:
-            raise (_bad_jsonl_line(path, exc) if fmt == "ndjson" else
-                   InputError(f"input {path} cannot be read: {exc}")) from exc
+            raise (
+                _bad_jsonl_line(path, exc) if fmt == "ndjson" else InputError(f"input {path} cannot be read: {exc}")
+            ) from exc
         if file_digest(path) != digest:
             snapshot.unlink(missing_ok=True)
             raise InputError(f"input {path} changed while it was being read; start the job once it is complete")

@@ -203,7 +203,9 @@ def gpu_slot(name: str, timeout_s: float, say: Say, about: dict[str, Any] | None
         try:
             client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            raise RuntimeError(f"GPU limit '{name}' does not exist (create it: prefect gcl create {name} --limit 1)")
+            raise RuntimeError(
+                f"GPU limit '{name}' does not exist (create it: prefect gcl create {name} --limit 1)"
+            ) from None
         folder = registry_dir() / name
         folder.mkdir(parents=True, exist_ok=True)
         record = folder / f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.json"

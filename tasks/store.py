@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import polars as pl
-import pyarrow.parquet as pq
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from tasks.dataset import ChunkSpec
 from tasks.schema import ResultRow, rows_to_frame
@@ -419,7 +419,9 @@ def check_chunk_files(out: Path, chunks: list[ChunkSpec]) -> list[str]:
                 redo.add(chunk.index)
             continue
         if chunk.index in finished:
-            said.append(f"{done.name} was written by an earlier run but is gone: its {chunk.length} rows are sent again")
+            said.append(
+                f"{done.name} was written by an earlier run but is gone: its {chunk.length} rows are sent again"
+            )
             redo.add(chunk.index)
         for part in part_paths(out, chunk):
             if problem := _chunk_file_problem(part, chunk, fingerprint):

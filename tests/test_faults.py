@@ -42,8 +42,9 @@ def test_an_input_replaced_during_the_run_changes_nothing_and_a_rerun_is_refused
     out, source = Path(settings["output_dir"]), Path(settings["input_path"])
     changed = pl.concat([make_rows(1, start=900), make_rows(24)])  # one row inserted at the top
 
-    watcher = when(lambda: chunk_path(out, ChunkSpec(index=0, offset=0, length=8)).exists(),
-                   lambda: write_input(source, changed))
+    watcher = when(
+        lambda: chunk_path(out, ChunkSpec(index=0, offset=0, length=8)).exists(), lambda: write_input(source, changed)
+    )
     manifest = batch_inference(overrides=settings)
     watcher.join()
     results = pl.read_parquet(out / "results.parquet")

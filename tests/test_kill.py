@@ -164,7 +164,9 @@ def test_a_held_gpu_slot_times_out_with_the_recovery_in_the_message(job: Any, em
     assert not [r for r in emulator.requests if r.path == "/api/chat"]
 
 
-def test_sigkill_on_a_temporary_server_then_rerun_frees_the_slot(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
+def test_sigkill_on_a_temporary_server_then_rerun_frees_the_slot(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
     """No API URL: each run starts its own Prefect server on the database in PREFECT_HOME, and a
     kill takes the server (and the lease it kept in memory) down with it, leaving the slot taken."""
     emulator.latency_s = 0.05
@@ -201,9 +203,14 @@ def test_a_waiting_run_names_the_live_holder(job: Any, emulator: OllamaEmulator)
     holder.start()
     assert held.wait(30)
     try:
-        with pytest.raises(GpuSlotTimeout, match=r"not free after 2s: 1 of 1 slot\(s\) taken: pid \d+ .*\(running\), chunk-00042 of out/x"):
-            with gpu_slot(limit, 2, say=said.append):
-                pass
+        with (
+            pytest.raises(
+                GpuSlotTimeout,
+                match=r"not free after 2s: 1 of 1 slot\(s\) taken: pid \d+ .*\(running\), chunk-00042 of out/x",
+            ),
+            gpu_slot(limit, 2, say=said.append),
+        ):
+            pass
     finally:
         release.set()
         holder.join()

@@ -64,7 +64,9 @@ def test_soak_exactly_once_under_random_faults(job: Any, emulator: OllamaEmulato
     assert len(clean) >= ok.height and max(clean.values()) == 1
 
 
-def test_soak_kills_outages_and_damage_end_with_every_id_once(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
+def test_soak_kills_outages_and_damage_end_with_every_id_once(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
     """Four runs of the real CLI: three SIGKILLed (process group, at random moments), an outage in
     one, a damaged chunk file and a torn journal line between runs; the last run finishes."""
     from tests.test_kill import kill_when, rerun, start_flow
