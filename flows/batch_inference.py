@@ -114,7 +114,8 @@ class Job(NamedTuple):
 def prepare_job(job_file: str | None, overrides: dict[str, Any] | None) -> Job:
     # A scheduled run keeps its date through retries and reruns, so it resumes its own directory.
     scheduled = flow_run.scheduled_start_time
-    settings = load_settings(job_file, overrides).for_run_date(scheduled.astimezone().date())
+    settings = load_settings(job_file, overrides)
+    settings = settings.for_run_date(settings.run_date or scheduled.astimezone().date())
     output_model = load_output_model(settings.output_schema) if settings.output_schema else None
     output_columns(output_model)  # a schema field colliding with a result column fails here, not mid-run
     plan = plan_chunks(settings)

@@ -173,6 +173,11 @@ class JobSettings(BaseModel):
     output_dir: Path = Field(
         description="Where chunks, results.parquet and manifest.json go; '{date}' becomes the run's scheduled date."
     )
+    run_date: date | None = Field(
+        None,
+        description="The date '{date}' in output_dir stands for; unset: the run's scheduled date (today for a CLI "
+        "run). Set it to rerun an unfinished night's directory on a later day: --set run_date=2026-11-26.",
+    )
     output_schema: str | None = Field(
         None,
         description="Structured output: a JSON Schema file (.json) or a pydantic model as 'module:Class'.",
