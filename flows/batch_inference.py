@@ -31,6 +31,7 @@ from tasks.report import RunReporter
 from tasks.schema import load_output_model, output_columns
 from tasks.store import (
     build_manifest,
+    check_chunk_files,
     claim_output_dir,
     consolidate,
     finished_rows,
@@ -109,7 +110,8 @@ def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
 )
 def run_chunk_task(settings: JobSettings, chunk: ChunkSpec, reporter: RunReporter) -> ChunkStats:
     """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed."""
-    with gpu_slot(settings.gpu_limit, settings.slot_timeout_s):
+    about = {"chunk": chunk.name, "output_dir": str(settings.output_dir), "flow_run": flow_run.name}
+    with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=get_run_logger().warning, about=about):
         reporter.chunk_started(chunk)
         return run_chunk(settings, chunk, on_progress=partial(reporter.progress, chunk.index))
 
@@ -126,12 +128,18 @@ class Job(NamedTuple):
 def prepare_job(job_file: str | None, overrides: dict[str, Any] | None) -> Job:
     # A scheduled run keeps its date through retries and reruns, so it resumes its own directory.
     scheduled = flow_run.scheduled_start_time
-    settings = load_settings(job_file, overrides).for_run_date(scheduled.astimezone().date())
+    settings = load_settings(job_file, overrides)
+    settings = settings.for_run_date(settings.run_date or scheduled.astimezone().date())
     output_model = load_output_model(settings.output_schema) if settings.output_schema else None
     output_columns(output_model)  # a schema field colliding with a result column fails here, not mid-run
     plan = plan_chunks(settings)
     schema_json = None if output_model is None else str(output_model.model_json_schema())
-    record = {"settings": settings.model_dump(mode="json"), "total_rows": plan.total_rows, "chunks": len(plan.chunks)}
+    record = {
+        "settings": settings.model_dump(mode="json"),
+        "input_digest": plan.input_digest,  # chunks read the snapshot this names, never the input file again
+        "total_rows": plan.total_rows,
+        "chunks": len(plan.chunks),
+    }
     return Job(settings, plan, settings.answer_fingerprint(plan.input_digest, schema_json), record)
 
 
@@ -203,6 +211,10 @@ def batch_inference(
         lanes, left_out, servers = check_backend(settings)
         for lane in lanes:
             ensure_gpu_limit(lane.gpu_limit)
+        # What earlier runs left: damaged or foreign files set aside, torn journal lines counted.
+        findings = [*plan.notes, *check_chunk_files(out, plan.chunks)]
+        for finding in findings:
+            logger.warning(finding)
         done_before = sum(len(finished_rows(out, c)) for c in plan.chunks)
         logger.info(
             "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight, on %s",
@@ -221,6 +233,7 @@ def batch_inference(
         sampler.start()
         reporter = RunReporter(settings, plan, done_before, sampler, key=key, report_dir=report_dir)
         reporter.notes.extend(f"left out at the start: {problem}" for problem in left_out)
+        reporter.notes.extend(findings)
         failure: BaseException | None = None
         try:
             todo = []

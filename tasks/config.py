@@ -97,6 +97,13 @@ class Endpoint(BaseModel):
         return re.sub(r"[^A-Za-z0-9_.-]", "-", f"gpu-{host}-{url.port or 11434}")[:64]
 
 
+# The settings that change answers: a directory holds the results of one combination of these.
+ANSWER_FIELDS = frozenset(
+    {"trim_field", "id_column", "prompt_template", "system_prompt", "backend", "model", "model_path", "options"}
+    | {"chunk_size"}  # the chunk plan: chunk k must be the same rows on every rerun
+)
+
+
 class JobSettings(BaseModel):
     """Everything one batch job needs; unknown keys are an error."""
 
@@ -184,6 +191,11 @@ class JobSettings(BaseModel):
     output_dir: Path = Field(
         description="Where chunks, results.parquet and manifest.json go; '{date}' becomes the run's scheduled date."
     )
+    run_date: date | None = Field(
+        None,
+        description="The date '{date}' in output_dir stands for; unset: the run's scheduled date (today for a CLI "
+        "run). Set it to rerun an unfinished night's directory on a later day: --set run_date=2026-11-26.",
+    )
     output_schema: str | None = Field(
         None,
         description="Structured output: a JSON Schema file (.json) or a pydantic model as 'module:Class'.",
@@ -263,15 +275,12 @@ class JobSettings(BaseModel):
     @field_validator("output_dir")
     @classmethod
     def _output_dir_placeholders(cls, value: Path) -> Path:
-        try:
-            str(value).format(date="2000-01-01")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"output_dir may only use the {{date}} placeholder ({exc!r})") from exc
+        _fill_date(str(value), "2000-01-01")  # raises ValueError naming what is not allowed
         return value
 
     def for_run_date(self, day: date) -> JobSettings:
         """Fill `{date}` in output_dir, so a nightly job gets one directory per scheduled day."""
-        return self.model_copy(update={"output_dir": Path(str(self.output_dir).format(date=day.isoformat()))})
+        return self.model_copy(update={"output_dir": Path(_fill_date(str(self.output_dir), day.isoformat()))})
 
     @property
     def ollama_base_url(self) -> str:
@@ -292,20 +301,7 @@ class JobSettings(BaseModel):
 
     def answer_fingerprint(self, input_digest: str, schema_json: str | None) -> str:
         """Hash of everything that changes the answers, so a rerun never mixes two configurations."""
-        keyed = self.model_dump(
-            mode="json",
-            include={
-                "trim_field",
-                "id_column",
-                "prompt_template",
-                "system_prompt",
-                "backend",
-                "model",
-                "model_path",
-                "options",
-                "chunk_size",
-            },
-        )
+        keyed = self.model_dump(mode="json", include=set(ANSWER_FIELDS))
         keyed["input"] = input_digest
         keyed["schema"] = schema_json
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
@@ -330,6 +326,25 @@ def template_fields(template: str) -> list[str]:
         if name not in names:
             names.append(name)
     return names
+
+
+def _fill_date(template: str, day: str) -> str:
+    """Replace `{date}` and nothing else: no attribute access, indexing, conversions or format specs
+    (str.format would run `{date.__class__}` or grow `{date:>99999999}` to gigabytes)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"output_dir is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from exc
+    pieces = []
+    for literal, name, spec, conversion in parsed:
+        pieces.append(literal)
+        if name is None:
+            continue
+        if name != "date" or spec or conversion:
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"output_dir may only use the {{date}} placeholder, not {field}")
+        pieces.append(day)
+    return "".join(pieces)
 
 
 def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.config import JobSettings
 
@@ -41,6 +44,8 @@ class JobPlan(BaseModel):
     total_rows: int
     input_digest: str
     chunks: list[ChunkSpec]
+    snapshot: Path = Field(description="The validated rows, read once at planning; every chunk reads these.")
+    notes: list[str] = Field(default_factory=list, description="What the input check wants the user to know.")
 
     def shard(self, indices: list[int]) -> JobPlan:
         """The part of the plan one host runs: chunks by index, in the order given."""
@@ -120,6 +125,8 @@ def scan_input(path: Path) -> pl.LazyFrame:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise InputError(f"input {path}: unsupported format '{path.suffix}' (use {', '.join(FORMATS)})")
+    if path.is_dir():
+        raise InputError(f"input {path} is a directory, not a file")
     if not path.is_file():
         raise InputError(f"input {path} does not exist")
     if fmt == "parquet":
@@ -139,6 +146,63 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _ragged_csv_lines(path: Path) -> None:
+    """Every CSV record must have the header's field count. Polars reads a record with extra
+    fields when only some columns are selected and fails on it later, naming no line."""
+    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        bad = []
+        for record in reader:
+            if len(record) != len(header) and record:  # a blank line is no record
+                bad.append(f"line {reader.line_num} has {len(record)} fields")
+                if len(bad) == 3:
+                    break
+    if bad:
+        raise InputError(f"input {path}: the header has {len(header)} fields but {'; '.join(bad)}")
+
+
+def _bad_jsonl_line(path: Path, exc: Exception) -> InputError:
+    """Polars says "character 15" or "line 0"; find the real line (1-based) and what is wrong with it."""
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as err:
+                return InputError(f"input {path}: line {number} is not valid JSON ({err})")
+            if not isinstance(value, dict):
+                return InputError(f"input {path}: line {number} is a JSON {type(value).__name__}, not an object")
+    return InputError(f"input {path} cannot be read: {exc}")
+
+
+def _write_snapshot(settings: JobSettings, scan: pl.LazyFrame, target: Path) -> None:
+    """The columns the prompt needs and the id as text, in input order: the run's pinned copy of the
+    input, so a file replaced or edited during the run cannot mix two inputs into one result."""
+    frame = scan.select(pl.col(settings.id_column).cast(pl.String).alias("__id"), *settings.template_fields)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        frame.sink_parquet(tmp)
+        os.replace(tmp, target)  # shards of one job write the same bytes: whichever lands is right
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def snapshot_path(out: Path, digest: str) -> Path:
+    return out / f"input-{digest}.parquet"
+
+
+def pinned_snapshot(out: Path) -> Path | None:
+    """The snapshot of the run that owns `out` (its job.json names the input digest), if any."""
+    try:
+        digest = json.loads((out / "job.json").read_text(encoding="utf-8")).get("input_digest")
+    except (OSError, ValueError):
+        return None
+    return snapshot_path(out, digest) if digest else None
+
+
 def plan_chunks(total_rows: int, chunk_size: int) -> list[ChunkSpec]:
     return [
         ChunkSpec(index=i, offset=offset, length=min(chunk_size, total_rows - offset))
@@ -147,13 +211,18 @@ def plan_chunks(total_rows: int, chunk_size: int) -> list[ChunkSpec]:
 
 
 def validate_input(settings: JobSettings) -> JobPlan:
-    """Check the input before any request: columns present, ids unique and non-null."""
+    """Check every input row before any request (columns, record shapes, ids), and pin the input:
+    a snapshot of the rows the prompts need goes into the output directory, read by every chunk."""
     path = settings.input_path
     scan = scan_input(path)
     try:
         columns = scan.collect_schema().names()
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputError(f"input {path} cannot be read: {exc}") from exc
+        raise (
+            _bad_jsonl_line(path, exc)
+            if FORMATS[path.suffix.lower()] == "ndjson"
+            else InputError(f"input {path} cannot be read: {exc}")
+        ) from exc
     if settings.id_column not in columns:
         raise InputError(f"input {path}: id column '{settings.id_column}' not found (columns: {', '.join(columns)})")
     missing = [f for f in settings.template_fields if f not in columns]
@@ -162,11 +231,23 @@ def validate_input(settings: JobSettings) -> JobPlan:
             f"input {path}: prompt_template uses {', '.join(repr(m) for m in missing)} "
             f"which {'is not a column' if len(missing) == 1 else 'are not columns'} (columns: {', '.join(columns)})"
         )
-    try:
-        ids = scan.select(pl.col(settings.id_column).cast(pl.String)).with_row_index("row").collect()
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputError(f"input {path} cannot be read: {exc}") from exc
+    fmt = FORMATS[path.suffix.lower()]
+    if fmt == "csv":
+        _ragged_csv_lines(path)
+    digest = file_digest(path)
+    snapshot = snapshot_path(settings.output_dir, digest)
+    if not snapshot.is_file():
+        try:
+            _write_snapshot(settings, scan, snapshot)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise (
+                _bad_jsonl_line(path, exc) if fmt == "ndjson" else InputError(f"input {path} cannot be read: {exc}")
+            ) from exc
+        if file_digest(path) != digest:
+            snapshot.unlink(missing_ok=True)
+            raise InputError(f"input {path} changed while it was being read; start the job once it is complete")
     col = settings.id_column
+    ids = pl.scan_parquet(snapshot).select(pl.col("__id").alias(col)).with_row_index("row").collect()
     nulls = ids.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
     if nulls.height:
         rows = ", ".join(str(r) for r in nulls["row"].head(5).to_list())
@@ -180,17 +261,30 @@ def validate_input(settings: JobSettings) -> JobPlan:
         raise InputError(f"input {path}: duplicate ids in '{col}': {shown}")
     if ids.height == 0:
         raise InputError(f"input {path} has no rows")
+    notes = []
+    dtype = scan.collect_schema()[col]
+    if dtype != pl.String:
+        example = ids[col][0]
+        notes.append(
+            f"id column '{col}' holds {dtype} values; they are written as text (the first is '{example}')"
+            + ("; use integer or text ids if '.0' is not wanted" if dtype.is_float() else "")
+        )
     return JobPlan(
         total_rows=ids.height,
-        input_digest=file_digest(path),
+        input_digest=digest,
         chunks=plan_chunks(ids.height, settings.chunk_size),
+        snapshot=snapshot,
+        notes=notes,
     )
 
 
 def _text(value: Any) -> str | None:
     if value is None:
         return None
-    text = value if isinstance(value, str) else str(value)
+    if isinstance(value, list | dict):  # a list or struct column: JSON, not Python's repr
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    else:
+        text = value if isinstance(value, str) else str(value)
     return text if text.strip() else None
 
 
@@ -199,6 +293,7 @@ def prepare_chunk(
     chunk: ChunkSpec,
     skip: set[int] | frozenset[int] = frozenset(),
     count_tokens: TokenCounter | None = None,
+    snapshot: Path | None = None,
 ) -> list[PreparedRow]:
     """Read one chunk's rows (only the columns the prompt needs) and render their messages.
 
@@ -207,13 +302,13 @@ def prepare_chunk(
     sent; they become error rows.
     """
     fields = settings.template_fields
-    frame = (
-        scan_input(settings.input_path)
-        .with_row_index("__row")
-        .slice(chunk.offset, chunk.length)
-        .select("__row", pl.col(settings.id_column).cast(pl.String).alias("__id"), *fields)
-        .collect()
-    )
+    snapshot = snapshot or pinned_snapshot(settings.output_dir) or validate_input(settings).snapshot
+    try:
+        frame = pl.scan_parquet(snapshot).with_row_index("__row").slice(chunk.offset, chunk.length).collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputError(f"the input snapshot {snapshot} cannot be read ({exc}): delete it and rerun") from exc
+    if frame.height != chunk.length:
+        raise InputError(f"the input snapshot {snapshot} has no rows {chunk.offset}..{chunk.offset + chunk.length - 1}")
     prepared = []
     for record in frame.iter_rows(named=True):
         row_index = record["__row"]

@@ -424,10 +424,15 @@ async def _run_chunk_async(
     await backend.open()
     run = _ChunkRun(settings, backend, chunk, writer, output_model, on_progress)
     try:
-        try:
-            await backend.check()
-        except BackendError as err:
-            raise ChunkAborted(str(err), retryable=err.action == "unreachable") from err
+        while True:  # an outage that began at the hand-over gets the same budget as one mid-chunk
+            try:
+                await backend.check()
+                break
+            except BackendError as err:
+                if err.action != "unreachable":
+                    raise ChunkAborted(str(err), retryable=False) from err
+                await run._wait_for_backend(err)  # raises ChunkAborted once outage_budget_s is spent
+        run.unreachable_since = None
         await run.run(rows)
     finally:
         await backend.close()

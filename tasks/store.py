@@ -2,10 +2,17 @@
 
 Layout of an output directory:
     job.json                       fingerprint of the configuration that owns the directory
+    input-<digest>.parquet         the validated input rows, read once at planning; every chunk reads it
     .lock                          flock held by the running job
     chunks/chunk-00007.parquet     a finished chunk (all its rows, sorted by row_index)
     chunks/chunk-00007.part-00002.parquet   checkpointed rows of a chunk still running
     chunks/chunk-00007.journal-00003.jsonl  rows finished since the last checkpoint, one line each
+    chunks/finished.jsonl          one line per chunk file written, so a deleted one is noticed
+    set-aside/                     chunk, part and journal files a rerun could not use, kept for a look
+
+Every chunk, part and journal file records the configuration fingerprint it was made under
+(Parquet key-value metadata, a journal's first line): a file of another configuration is set
+aside, never published.
     results.parquet                every input row once, in input order (written last)
     manifest.json                  counts, timings, versions
 """
@@ -19,11 +26,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from tasks.dataset import ChunkSpec
 from tasks.schema import ResultRow, rows_to_frame
@@ -55,8 +63,25 @@ def write_atomic(path: Path, write: Any) -> None:
     _fsync_dir(path.parent)
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
-    write_atomic(path, frame.write_parquet)
+def write_parquet_atomic(frame: pl.DataFrame, path: Path, fingerprint: str | None = None) -> None:
+    metadata = {FINGERPRINT_KEY: fingerprint} if fingerprint else None
+    write_atomic(path, lambda tmp: frame.write_parquet(tmp, metadata=metadata))
+
+
+FINGERPRINT_KEY = "batch_inference_fingerprint"
+
+
+def owner_fingerprint(out: Path) -> str | None:
+    """The fingerprint in job.json: the configuration whose results this directory holds."""
+    try:
+        return json.loads((out / "job.json").read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def file_fingerprint(path: Path) -> str | None:
+    """The fingerprint a chunk or part file was written under (None: written before files had one)."""
+    return (pq.read_metadata(path).metadata or {}).get(FINGERPRINT_KEY.encode(), b"").decode() or None
 
 
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:
@@ -80,16 +105,30 @@ def _seq(path: Path) -> int:
     return int(path.name.split("-")[-1].split(".")[0])
 
 
-def _journal_rows(path: Path) -> list[ResultRow]:
-    """Rows of a journal segment; a line cut short by a kill is skipped (that row is redone)."""
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
+class JournalRead(NamedTuple):
+    rows: list[ResultRow]
+    skipped: int  # lines cut by a kill or damaged on disk: those rows are sent again
+    fingerprint: str | None
+
+
+def read_journal(path: Path) -> JournalRead:
+    """Rows of a journal segment. Each line is decoded on its own, so a line cut inside a multi-byte
+    character, or any damaged line, costs that row only (it is redone), never the segment."""
+    rows, skipped, fingerprint = [], 0, None
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle):
             try:
+                if number == 0 and line.startswith(b'{"journal_fingerprint"'):
+                    fingerprint = json.loads(line)["journal_fingerprint"]
+                    continue
                 rows.append(ResultRow.model_validate_json(line))
-            except ValueError:
-                continue
-    return rows
+            except ValueError:  # UnicodeDecodeError and pydantic's ValidationError are ValueErrors
+                skipped += 1
+    return JournalRead(rows, skipped, fingerprint)
+
+
+def _journal_rows(path: Path) -> list[ResultRow]:
+    return read_journal(path).rows
 
 
 def finished_rows(out: Path, chunk: ChunkSpec) -> set[int]:
@@ -132,6 +171,7 @@ class ChunkWriter:
         self._buffer: list[ResultRow] = []
         self._last_flush = time.monotonic()
         self._sync_lock = threading.Lock()  # sync() runs in a thread; rotation must not close under it
+        self.fingerprint = owner_fingerprint(out)  # written into every file, so none is taken for another job's
         (out / "chunks").mkdir(parents=True, exist_ok=True)
         self._recover()
         existing = part_paths(out, chunk)
@@ -151,7 +191,11 @@ class ChunkWriter:
 
     def _open_journal(self) -> Any:
         self._segment_synced = False
-        return self._journal_path(self._seq).open("a", encoding="utf-8")
+        handle = self._journal_path(self._seq).open("a", encoding="utf-8")
+        if self.fingerprint and handle.tell() == 0:
+            handle.write(json.dumps({"journal_fingerprint": self.fingerprint}) + "\n")
+            handle.flush()
+        return handle
 
     def sync(self) -> None:
         """Flush the journal to the disk (fdatasync): rows journaled so far survive a machine crash."""
@@ -188,7 +232,7 @@ class ChunkWriter:
 
     def _write_rows(self, rows: list[ResultRow], seq: int) -> None:
         path = self.out / "chunks" / f"{self.chunk.name}.part-{seq:05d}.parquet"
-        write_parquet_atomic(rows_to_frame(rows, self.parsed_columns), path)
+        write_parquet_atomic(rows_to_frame(rows, self.parsed_columns), path, self.fingerprint)
 
     def write_part(self, rows: list[ResultRow], seq: int) -> None:
         """Checkpoint: the rows of journal segment `seq` become part `seq`, then the segment goes."""
@@ -215,7 +259,9 @@ class ChunkWriter:
             missing = sorted(set(expected) - set(got))[:5]
             dupes = frame.filter(pl.col("row_index").is_duplicated())["row_index"].unique().to_list()[:5] if got else []
             raise RuntimeError(f"{self.chunk.name}: rows do not match the plan (missing {missing}, duplicated {dupes})")
-        write_parquet_atomic(frame, chunk_path(self.out, self.chunk))
+        write_parquet_atomic(frame, chunk_path(self.out, self.chunk), self.fingerprint)
+        with (self.out / "chunks" / "finished.jsonl").open("a", encoding="utf-8") as ledger:
+            ledger.write(json.dumps({"chunk": self.chunk.index, "rows": frame.height}) + "\n")
         for part in parts:  # the chunk file now holds them; a crash here leaves parts that resume ignores
             part.unlink()
         return frame
@@ -234,6 +280,10 @@ def consolidate(out: Path, chunks: list[ChunkSpec], total_rows: int) -> Path:
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise RuntimeError(f"cannot consolidate: {len(missing)} chunk file(s) missing, first {missing[0]}")
+    fingerprint = owner_fingerprint(out)
+    foreign = [p.name for p in paths if (f := file_fingerprint(p)) is not None and f != fingerprint]
+    if foreign:  # the start-of-run check sets these aside; one appearing since is never published
+        raise RuntimeError(f"cannot consolidate: {', '.join(foreign[:3])} made under another configuration")
     target = out / "results.parquet"
     # Streaming sink: the results never sit in memory whole, however many rows the job has.
     write_atomic(target, lambda tmp: pl.scan_parquet(paths).sink_parquet(tmp))
@@ -261,15 +311,31 @@ def _flock(path: Path, what: str) -> Any:
     return handle
 
 
+def _difference(previous: dict[str, Any], record: dict[str, Any]) -> str:
+    """What makes the owner of the directory another configuration, in words."""
+    from tasks.config import ANSWER_FIELDS
+
+    old, new = previous.get("settings", {}), record.get("settings", {})
+    changed = sorted(k for k in ANSWER_FIELDS if old.get(k) != new.get(k))
+    if changed:
+        return f"a different job configuration ({', '.join(changed)} changed)"
+    if previous.get("input_digest") and previous["input_digest"] != record.get("input_digest"):
+        return (
+            f"a different input: {new.get('input_path')} changed since this directory was started "
+            f"(digest {previous['input_digest']} then, {record.get('input_digest')} now)"
+        )
+    return "a different job configuration (the output schema's contents changed)"
+
+
 def _check_job_record(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> None:
     record_path = out / "job.json"
     if record_path.exists():
         previous = json.loads(record_path.read_text(encoding="utf-8"))
         if previous.get("fingerprint") != fingerprint:
+            what = _difference(previous, job_record) if job_record else "a different job configuration"
             raise OutputDirError(
-                f"output_dir {out} holds results of a different job configuration "
-                f"(fingerprint {previous.get('fingerprint')}, this job {fingerprint}); "
-                "use another output_dir, or delete this one to start over"
+                f"output_dir {out} holds results of {what} (fingerprint {previous.get('fingerprint')}, "
+                f"this job {fingerprint}); use another output_dir, or delete this one to start over"
             )
     elif job_record is None:
         raise OutputDirError(f"output_dir {out} has no job.json: a shard runs only inside its parent's directory")
@@ -306,6 +372,74 @@ def claim_chunk(out: Path, chunk: ChunkSpec) -> Iterator[None]:
     finally:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
+
+
+def _set_aside(out: Path, path: Path, why: str, rows: str) -> str:
+    """Move a file a rerun cannot use out of the way (kept for a look); say what happens to its rows."""
+    target = out / "set-aside" / path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    return f"{path.name} {why}: moved to {target.relative_to(out)}; {rows} sent again"
+
+
+def _chunk_file_problem(path: Path, chunk: ChunkSpec, fingerprint: str | None) -> str | None:
+    try:
+        made_under = file_fingerprint(path)
+        got = pl.read_parquet(path)["row_index"].to_list()  # the whole file: a damaged page fails here
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        return f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    if made_under is not None and made_under != fingerprint:
+        return f"was made under another configuration (fingerprint {made_under}, this job {fingerprint})"
+    if path.name.endswith(f"{chunk.name}.parquet") and got != list(range(chunk.offset, chunk.offset + chunk.length)):
+        return "does not hold the chunk's rows"
+    return None
+
+
+def check_chunk_files(out: Path, chunks: list[ChunkSpec]) -> list[str]:
+    """Before a run: read what earlier runs left, set aside what cannot be used, say what is redone.
+
+    A damaged or foreign chunk or part file is moved to set-aside/ (its rows are sent again); a
+    journal's torn or undecodable lines are counted (those rows are sent again); a chunk file an
+    earlier run finished but that is gone is named. Returns one line per finding.
+    """
+    fingerprint = owner_fingerprint(out)
+    said = []
+    ledger = out / "chunks" / "finished.jsonl"
+    finished: set[int] = set()
+    if ledger.exists():
+        for line in ledger.read_bytes().splitlines():
+            with suppress(ValueError, KeyError, TypeError):
+                finished.add(int(json.loads(line)["chunk"]))
+    redo: set[int] = set()  # finished once, to be done again: off the ledger, so it is said once
+    for chunk in chunks:
+        done = chunk_path(out, chunk)
+        if done.exists():
+            if problem := _chunk_file_problem(done, chunk, fingerprint):
+                said.append(_set_aside(out, done, problem, f"its {chunk.length} rows are"))
+                redo.add(chunk.index)
+            continue
+        if chunk.index in finished:
+            said.append(
+                f"{done.name} was written by an earlier run but is gone: its {chunk.length} rows are sent again"
+            )
+            redo.add(chunk.index)
+        for part in part_paths(out, chunk):
+            if problem := _chunk_file_problem(part, chunk, fingerprint):
+                said.append(_set_aside(out, part, problem, "its rows are"))
+        for journal in journal_paths(out, chunk):
+            read = read_journal(journal)
+            if read.fingerprint is not None and read.fingerprint != fingerprint:
+                problem = f"was made under another configuration (fingerprint {read.fingerprint})"
+                said.append(_set_aside(out, journal, problem, f"its {len(read.rows)} rows are"))
+            elif read.skipped:
+                said.append(
+                    f"{journal.name}: {read.skipped} torn or unreadable line(s) skipped, "
+                    f"{len(read.rows)} row(s) kept; the skipped rows are sent again"
+                )
+    if redo & finished:
+        lines = [json.dumps({"chunk": i}) for i in sorted(finished - redo)]
+        write_atomic(ledger, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8"))
+    return said
 
 
 def counts(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:

@@ -87,3 +87,13 @@ def test_output_dir_takes_the_run_date() -> None:
     assert str(settings.for_run_date(date(2026, 11, 26)).output_dir) == "out/nightly/2026-11-26"
     with pytest.raises(SettingsError, match="output_dir may only use the {date} placeholder"):
         load_settings(None, {**BASE, "output_dir": "out/{night}"})
+    # A rerun on a later day names the night it finishes; run_date does not change the answers.
+    later = load_settings(None, {**BASE, "output_dir": "out/nightly/{date}", "run_date": "2026-11-26"})
+    assert later.run_date == date(2026, 11, 26)
+    assert later.answer_fingerprint("d", None) == settings.answer_fingerprint("d", None)
+
+
+@pytest.mark.parametrize("bad", ["out/{date.__class__.__mro__}", "out/{date:>99999999}", "out/{date!r}", "out/{when}"])
+def test_output_dir_expands_only_date(bad: str) -> None:
+    with pytest.raises(SettingsError, match=r"output_dir may only use the \{date\} placeholder, not \{"):
+        load_settings(None, {"input_path": "in.csv", "prompt_template": "{text}", "output_dir": bad})

@@ -14,7 +14,13 @@ from tests.conftest import make_rows, write_input
 
 def settings_for(path: Path, **extra: object):
     return load_settings(
-        None, {"input_path": str(path), "prompt_template": "Role: {role} / {text}", "output_dir": "out", **extra}
+        None,
+        {
+            "input_path": str(path),
+            "prompt_template": "Role: {role} / {text}",
+            "output_dir": str(path.parent / "out"),
+            **extra,
+        },
     )
 
 
@@ -119,3 +125,53 @@ def test_trim_field_cuts_the_long_field_to_fit_the_context(tmp_path: Path) -> No
 def test_trim_field_must_be_a_template_field(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="trim_field 'notes' is not a field of prompt_template"):
         settings_for(tmp_path / "in.parquet", trim_field="notes")
+
+
+def test_a_ragged_csv_is_refused_with_its_line(tmp_path: Path) -> None:
+    lines = ["id,role,text"] + [f"{i},x,t{i}" for i in range(3000)]
+    lines[2802] += ",extra"  # line 2803 of the file: the header is line 1
+    path = tmp_path / "in.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"in.csv: the header has 3 fields but line 2803 has 4 fields"):
+        validate_input(settings_for(path))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_malformed_jsonl_names_the_real_line(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "role": "x", "text": "ok"}\n\n{"id": "b", "role": "x", "text": "cut\n')
+    with pytest.raises(InputError, match=r"in.jsonl: line 3 is not valid JSON"):
+        validate_input(settings_for(path))
+    path.write_text('{"id": "a", "role": "x", "text": "ok"}\n["id", "b"]\n')
+    with pytest.raises(InputError, match=r"line 2 is a JSON list, not an object"):
+        validate_input(settings_for(path))
+
+
+def test_a_directory_as_input_is_named_so(tmp_path: Path) -> None:
+    (tmp_path / "in.csv").mkdir()
+    with pytest.raises(InputError, match="is a directory, not a file"):
+        validate_input(settings_for(tmp_path / "in.csv"))
+
+
+def test_id_coercions_are_stated_and_lists_render_as_json(tmp_path: Path) -> None:
+    frame = pl.DataFrame({"id": [0.0, 1.0], "role": [["a", "b"], ["c"]], "text": ["t", "u"]})
+    path = write_input(tmp_path / "in.parquet", frame)
+    settings = settings_for(path)
+    plan = validate_input(settings)
+    assert plan.notes == [
+        "id column 'id' holds Float64 values; they are written as text (the first is '0.0'); "
+        "use integer or text ids if '.0' is not wanted"
+    ]
+    first = prepare_chunk(settings, plan.chunks[0])[0]
+    assert first.id == "0.0" and first.messages[0]["content"] == 'Role: ["a", "b"] / t'
+
+
+def test_chunks_read_the_snapshot_not_the_replaced_file(tmp_path: Path) -> None:
+    """The input pinned at planning: a file replaced afterwards changes nothing a chunk reads."""
+    path = write_input(tmp_path / "in.csv", make_rows(10))
+    settings = settings_for(path, chunk_size=5)
+    plan = validate_input(settings)
+    write_input(path, make_rows(11, start=100))  # replaced while the run goes on
+    rows = prepare_chunk(settings, plan.chunks[1], snapshot=plan.snapshot)
+    assert [r.id for r in rows] == [f"r{i:05d}" for i in range(5, 10)]
+    assert validate_input(settings).input_digest != plan.input_digest  # a rerun sees the change

@@ -236,7 +236,14 @@ def test_row_values_never_become_paths(job: Any, emulator: OllamaEmulator, tmp_p
     run_chunk(settings, validate_input(settings).chunks[0])
     written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     # names come from chunk indices only
-    assert written == {"input.parquet", "out/chunks/chunk-00000.parquet", "out/.locks/chunk-00000.lock"}
+    snapshot = validate_input(settings).snapshot.relative_to(tmp_path).as_posix()  # named by the input's digest
+    assert written == {
+        "input.parquet",
+        snapshot,
+        "out/chunks/chunk-00000.parquet",
+        "out/chunks/finished.jsonl",
+        "out/.locks/chunk-00000.lock",
+    }
     rows = pl.read_parquet(tmp_path / "out" / "chunks" / "chunk-00000.parquet")
     assert rows["id"].to_list() == ["../../escape", "/etc/passwd"]
 

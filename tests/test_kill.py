@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,14 +16,14 @@ import polars as pl
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_API_URL
 
 from flows.batch_inference import batch_inference
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import ChunkSpec, validate_input
-from tasks.gpu_slot import GpuSlotTimeout
+from tasks.gpu_slot import GpuSlotTimeout, ensure_gpu_limit, gpu_slot
 from tasks.store import chunk_path, finished_rows
 from tests.ollama_emulator import OllamaEmulator
 
@@ -32,17 +33,43 @@ CONTENT = ["row_index", "id", "chunk", "status", "attempts", "response", "prompt
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_flow(job_file: Path, log: Path) -> subprocess.Popen[bytes]:
-    """The real CLI in its own process, talking to this session's Prefect API."""
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONUNBUFFERED": "1"}
-    with log.open("wb") as handle:
+def start_flow(job_file: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """The real CLI in its own process group, talking to this session's Prefect API (or, with
+    `env`, to whatever that environment says: no API URL means a temporary server of its own)."""
+    if env is None:
+        env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    with log.open("ab") as handle:
         return subprocess.Popen(
             [sys.executable, "-m", "flows.batch_inference", "--config", str(job_file)],
             cwd=ROOT,
-            env=env,
+            env={**env, "PYTHONUNBUFFERED": "1"},
             stdout=handle,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # like `setsid`: the kill below takes a temporary server with it
         )
+
+
+def kill_when(proc: subprocess.Popen[bytes], log: Path, ready: Any, limit_s: float = 180) -> None:
+    """SIGKILL the run's whole process group once `ready()` holds."""
+    deadline = time.monotonic() + limit_s
+    while not ready():
+        assert proc.poll() is None, f"the flow ended before it could be killed:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no progress:\n{log.read_text()[-3000:]}"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def rerun(job_file: Path, log: Path, env: dict[str, str] | None = None, limit_s: float = 60) -> float:
+    """The CLI again, to the end; returns its wall time. A rerun that waits past `limit_s` fails."""
+    started = time.monotonic()
+    proc = start_flow(job_file, log, env)
+    try:
+        assert proc.wait(timeout=limit_s) == 0, log.read_text()[-4000:]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the rerun was still waiting after {limit_s:.0f}s:\n{log.read_text()[-4000:]}") from None
+    return time.monotonic() - started
 
 
 def answered(emulator: OllamaEmulator) -> Counter[str]:
@@ -72,22 +99,17 @@ def test_sigkill_mid_chunk_then_rerun_equals_an_uninterrupted_run(
 
     log = tmp_path / "flow.log"
     proc = start_flow(job_file, log)
-    deadline = time.monotonic() + 120
-    while sum(len(finished_rows(parsed.output_dir, c)) for c in chunks) < 24:  # chunk 1 half done
-        assert proc.poll() is None, f"the flow ended before it could be killed:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, log, lambda: sum(len(finished_rows(parsed.output_dir, c)) for c in chunks) >= 24)  # chunk 1 half
     kept = sum(len(finished_rows(parsed.output_dir, c)) for c in chunks)
     assert 24 <= kept < 48 and not (parsed.output_dir / "results.parquet").exists()
 
-    # The killed run still holds the GPU slot until its 60 s lease runs out; the documented
-    # recovery frees it at once (`prefect gcl update NAME --active-slots 0`).
+    # The killed run still holds the GPU slot (its lease has 60 s to run); the rerun sees that the
+    # holder's process is gone, frees the slot by its lease and says so, instead of waiting.
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(limit).active_slots == 1
-        client.update_global_concurrency_limit(limit, GlobalConcurrencyLimitUpdate(active_slots=0))
-    batch_inference(job_file=str(job_file))  # same lock file, same directory: the kill left no stale lock
+    rerun_log = tmp_path / "rerun.log"
+    assert rerun(job_file, rerun_log, limit_s=45) < 45
+    assert "freed the slot of a killed run" in rerun_log.read_text()
     ours = pl.read_parquet(parsed.output_dir / "results.parquet").select(CONTENT)
     assert ours.equals(pl.read_parquet(tmp_path / "reference" / "results.parquet").select(CONTENT))
     sent = answered(emulator)
@@ -106,17 +128,10 @@ def test_sigkill_at_a_chunk_boundary_then_rerun(job: Any, emulator: OllamaEmulat
     job_file, parsed, chunks = reference_then_job_file(settings, emulator, tmp_path)
     target = chunks[0] if point == "between chunks" else chunks[-1]
 
-    proc = start_flow(job_file, tmp_path / "flow.log")
-    deadline = time.monotonic() + 120
-    while not chunk_path(parsed.output_dir, target).exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "flow.log").read_text()[-3000:]
-        time.sleep(0.001)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    with get_client(sync_client=True) as client:  # the documented recovery of the killed run's slot
-        client.update_global_concurrency_limit(limit, GlobalConcurrencyLimitUpdate(active_slots=0))
+    log = tmp_path / "flow.log"
+    kill_when(start_flow(job_file, log), log, lambda: chunk_path(parsed.output_dir, target).exists())
     before = sum(answered(emulator).values())
-    batch_inference(job_file=str(job_file))
+    rerun(job_file, tmp_path / "rerun.log", limit_s=45)  # the killed run's slot is freed, not waited for
     ours = pl.read_parquet(parsed.output_dir / "results.parquet").select(CONTENT)
     assert ours.equals(pl.read_parquet(tmp_path / "reference" / "results.parquet").select(CONTENT))
     sent = answered(emulator)
@@ -147,3 +162,58 @@ def test_a_held_gpu_slot_times_out_with_the_recovery_in_the_message(job: Any, em
     ):
         batch_inference(overrides=settings)
     assert not [r for r in emulator.requests if r.path == "/api/chat"]
+
+
+def test_sigkill_on_a_temporary_server_then_rerun_frees_the_slot(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
+    """No API URL: each run starts its own Prefect server on the database in PREFECT_HOME, and a
+    kill takes the server (and the lease it kept in memory) down with it, leaving the slot taken."""
+    emulator.latency_s = 0.05
+    settings = job(48, chunk_size=16, in_flight=4)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(settings))
+    parsed = load_settings(job_file)
+    chunks = validate_input(parsed).chunks
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    log = tmp_path / "flow.log"
+    kill_when(start_flow(job_file, log, env), log, lambda: len(finished_rows(parsed.output_dir, chunks[1])) >= 4)
+    rerun_log = tmp_path / "rerun.log"
+    rerun(job_file, rerun_log, env, limit_s=60)
+    said = rerun_log.read_text()
+    assert "left taken by a run killed with its temporary Prefect server" in said, said[-3000:]
+    results = pl.read_parquet(parsed.output_dir / "results.parquet")
+    assert results["row_index"].to_list() == list(range(48))
+
+
+def test_a_waiting_run_names_the_live_holder(job: Any, emulator: OllamaEmulator) -> None:
+    """A slot held by a live run is waited for, with who holds it, and never taken away."""
+    limit = f"gpu-live-{os.getpid()}"
+    ensure_gpu_limit(limit)
+    said: list[str] = []
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with gpu_slot(limit, 5, say=said.append, about={"chunk": "chunk-00042", "output_dir": "out/x"}):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(30)
+    try:
+        with (
+            pytest.raises(
+                GpuSlotTimeout,
+                match=r"not free after 2s: 1 of 1 slot\(s\) taken: pid \d+ .*\(running\), chunk-00042 of out/x",
+            ),
+            gpu_slot(limit, 2, say=said.append),
+        ):
+            pass
+    finally:
+        release.set()
+        holder.join()
+    assert any(s.startswith(f"waiting for GPU slot '{limit}'") and "chunk-00042" in s for s in said), said
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0

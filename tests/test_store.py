@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,11 +15,14 @@ from tasks.schema import ResultRow
 from tasks.store import (
     ChunkWriter,
     OutputDirError,
+    check_chunk_files,
     chunk_path,
     claim_output_dir,
     clean_finished_parts,
     consolidate,
+    file_fingerprint,
     finished_rows,
+    journal_paths,
     part_paths,
 )
 
@@ -152,4 +156,101 @@ def test_a_killed_writer_loses_no_finished_row(tmp_path: Path) -> None:
     resumed.add(row(13, 2))
     frame = resumed.finish()
     assert frame["row_index"].to_list() == [10, 11, 12, 13]
-    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["chunk-00002.parquet"]
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["chunk-00002.parquet", "finished.jsonl"]
+
+
+def _owned(out: Path, fingerprint: str = "fp-1") -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    return out
+
+
+def _finished_chunk(out: Path, chunk: ChunkSpec) -> None:
+    writer = ChunkWriter(out, chunk, {}, checkpoint_rows=100, checkpoint_every_s=3600)
+    for i in range(chunk.offset, chunk.offset + chunk.length):
+        writer.add(row(i, chunk.index))
+    writer.finish()
+
+
+def test_a_journal_line_cut_inside_a_utf8_character_is_skipped_and_counted(tmp_path: Path) -> None:
+    out = _owned(tmp_path)
+    chunk = ChunkSpec(index=0, offset=0, length=3)
+    writer = ChunkWriter(out, chunk, {}, checkpoint_rows=1000, checkpoint_every_s=3600)
+    writer.add(row(0))
+    writer.close()
+    journal = journal_paths(out, chunk)[0]
+    cut = row(1).model_copy(update={"response": "café ✓"}).model_dump_json().encode()
+    with journal.open("ab") as handle:
+        handle.write(cut[: cut.index("✓".encode()) + 1])  # the kill landed inside the 3-byte character
+    assert finished_rows(out, chunk) == {0}
+    assert check_chunk_files(out, [chunk]) == [
+        "chunk-00000.journal-00000.jsonl: 1 torn or unreadable line(s) skipped, 1 row(s) kept; "
+        "the skipped rows are sent again"
+    ]
+    resumed = ChunkWriter(out, chunk, {}, checkpoint_rows=1000, checkpoint_every_s=3600)
+    resumed.add(row(1))
+    resumed.add(row(2))
+    assert resumed.finish()["row_index"].to_list() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_chunk_or_part_file_is_named_and_set_aside(tmp_path: Path, damage: str) -> None:
+    out = _owned(tmp_path)
+    chunks = [ChunkSpec(index=0, offset=0, length=2), ChunkSpec(index=1, offset=2, length=2)]
+    _finished_chunk(out, chunks[0])
+    writer = ChunkWriter(out, chunks[1], {}, checkpoint_rows=1, checkpoint_every_s=3600)
+    writer.add(row(2, 1))
+    writer.write_part(*writer.take())
+    writer.close()
+    for path in (chunk_path(out, chunks[0]), part_paths(out, chunks[1])[0]):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"x" * len(data))
+    said = check_chunk_files(out, chunks)
+    assert said[0].startswith("chunk-00000.parquet cannot be read (")
+    assert said[0].endswith("moved to set-aside/chunk-00000.parquet; its 2 rows are sent again")
+    assert said[1].startswith("chunk-00001.part-00000.parquet cannot be read (")
+    assert not chunk_path(out, chunks[0]).exists() and (out / "set-aside" / "chunk-00000.parquet").exists()
+    assert finished_rows(out, chunks[0]) == set() and finished_rows(out, chunks[1]) == set()
+    assert check_chunk_files(out, chunks) == []  # set aside once, not reported again
+
+
+def test_a_deleted_chunk_file_is_named(tmp_path: Path) -> None:
+    out = _owned(tmp_path)
+    chunk = ChunkSpec(index=0, offset=0, length=2)
+    _finished_chunk(out, chunk)
+    assert check_chunk_files(out, [chunk]) == []
+    chunk_path(out, chunk).unlink()
+    assert check_chunk_files(out, [chunk]) == [
+        "chunk-00000.parquet was written by an earlier run but is gone: its 2 rows are sent again"
+    ]
+
+
+def test_a_chunk_of_another_configuration_is_never_published(tmp_path: Path) -> None:
+    out = _owned(tmp_path, "fp-old")
+    chunks = [ChunkSpec(index=0, offset=0, length=2)]
+    _finished_chunk(out, chunks[0])
+    assert file_fingerprint(chunk_path(out, chunks[0])) == "fp-old"
+    _owned(out, "fp-new")  # job.json deleted, another job claimed the directory
+    with pytest.raises(RuntimeError, match="chunk-00000.parquet made under another configuration"):
+        consolidate(out, chunks, 2)
+    said = check_chunk_files(out, chunks)
+    assert said == [
+        "chunk-00000.parquet was made under another configuration (fingerprint fp-old, this job fp-new): "
+        "moved to set-aside/chunk-00000.parquet; its 2 rows are sent again"
+    ]
+
+
+def test_refusal_says_when_only_the_input_changed(tmp_path: Path) -> None:
+    settings = {"prompt_template": "{text}", "model": "m", "input_path": "in.csv"}
+    with claim_output_dir(tmp_path, "fp-1", {"settings": settings, "input_digest": "aaaa"}):
+        pass
+    with (
+        pytest.raises(OutputDirError, match=r"a different input: in.csv changed since .*digest aaaa then, bbbb now"),
+        claim_output_dir(tmp_path, "fp-2", {"settings": settings, "input_digest": "bbbb"}),
+    ):
+        pass
+    with (
+        pytest.raises(OutputDirError, match=r"a different job configuration \(model changed\)"),
+        claim_output_dir(tmp_path, "fp-3", {"settings": {**settings, "model": "n"}, "input_digest": "aaaa"}),
+    ):
+        pass
