@@ -22,13 +22,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from tasks.backends import BackendError, make_backend
+from tasks.chunk import ChunkAborted, finished_chunk_stats, run_chunk
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.dispatch import Dispatcher, LaneFailed
 from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
-from tasks.inference import ChunkAborted, ChunkStats, finished_chunk_stats, run_chunk
 from tasks.report import RunReporter
-from tasks.schema import load_output_model, output_columns
+from tasks.schema import ChunkStats, load_output_model, output_columns
 from tasks.store import (
     build_manifest,
     claim_output_dir,
@@ -97,7 +97,7 @@ def run_chunk_task(settings: JobSettings, chunk: ChunkSpec, reporter: RunReporte
     """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed."""
     with gpu_slot(settings.gpu_limit, settings.slot_timeout_s):
         reporter.chunk_started(chunk)
-        return run_chunk(settings, chunk, on_progress=partial(reporter.progress, chunk.index))
+        return run_chunk(settings, chunk, make_backend(settings), on_progress=partial(reporter.progress, chunk.index))
 
 
 class Job(NamedTuple):

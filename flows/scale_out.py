@@ -28,10 +28,10 @@ from prefect.states import Cancelled, State
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.batch_inference import parse_overrides, prepare_job
+from tasks.chunk import finished_chunk_stats
 from tasks.config import merge_overrides
 from tasks.dataset import ChunkSpec
 from tasks.dispatch import Dispatcher, LaneFailed
-from tasks.inference import finished_chunk_stats
 from tasks.report import publish_scale_out_report
 from tasks.store import build_manifest, claim_output_dir, consolidate, read_shard_manifests, write_json_atomic
 

@@ -26,7 +26,7 @@ from tasks.bottleneck import RunEvidence, TelemetrySummary, Verdict, eta_hours, 
 from tasks.charts import sparkline, timeline_png
 from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, JobPlan
-from tasks.inference import ChunkStats
+from tasks.schema import ChunkStats
 from tasks.store import error_kinds, write_atomic, write_parquet_atomic
 from tasks.telemetry import Sampler, summarize
 

@@ -59,6 +59,33 @@ class ResultRow(BaseModel):
     parsed: dict[str, Any] | None = Field(None, description="Validated structured output, flattened into columns.")
 
 
+class ChunkStats(BaseModel):
+    """What one chunk did in this run; the flow joins it with telemetry for the report."""
+
+    index: int
+    rows: int = Field(description="Rows in the chunk.")
+    endpoint: str | None = Field(None, description="Where the chunk ran: an Ollama URL or 'embedded'.")
+    resumed_rows: int = Field(0, description="Rows already on disk from an earlier run, not sent again.")
+    sent_rows: int = Field(0, description="Rows processed in this run.")
+    ok: int = 0
+    errors: int = 0
+    requests: int = Field(0, description="Requests sent, retries included.")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    in_flight: int = Field(1, description="Requests kept in flight (what 'auto' chose, if it ran).")
+    num_ctx: int | None = Field(None, description="options.num_ctx in force at the end (lowered by persistent OOM).")
+    calibration: dict[int, float] | None = Field(None, description="'auto' measurements: level -> throughput.")
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    events: list[str] = Field(default_factory=list, description="Recoveries and back-offs, with times.")
+
+    @property
+    def seconds(self) -> float:
+        return max(self.finished_at - self.started_at, 1e-9)
+
+
 RESULT_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "row_index": pl.Int64,
     "id": pl.String,

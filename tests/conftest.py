@@ -48,9 +48,8 @@ def write_input(path: Path, frame: pl.DataFrame) -> Path:
     return path
 
 
-@pytest.fixture
-def job(tmp_path: Path, emulator: OllamaEmulator) -> Any:
-    """Build job settings overrides for an emulator-backed job over `n` generated rows."""
+def job_builder(tmp_path: Path, host: str) -> Any:
+    """Build job settings overrides for a job over `n` generated rows against the Ollama at `host`."""
 
     def build(
         n: int = 20, *, fmt: str = "parquet", frame: pl.DataFrame | None = None, **overrides: Any
@@ -63,7 +62,7 @@ def job(tmp_path: Path, emulator: OllamaEmulator) -> Any:
             "prompt_template": "Role: {role}\nCandidate: {text}",
             "backend": "ollama",
             "model": "gemma3:12b",
-            "ollama_host": emulator.host,
+            "ollama_host": host,
             "output_dir": str(tmp_path / "out"),
             "chunk_size": 8,
             "in_flight": 4,
@@ -78,3 +77,15 @@ def job(tmp_path: Path, emulator: OllamaEmulator) -> Any:
         return settings
 
     return build
+
+
+@pytest.fixture
+def job(tmp_path: Path, emulator: OllamaEmulator) -> Any:
+    """Job settings overrides for an emulator-backed job."""
+    return job_builder(tmp_path, emulator.host)
+
+
+@pytest.fixture
+def offline_job(tmp_path: Path) -> Any:
+    """Job settings overrides for a run on the fake backend: the Ollama host is never contacted."""
+    return job_builder(tmp_path, "http://127.0.0.1:9")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.backends import BackendError, Reply
+from tasks.backends.protocol import BackendError, Reply
 
 # Load and decode on one long-lived thread: each chunk's event loop would otherwise call
 # llama.cpp from fresh executor threads, and its OpenMP thread teams (one per calling
@@ -61,8 +61,6 @@ class LlamaCppBackend:
     llama-cpp-python's high-level API decodes one sequence per call and a Llama object
     is not thread-safe, so extra in-flight requests just queue on the lock.
     """
-
-    name = "llamacpp"
 
     def __init__(self, model_path: Path | None, model: str, num_ctx: int) -> None:
         self.model_path = model_path

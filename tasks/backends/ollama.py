@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import ollama
 
-from tasks.backends import Action, BackendError, Reply
+from tasks.backends.protocol import Action, BackendError, Reply
 
 # Texts Ollama puts in a 500 when the GPU runs out of memory (FACTS.md, llm/status.go).
 _OOM_MARKERS = (
@@ -63,8 +63,6 @@ def classify(exc: BaseException, model: str, host: str) -> BackendError:
 
 class OllamaBackend:
     """One Ollama server and model; options stay identical across a job so nothing reloads."""
-
-    name = "ollama"
 
     def __init__(self, host: str, model: str, timeout_s: float, keep_alive: int | str) -> None:
         self.host = host
