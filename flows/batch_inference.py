@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from tasks.backends import BackendError, make_backend
+from tasks.backends.ollama import OllamaBackend
 from tasks.chunk import ChunkAborted, finished_chunk_stats, run_chunk
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
@@ -200,10 +201,9 @@ def batch_inference(
             settings.in_flight,
             ", ".join(lane.gpu_limit for lane in lanes),
         )
-        sampler = Sampler(
-            interval_s=settings.telemetry_interval_s,
-            ollama_hosts=[lane.ollama_base_url for lane in lanes if lane.backend == "ollama"],
-        )
+        # Ollama's /api/ps says whether the model spilled to the CPU; the sampler polls each endpoint's.
+        servers = [b for b in map(make_backend, lanes) if isinstance(b, OllamaBackend)]
+        sampler = Sampler(interval_s=settings.telemetry_interval_s, model_memory=servers)
         sampler.start()
         reporter = RunReporter(settings, plan, done_before, sampler, key=key, report_dir=report_dir)
         reporter.notes.extend(f"left out at the start: {problem}" for problem in left_out)
@@ -223,6 +223,8 @@ def batch_inference(
             raise
         finally:
             sampler.stop()
+            for server in servers:
+                asyncio.run(server.close())
             manifest = build_manifest(settings, plan, fingerprint, started, failure)
             if chunks is not None:
                 manifest |= {"results": None, "host": label, "shard_chunks": chunks}
