@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import yaml
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, State
 from pydantic import BaseModel, ConfigDict, Field
@@ -108,7 +109,7 @@ def scale_out(
 
         def run_shard(lane: int, batch: list[ChunkSpec]) -> None:
             host = hosts[lane]
-            child = run_deployment(
+            child: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here: a FlowRun, not a coroutine
                 deployment,
                 parameters={
                     "job_file": job_file,

@@ -70,7 +70,7 @@ class LlamaCppBackend:
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
-        path = self.model_path or await asyncio.to_thread(default_model_path)
+        path = self.model_path if self.model_path is not None else await asyncio.to_thread(default_model_path)
         if not Path(path).is_file():
             raise BackendError("model_missing", "fatal_job", f"GGUF model file {path} does not exist")
         self._llm = await asyncio.get_running_loop().run_in_executor(_LLAMA_THREAD, _load, str(path), self.num_ctx)

@@ -303,7 +303,8 @@ class _ChunkRun:
             workers.append(asyncio.create_task(self.calibrate(queue)))
         work = asyncio.gather(*workers)
         try:
-            done, _ = await asyncio.wait({work, flusher}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {work, flusher}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if flusher in done:
                 flusher.result()  # the watchdog fired
             await work  # a worker's ChunkAborted surfaces here
