@@ -9,7 +9,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tests.ollama_emulator import OllamaEmulator
+from tests.support.ollama_emulator import OllamaEmulator
 
 
 @pytest.fixture(scope="session")

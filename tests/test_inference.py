@@ -16,7 +16,7 @@ from tasks.config import JobSettings, SettingsError, load_settings
 from tasks.dataset import ChunkSpec, validate_input
 from tasks.schema import ChunkStats
 from tasks.store import chunk_path
-from tests.ollama_emulator import Fault, OllamaEmulator, answer_for
+from tests.support.ollama_emulator import Fault, OllamaEmulator, answer_for
 
 
 def run(settings: JobSettings, chunk: ChunkSpec) -> ChunkStats:

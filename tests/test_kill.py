@@ -24,7 +24,7 @@ from tasks.config import JobSettings, load_settings
 from tasks.dataset import ChunkSpec, validate_input
 from tasks.gpu_slot import GpuSlotTimeout
 from tasks.store import chunk_path, finished_rows
-from tests.ollama_emulator import OllamaEmulator
+from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from flows.batch_inference import batch_inference
-from tests.ollama_emulator import Fault, OllamaEmulator, answer_for
+from tests.support.ollama_emulator import Fault, OllamaEmulator, answer_for
 
 pytestmark = [pytest.mark.soak, pytest.mark.usefixtures("prefect_server")]
 
