@@ -240,6 +240,8 @@ def test_out_of_memory_lowers_in_flight_and_no_row_is_charged(offline_job: Any) 
     ]
     assert stats.in_flight == 4 and stats.requests == 14
     assert [r.outcome for r in fake.history].count("ok") == 12
+    # Once lowered to 1, one request at a time, retries of rows already under way included.
+    assert [r.concurrent for r in fake.history[4:]] == [1] * 10
 
 
 def test_persistent_out_of_memory_unloads_once_then_stops_the_chunk_with_advice(offline_job: Any) -> None:

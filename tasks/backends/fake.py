@@ -39,6 +39,7 @@ class Request:
     options: dict[str, Any]
     schema: dict[str, Any] | None
     outcome: str = "pending"
+    concurrent: int = 0  # requests out when it arrived, itself included
 
     @property
     def prompt(self) -> str:
@@ -98,6 +99,7 @@ class FakeBackend:
         outcome = self._next(request.prompt)
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        request.concurrent = self.in_flight
         try:
             await asyncio.sleep(0)
             if isinstance(outcome, _Hang):

@@ -75,6 +75,7 @@ class _ChunkRun:
         self.changed = asyncio.Condition()
         self.flush_lock = asyncio.Lock()
         self.unsynced = asyncio.Event()  # rows journaled since the last fdatasync
+        self.sending = 0  # requests out now
         self.finished = 0
         self.errors = 0
         self.requests = 0
@@ -163,9 +164,17 @@ class _ChunkRun:
             self.note(f"unload failed: {err}")
 
     async def _ask(self, messages: list[dict[str, str]], resamples: int) -> Reply:
-        """One request under a total deadline: httpx's timeout is per read, a slow trickle never trips it."""
-        options = self.options.for_request(resamples)
+        """One request under a total deadline: httpx's timeout is per read, a slow trickle never trips it.
+
+        It waits for a slot first: the in-flight limit counts requests, so a retry of a row already
+        under way also waits while out-of-memory has the limit lowered, and is sent with the
+        options (num_ctx) in force when it goes out.
+        """
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.sending < self.policy.limit)
+            self.sending += 1
         try:
+            options = self.options.for_request(resamples)
             return await asyncio.wait_for(
                 self.backend.chat(messages, options=options, schema=self.schema), self.settings.request_timeout_s
             )
@@ -173,6 +182,8 @@ class _ChunkRun:
             raise BackendError(
                 "timeout", "retry", f"no answer within request_timeout_s={self.settings.request_timeout_s:.0f}"
             ) from exc
+        finally:
+            self.sending -= 1
 
     async def process(self, row: PreparedRow) -> ResultRow:
         """One row to one result row; only a chunk-wide failure escapes, as ChunkAborted."""
