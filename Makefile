@@ -47,6 +47,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check flows tasks tests deployments jobs bench
 	$(BIN)/ruff format --check flows tasks tests deployments jobs bench
+	$(BIN)/mypy  # flows, tasks, deployments: [tool.mypy] in pyproject.toml
 
 clean:
 	rm -rf out data .pytest_cache

@@ -7,7 +7,7 @@
 
 Not part of the test suite. Every flow runs as the real CLI (`python -m flows.batch_inference
 --config job.yaml`) in its own process, against one `prefect server start` for the whole benchmark
-and the Ollama emulator (tests/ollama_emulator.py) in this process, so the client and the "server"
+and the Ollama emulator (tests/support/ollama_emulator.py) in this process, so the client and the "server"
 do not share an interpreter. Prints one JSON document and writes it to bench/results/<UTC>.json.
 Every ratio is taken against a baseline measured in the same run (an ideal the emulator defines, or
 another client on the same emulator): ratios survive a noisy machine, absolute seconds do not.
@@ -22,8 +22,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +43,9 @@ import polars as pl  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
-from tests.ollama_emulator import OllamaEmulator, RequestRecord, completion_for  # noqa: E402
+from tasks.store import package_version  # noqa: E402
+from tests.support.ollama_emulator import OllamaEmulator, RequestRecord, completion_for  # noqa: E402
+from tests.support.processes import free_port, start, stop, wait_for  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 MODEL = "gemma3:12b"
@@ -115,12 +115,6 @@ def row_of(rec: RequestRecord) -> int:
     return int(match.group(1))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 PG_URL_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
 
 
@@ -132,33 +126,26 @@ def prefect_server(home: Path) -> Iterator[tuple[str, int]]:
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
-    logf = (home / "server.log").open("w")
-    proc = subprocess.Popen(
+    proc = start(
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
          "--no-ui", "--analytics-off"],
-        cwd=home, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+        env, home, home / "server.log",
     )  # fmt: skip
     started = time.monotonic()
+
+    def healthy() -> bool:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return resp.status == 200
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited; see {home / 'server.log'}")
+        return False
+
     try:
-        while True:
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() - started > 180:
-                raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}")
-            time.sleep(0.25)
+        wait_for(healthy, 180, f"prefect server on {url} (see {home / 'server.log'})")
         log(f"prefect server on {url} (started in {time.monotonic() - started:.1f}s)")
         yield url, proc.pid
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and the service processes it started
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        logf.close()
+        stop(proc, grace_s=20)  # the server and the service processes it started
 
 
 @dataclass
@@ -725,14 +712,16 @@ def seed_like_rows(path: Path, rows: int) -> Path:
 
 def bench_engine(b: Bench) -> dict[str, Any]:
     """The product against a real llama.cpp server: in_flight 1, each fixed level, and auto, one run each."""
-    from tests.llama_server import LlamaServer
+    from tests.support.llama_server import LlamaServer
 
     e = b.engine
     server = None
     if e.url is None:
         from tasks.backends.llamacpp import default_model_path
 
-        server = LlamaServer(default_model_path(), parallel=max(e.levels), ctx_per_slot=1024)
+        server = LlamaServer(
+            default_model_path(), b.work / "logs" / "llama-server.log", parallel=max(e.levels), ctx_per_slot=1024
+        )
     url = e.url or server.url  # type: ignore[union-attr]
     schema = b.work / "inputs" / "score.schema.json"
     schema.parent.mkdir(parents=True, exist_ok=True)
@@ -949,14 +938,6 @@ def helper_bare_llama(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- main
 def meta(profile: Profile) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def _version(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
     def _git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -977,7 +958,9 @@ def meta(profile: Profile) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "ram_gib": r(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
-        "versions": {n: _version(n) for n in ("prefect", "ollama", "httpx", "polars", "pydantic", "llama-cpp-python")},
+        "versions": {
+            n: package_version(n) for n in ("prefect", "ollama", "httpx", "polars", "pydantic", "llama-cpp-python")
+        },
         # The server's database decides the chunk hand-over (README, Performance): say which one ran.
         "prefect_database": "postgresql" if "postgresql" in os.environ.get(PG_URL_ENV, "") else "sqlite",
     }

@@ -195,17 +195,11 @@ def ensure_work_pool(client: Any, name: str) -> str:
     return f"work pool '{name}' (process): exists, left as it is{paused}"
 
 
-def ensure_global_limit(client: Any, name: str, limit: int = 1) -> str:
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+def ensure_global_limit(name: str, limit: int = 1) -> str:
+    from tasks.gpu_slot import ensure_gpu_limit
 
-    try:
-        gcl = client.read_global_concurrency_limit_by_name(name)
-    except ObjectNotFound:
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-        except ObjectAlreadyExists:
-            return f"global concurrency limit '{name}': exists (created concurrently)"
+    gcl = ensure_gpu_limit(name, limit)
+    if gcl is None:
         return f"global concurrency limit '{name}': created, limit {limit}"
     note = ""
     if gcl.active_slots:
@@ -283,8 +277,8 @@ def main() -> int:
                 say(ensure_work_pool(client, pool))
             for pool, queue in work_queues(config):
                 say(ensure_work_queue(client, pool, queue))
-            for name in gpu_limits(config):
-                say(ensure_global_limit(client, name))
+        for name in gpu_limits(config):
+            say(ensure_global_limit(name))
         env = dict(os.environ, PREFECT_API_URL=api_url)
         env.setdefault(WORKDIR_ENV, str(ROOT))
         deploy_all(env)

@@ -22,13 +22,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from tasks.backends import BackendError, ServerInfo, make_backend
+from tasks.backends.ollama import OllamaBackend
+from tasks.chunk import ChunkAborted, finished_chunk_stats, run_chunk
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.dispatch import Dispatcher, LaneFailed
 from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
-from tasks.inference import ChunkAborted, ChunkStats, finished_chunk_stats, run_chunk
 from tasks.report import RunReporter
-from tasks.schema import load_output_model, output_columns
+from tasks.schema import ChunkStats, load_output_model, output_columns
 from tasks.store import (
     build_manifest,
     check_chunk_files,
@@ -113,7 +114,7 @@ def run_chunk_task(settings: JobSettings, chunk: ChunkSpec, reporter: RunReporte
     about = {"chunk": chunk.name, "output_dir": str(settings.output_dir), "flow_run": flow_run.name}
     with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=get_run_logger().warning, about=about):
         reporter.chunk_started(chunk)
-        return run_chunk(settings, chunk, on_progress=partial(reporter.progress, chunk.index))
+        return run_chunk(settings, chunk, make_backend(settings), on_progress=partial(reporter.progress, chunk.index))
 
 
 class Job(NamedTuple):
@@ -208,7 +209,7 @@ def batch_inference(
         hold, key = join_output_dir(out, fingerprint), f"{settings.name}-{label}"
         report_dir = out / "shards" / f"{label}-{plan.chunks[0].name}"
     with hold:
-        lanes, left_out, servers = check_backend(settings)
+        lanes, left_out, server_infos = check_backend(settings)
         for lane in lanes:
             ensure_gpu_limit(lane.gpu_limit)
         # What earlier runs left: damaged or foreign files set aside, torn journal lines counted.
@@ -226,10 +227,9 @@ def batch_inference(
             settings.in_flight,
             ", ".join(lane.gpu_limit for lane in lanes),
         )
-        sampler = Sampler(
-            interval_s=settings.telemetry_interval_s,
-            ollama_hosts=[lane.ollama_base_url for lane in lanes if lane.backend == "ollama"],
-        )
+        # Ollama's /api/ps says whether the model spilled to the CPU; the sampler polls each endpoint's.
+        ollamas = [b for b in map(make_backend, lanes) if isinstance(b, OllamaBackend)]
+        sampler = Sampler(interval_s=settings.telemetry_interval_s, model_memory=ollamas)
         sampler.start()
         reporter = RunReporter(settings, plan, done_before, sampler, key=key, report_dir=report_dir)
         reporter.notes.extend(f"left out at the start: {problem}" for problem in left_out)
@@ -250,6 +250,8 @@ def batch_inference(
             raise
         finally:
             sampler.stop()
+            for ollama in ollamas:
+                asyncio.run(ollama.close())
             manifest = build_manifest(settings, plan, fingerprint, started, failure)
             if chunks is not None:
                 manifest |= {"results": None, "host": label, "shard_chunks": chunks}

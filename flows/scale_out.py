@@ -23,15 +23,16 @@ from typing import Annotated, Any
 import yaml
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, State
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.batch_inference import parse_overrides, prepare_job
+from tasks.chunk import finished_chunk_stats
 from tasks.config import merge_overrides
 from tasks.dataset import ChunkSpec
 from tasks.dispatch import Dispatcher, LaneFailed
-from tasks.inference import finished_chunk_stats
 from tasks.report import publish_scale_out_report
 from tasks.store import build_manifest, claim_output_dir, consolidate, read_shard_manifests, write_json_atomic
 
@@ -108,7 +109,7 @@ def scale_out(
 
         def run_shard(lane: int, batch: list[ChunkSpec]) -> None:
             host = hosts[lane]
-            child = run_deployment(
+            child: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here: a FlowRun, not a coroutine
                 deployment,
                 parameters={
                     "job_file": job_file,

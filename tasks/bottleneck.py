@@ -81,12 +81,8 @@ class RunEvidence(BaseModel):
     rows_total: int = Field(ge=0, description="rows in the job")
     rows_done: int = Field(0, ge=0, description="rows finished (ok or error) so far")
     telemetry: TelemetrySummary | None = Field(None, description="summarize() of the run")
-    gpu_idle_fraction: float | None = Field(
-        None, ge=0, le=1, description="idle share while rows remained; overrides telemetry's"
-    )
     errors: dict[str, int] = Field(default_factory=dict, description="error rows by kind")
     calibration: dict[int, float] | None = Field(None, description="measured {in_flight: tokens_per_s}")
-    ollama_spill: bool | None = Field(None, description="spill flag; overrides telemetry's")
 
 
 class Verdict(BaseModel):
@@ -164,7 +160,7 @@ def render_markdown(v: Verdict) -> list[str]:
 
 
 def _spill(e: RunEvidence) -> Verdict | None:
-    spill = e.ollama_spill if e.ollama_spill is not None else _t(e).ollama_spill
+    spill = _t(e).ollama_spill
     if not spill:
         return None
     return Verdict(
@@ -258,7 +254,7 @@ def _no_gpu_data(e: RunEvidence) -> Verdict | None:
 
 def _idle_gaps(e: RunEvidence) -> Verdict | None:
     t = _t(e)
-    idle = e.gpu_idle_fraction if e.gpu_idle_fraction is not None else t.gpu_idle_fraction
+    idle = t.gpu_idle_fraction
     if idle is None or idle <= IDLE_FRACTION_MAX:
         return None
     evidence = [f"GPU idle (util < {IDLE_UTIL_PCT:.0f} %) in {idle:.0%} of samples while rows remained"]

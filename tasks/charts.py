@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import cast
 
 import polars as pl
 
@@ -38,7 +39,9 @@ def timeline_png(samples: pl.DataFrame, marks: pl.DataFrame) -> bytes | None:
     if gpu.height:
         for index, per_gpu in gpu.sort("t").group_by("gpu", maintain_order=True):
             axes[0].plot(minutes(per_gpu), (per_gpu["vram_used_mib"] / 1024).to_list(), label=f"GPU {index[0]} used")
-            axes[0].axhline(per_gpu["vram_total_mib"].max() / 1024, color="red", lw=0.8, ls="--", label="total")
+            axes[0].axhline(
+                cast(float, per_gpu["vram_total_mib"].max()) / 1024, color="red", lw=0.8, ls="--", label="total"
+            )
             axes[1].plot(minutes(per_gpu), per_gpu["gpu_util_pct"].to_list(), label="util % (a kernel ran)")
             axes[1].plot(minutes(per_gpu), per_gpu["mem_util_pct"].to_list(), label="memory-bandwidth util %")
             twin = axes[1].twinx()

@@ -99,15 +99,17 @@ def _fit(settings: JobSettings, values: dict[str, str], count: TokenCounter) -> 
     leaves num_predict tokens for the answer."""
     messages = _render(settings, values)
     field = settings.trim_field
+    if field is None:
+        return messages, False
     budget = settings.options.num_ctx - settings.options.num_predict
 
     def cut(keep: int) -> list[dict[str, str]]:
-        return _render(settings, {**values, field: values[field][:keep] + TRIM_MARK})  # type: ignore[index]
+        return _render(settings, {**values, field: values[field][:keep] + TRIM_MARK})
 
     def fits(candidate: list[dict[str, str]]) -> bool:
         return count(candidate) <= budget
 
-    if field is None or fits(messages):
+    if fits(messages):
         return messages, False
     # No token spans 16 characters in practice: this bounds the search without tokenizing megabytes.
     low, high = 0, min(len(values[field]), 16 * budget)

@@ -31,6 +31,7 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import get_current_settings
 
@@ -46,15 +47,19 @@ class GpuSlotTimeout(TimeoutError):
     """No GPU slot came free in time; the message names who holds it."""
 
 
-def ensure_gpu_limit(name: str, limit: int = 1) -> None:
-    """Create the limit if missing: Prefect silently skips limits that do not exist (FACTS.md)."""
+def ensure_gpu_limit(name: str, limit: int = 1) -> GlobalConcurrencyLimitResponse | None:
+    """Create the limit if missing: Prefect silently skips limits that do not exist (FACTS.md).
+
+    Returns the limit that was there already, None when it had to be created.
+    """
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(name)
+            return client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             # Another run may create it between our read and create.
             with suppress(ObjectAlreadyExists):
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            return None
 
 
 def registry_dir() -> Path:

@@ -12,7 +12,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 import polars as pl
 from prefect.artifacts import (
@@ -26,7 +27,7 @@ from tasks.bottleneck import RunEvidence, TelemetrySummary, Verdict, eta_hours, 
 from tasks.charts import sparkline, timeline_png
 from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, JobPlan
-from tasks.inference import ChunkStats
+from tasks.schema import ChunkStats
 from tasks.store import error_kinds, write_atomic, write_parquet_atomic
 from tasks.telemetry import Sampler, summarize
 
@@ -101,7 +102,9 @@ class RunReporter:
         self._lock = threading.Lock()
         self._last_update = 0.0
         self._tty = sys.stderr.isatty()
-        self.progress_id = create_progress_artifact(
+        # Prefect's sync_compatible functions are typed as "value or coroutine"; called from sync code
+        # they return the value.
+        self.progress_id: UUID = create_progress_artifact(  # type: ignore[assignment]
             progress=self._pct(done_before), key=f"{self.key}-progress", description=self._line(0, 0)
         )
 
@@ -236,7 +239,7 @@ class RunReporter:
         lines += ["### Timeline", ""]
         if gpu.height:
             lines += [
-                f"VRAM  `{sparkline(gpu['vram_used_mib'].to_list(), top=gpu['vram_total_mib'].max())}`",
+                f"VRAM  `{sparkline(gpu['vram_used_mib'].to_list(), top=cast(float, gpu['vram_total_mib'].max()))}`",
                 f"util  `{sparkline(gpu['gpu_util_pct'].fill_null(0).to_list(), top=100)}`",
                 f"power `{sparkline(gpu['power_w'].fill_null(0).to_list())}`",
             ]

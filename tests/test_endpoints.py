@@ -16,7 +16,7 @@ from prefect.client.orchestration import get_client
 
 from flows.batch_inference import batch_inference
 from tasks.config import Endpoint, SettingsError, load_settings
-from tests.ollama_emulator import OllamaEmulator
+from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

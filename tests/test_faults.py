@@ -15,7 +15,7 @@ from flows.batch_inference import batch_inference
 from tasks.dataset import ChunkSpec
 from tasks.store import OutputDirError, chunk_path
 from tests.conftest import make_rows, write_input
-from tests.ollama_emulator import OllamaEmulator, answer_for
+from tests.support.ollama_emulator import OllamaEmulator, answer_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

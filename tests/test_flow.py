@@ -20,7 +20,7 @@ from flows.batch_inference import batch_inference
 from tasks.dataset import InputError
 from tasks.store import OutputDirError
 from tests.conftest import make_rows, write_input
-from tests.ollama_emulator import Fault, OllamaEmulator, answer_for
+from tests.support.ollama_emulator import Fault, OllamaEmulator, answer_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -1,9 +1,8 @@
-"""The chunk runner against the Ollama emulator through the real ollama client: rows, retries, faults."""
+"""The chunk runner end to end: the Ollama emulator through the real ollama client (policy details: test_chunk.py)."""
 
 from __future__ import annotations
 
 import json
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,17 +10,23 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tasks.config import SettingsError, load_settings
-from tasks.dataset import validate_input
-from tasks.inference import ChunkAborted, run_chunk
-from tasks.store import chunk_path, finished_rows
-from tests.ollama_emulator import Fault, OllamaEmulator, answer_for
+from tasks.backends import make_backend
+from tasks.chunk import ChunkAborted, run_chunk
+from tasks.config import JobSettings, SettingsError, load_settings
+from tasks.dataset import ChunkSpec, validate_input
+from tasks.schema import ChunkStats
+from tasks.store import chunk_path
+from tests.support.ollama_emulator import Fault, OllamaEmulator, answer_for
+
+
+def run(settings: JobSettings, chunk: ChunkSpec) -> ChunkStats:
+    return run_chunk(settings, chunk, make_backend(settings))
 
 
 def run_one_chunk(job: Any, n: int = 12, **overrides: Any) -> tuple[Any, pl.DataFrame, Any]:
     settings = load_settings(None, job(n, chunk_size=n, **overrides))
     chunk = validate_input(settings).chunks[0]
-    stats = run_chunk(settings, chunk)
+    stats = run(settings, chunk)
     return settings, pl.read_parquet(chunk_path(settings.output_dir, chunk)), stats
 
 
@@ -50,7 +55,7 @@ def test_every_row_once_with_n_in_flight(job: Any, emulator: OllamaEmulator) -> 
 )
 def test_transient_faults_are_retried(job: Any, emulator: OllamaEmulator, fault: Fault) -> None:
     emulator.inject(fault, match="candidate 3 writes")
-    _, frame, stats = run_one_chunk(job, 6)
+    _, frame, stats = run_one_chunk(job, 6, oom_backoff_s=0)  # no wait: the retry is what is tested
     assert frame["status"].to_list() == ["ok"] * 6
     assert frame.filter(pl.col("row_index") == 3)["attempts"].item() == 2
     retried = [r.body["options"] for r in emulator.requests if r.prompt and "candidate 3 writes" in r.prompt]
@@ -66,21 +71,6 @@ def test_bad_request_is_an_error_row_without_retry(job: Any, emulator: OllamaEmu
     assert (bad["status"], bad["error_kind"], bad["attempts"]) == ("error", "bad_request", 1)
     assert "HTTP 400: invalid format" in bad["error"]
     assert frame.filter(pl.col("status") == "ok").height == 3
-
-
-def test_retries_run_out_into_an_error_row(job: Any, emulator: OllamaEmulator) -> None:
-    emulator.inject(Fault.runner_crash(), times=None, match="candidate 1 writes")
-    _, frame, _ = run_one_chunk(job, 3, max_attempts=3)
-    bad = frame.filter(pl.col("row_index") == 1).row(0, named=True)
-    assert (bad["status"], bad["error_kind"], bad["attempts"]) == ("error", "runner_crash", 3)
-    assert "unexpectedly stopped" in bad["error"]
-
-
-def test_hung_request_times_out_and_is_retried(job: Any, emulator: OllamaEmulator) -> None:
-    emulator.inject(Fault.hang(), match="candidate 0 writes")
-    _, frame, _ = run_one_chunk(job, 3, request_timeout_s=0.5)
-    assert frame["status"].to_list() == ["ok"] * 3
-    assert frame.filter(pl.col("row_index") == 0)["attempts"].item() == 2
 
 
 def test_structured_output_validated_typed_and_retried(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
@@ -114,7 +104,7 @@ def test_structured_output_validated_typed_and_retried(job: Any, emulator: Ollam
 def test_truncation_and_cut_answers_are_flagged(job: Any, emulator: OllamaEmulator) -> None:
     frame = pl.DataFrame({"id": ["short", "long"], "role": ["x", "x"], "text": ["hi", "word " * 2000]})
     settings = load_settings(None, job(frame=frame, chunk_size=2, options={"num_ctx": 512, "num_predict": 2}))
-    run_chunk(settings, validate_input(settings).chunks[0])
+    run(settings, validate_input(settings).chunks[0])
     rows = pl.read_parquet(chunk_path(settings.output_dir, validate_input(settings).chunks[0]))
     assert rows["truncated"].to_list() == [False, True]
     assert rows["incomplete"].to_list() == [True, True] and rows["done_reason"].to_list() == ["length", "length"]
@@ -125,7 +115,7 @@ def test_truncation_and_cut_answers_are_flagged(job: Any, emulator: OllamaEmulat
 def test_empty_field_row_is_never_sent(job: Any, emulator: OllamaEmulator) -> None:
     frame = pl.DataFrame({"id": ["a", "b"], "role": ["x", "x"], "text": ["fine", ""]})
     settings = load_settings(None, job(frame=frame, chunk_size=2))
-    run_chunk(settings, validate_input(settings).chunks[0])
+    run(settings, validate_input(settings).chunks[0])
     rows = pl.read_parquet(chunk_path(settings.output_dir, validate_input(settings).chunks[0]))
     assert rows["status"].to_list() == ["ok", "error"]
     assert rows.row(1, named=True)["error_kind"] == "empty_field" and rows.row(1, named=True)["attempts"] == 0
@@ -139,63 +129,11 @@ def test_missing_model_stops_before_any_row(job: Any, emulator: OllamaEmulator) 
     assert not [r for r in emulator.requests if r.path == "/api/chat"]
 
 
-def test_outage_mid_chunk_keeps_finished_rows_and_resume_sends_the_rest_once(
-    job: Any, emulator: OllamaEmulator
-) -> None:
-    emulator.latency_s = 0.05
-    settings = load_settings(None, job(40, chunk_size=40, in_flight=2, outage_budget_s=0.5))
-    chunk = validate_input(settings).chunks[0]
-    threading.Timer(0.4, emulator.down).start()
-    with pytest.raises(ChunkAborted, match="cannot reach Ollama") as info:
-        run_chunk(settings, chunk)
-    assert info.value.retryable is True
-    kept = finished_rows(settings.output_dir, chunk)
-    assert 0 < len(kept) < 40  # rows finished before the outage are on disk
-    emulator.up()
-    stats = run_chunk(settings, chunk)
-    assert stats.resumed_rows == len(kept) and stats.sent_rows == 40 - len(kept)
-    frame = pl.read_parquet(chunk_path(settings.output_dir, chunk))
-    assert frame["row_index"].to_list() == list(range(40)) and frame["status"].unique().to_list() == ["ok"]
-    assert set(sent_per_row(emulator).values()) == {1}  # no finished row was answered twice
-
-
-def test_out_of_memory_lowers_in_flight_and_recovers(job: Any, emulator: OllamaEmulator) -> None:
-    emulator.latency_s = 0.02
-    emulator.inject(Fault.oom(), times=2)
-    settings, frame, stats = run_one_chunk(job, 12, in_flight=4, oom_backoff_s=0.05)
-    assert frame["status"].unique().to_list() == ["ok"] and frame["attempts"].max() == 2
-    assert any("out of memory, in-flight lowered to 2" in e for e in stats.events)
-    assert any("in-flight lowered to 1" in e for e in stats.events)
-    assert set(sent_per_row(emulator).values()) == {1}
-
-
-def test_persistent_out_of_memory_stops_the_chunk_with_advice(job: Any, emulator: OllamaEmulator) -> None:
-    emulator.inject(Fault.oom(), times=None)
-    with pytest.raises(
-        ChunkAborted, match=r"persistent out of memory: 6 requests in a row.*Lower options.num_ctx"
-    ) as info:
-        run_one_chunk(job, 12, in_flight=2, oom_backoff_s=0.01, max_attempts=20)
-    assert info.value.retryable is False
-    assert len([r for r in emulator.requests if r.path == "/api/chat"]) < 12  # it did not spin through every row
-
-
-def test_watchdog_fails_a_chunk_whose_backend_stopped_answering(job: Any, emulator: OllamaEmulator) -> None:
-    emulator.latency_s = 0.02
-    emulator.inject(Fault.hang(), times=None, match="candidate 5 writes")
-    settings = load_settings(None, job(8, chunk_size=8, in_flight=1, request_timeout_s=60, stall_timeout_s=0.5))
-    chunk = validate_input(settings).chunks[0]
-    with pytest.raises(ChunkAborted, match="watchdog: no request finished or failed") as info:
-        run_chunk(settings, chunk)
-    assert info.value.retryable is True
-    assert finished_rows(settings.output_dir, chunk) == {0, 1, 2, 3, 4}  # what finished is kept
-    emulator.release_hangs()
-
-
 def test_huge_rows_are_sent_whole_and_flagged_when_cut(job: Any, emulator: OllamaEmulator) -> None:
     huge = "x" * 3_000_000  # a 3 MB field
     frame = pl.DataFrame({"id": ["big", "small"], "role": ["x", "x"], "text": [huge, "tiny"]})
     settings = load_settings(None, job(frame=frame, chunk_size=2, options={"num_ctx": 8192, "num_predict": 16}))
-    run_chunk(settings, validate_input(settings).chunks[0])
+    run(settings, validate_input(settings).chunks[0])
     rows = pl.read_parquet(chunk_path(settings.output_dir, validate_input(settings).chunks[0]))
     assert rows["status"].to_list() == ["ok", "ok"] and rows["truncated"].to_list() == [True, False]
     big = next(r for r in emulator.requests if r.path == "/api/chat" and r.prompt and "xxxx" in r.prompt)
@@ -207,7 +145,7 @@ def test_trimmed_prompt_is_not_cut_by_the_server(job: Any, emulator: OllamaEmula
     settings = load_settings(
         None, job(frame=frame, chunk_size=1, trim_field="text", options={"num_ctx": 1024, "num_predict": 64})
     )
-    run_chunk(settings, validate_input(settings).chunks[0])
+    run(settings, validate_input(settings).chunks[0])
     row = pl.read_parquet(chunk_path(settings.output_dir, validate_input(settings).chunks[0])).row(0, named=True)
     assert (row["status"], row["trimmed"], row["truncated"]) == ("ok", True, False)
     assert row["prompt_tokens"] < 1024 - 64
@@ -220,12 +158,11 @@ def test_auto_in_flight_finds_the_backends_parallel_slots(job: Any) -> None:
         settings = load_settings(
             None, job(160, chunk_size=160, in_flight="auto", max_in_flight=16, ollama_host=emu.host)
         )
-        stats = run_chunk(settings, validate_input(settings).chunks[0])
+        stats = run(settings, validate_input(settings).chunks[0])
     curve = stats.calibration
+    # The search itself is tested exactly in test_chunk.py; here, that it runs against a real server.
     assert curve is not None and list(curve)[:3] == [1, 2, 4], curve
-    assert curve[2] > 1.7 * curve[1] and curve[4] > 1.7 * curve[2]  # scaling while slots are free
-    assert curve.get(8, curve[4]) < 1.2 * curve[4]  # flat once the 4 slots are full
-    assert stats.in_flight in (4, 8) and curve[stats.in_flight] >= 0.9 * 400
+    assert stats.in_flight in (4, 8)
     assert emu.peak_in_flight == 4 and stats.ok == 160
     assert any("auto in-flight" in e for e in stats.events)
 
@@ -233,7 +170,7 @@ def test_auto_in_flight_finds_the_backends_parallel_slots(job: Any) -> None:
 def test_row_values_never_become_paths(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
     frame = pl.DataFrame({"id": ["../../escape", "/etc/passwd"], "role": ["x", "x"], "text": ["../../../x", "~/y"]})
     settings = load_settings(None, job(frame=frame, chunk_size=2))
-    run_chunk(settings, validate_input(settings).chunks[0])
+    run(settings, validate_input(settings).chunks[0])
     written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     # names come from chunk indices only
     snapshot = validate_input(settings).snapshot.relative_to(tmp_path).as_posix()  # named by the input's digest

@@ -25,7 +25,7 @@ from tasks.config import JobSettings, load_settings
 from tasks.dataset import ChunkSpec, validate_input
 from tasks.gpu_slot import GpuSlotTimeout, ensure_gpu_limit, gpu_slot
 from tasks.store import chunk_path, finished_rows
-from tests.ollama_emulator import OllamaEmulator
+from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -16,7 +16,7 @@ import ollama
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.ollama_emulator import (
+from tests.support.ollama_emulator import (
     BUSY,
     CRASH,
     OOM,

@@ -19,14 +19,14 @@ from pydantic import BaseModel, Field
 
 from flows.batch_inference import batch_inference
 from tasks.backends import BackendError, make_backend
+from tasks.chunk import ChunkAborted, run_chunk
 from tasks.config import load_settings
 from tasks.dataset import validate_input
-from tasks.inference import ChunkAborted, run_chunk
 from tasks.schema import ResultRow
 from tasks.store import chunk_path, finished_rows
 from tests.conftest import make_rows, write_input
-from tests.llama_server import ALIAS
-from tests.ollama_emulator import Fault, OllamaEmulator
+from tests.support.llama_server import ALIAS
+from tests.support.ollama_emulator import Fault, OllamaEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def chat_requests(emulator: OllamaEmulator) -> list[Any]:
 def run_one(settings: dict[str, Any]) -> tuple[pl.DataFrame, Any]:
     parsed = load_settings(None, settings)
     chunk = validate_input(parsed).chunks[0]
-    stats = run_chunk(parsed, chunk)
+    stats = run_chunk(parsed, chunk, make_backend(parsed))
     return pl.read_parquet(chunk_path(parsed.output_dir, chunk)), stats
 
 
@@ -221,7 +221,7 @@ def test_real_server_missing_model_fails_before_any_row(tmp_path: Path, llama_se
     with pytest.raises(
         ChunkAborted, match=rf"{llama_server.url} does not serve model 'gemma3:12b'; it serves: {ALIAS}"
     ):
-        run_chunk(settings, validate_input(settings).chunks[0])
+        run_chunk(settings, validate_input(settings).chunks[0], make_backend(settings))
     assert finished_rows(settings.output_dir, validate_input(settings).chunks[0]) == set()
 
 

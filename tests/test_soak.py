@@ -18,7 +18,7 @@ from flows.batch_inference import batch_inference
 from tasks.config import load_settings
 from tasks.dataset import validate_input
 from tasks.store import chunk_path
-from tests.ollama_emulator import Fault, OllamaEmulator, answer_for
+from tests.support.ollama_emulator import Fault, OllamaEmulator, answer_for
 
 pytestmark = [pytest.mark.soak, pytest.mark.usefixtures("prefect_server")]
 

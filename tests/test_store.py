@@ -41,6 +41,8 @@ def row(i: int, chunk: int = 0, status: str = "ok") -> ResultRow:
     )
 
 
+# The first writer is dropped unclosed on purpose (a killed run): its journal's ResourceWarning is expected.
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
 def test_checkpoints_then_chunk_file(tmp_path: Path) -> None:
     chunk = ChunkSpec(index=0, offset=0, length=5)
     writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=2, checkpoint_every_s=3600)
@@ -135,6 +137,8 @@ def test_claim_refuses_a_second_run_and_another_configuration(tmp_path: Path) ->
         pass
 
 
+# The first writer is dropped unclosed on purpose (a killed run): its journal's ResourceWarning is expected.
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_killed_writer_loses_no_finished_row(tmp_path: Path) -> None:
     """Rows journaled but not checkpointed survive a kill; a line cut mid-write is redone."""
     chunk = ChunkSpec(index=2, offset=10, length=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -15,6 +16,7 @@ import polars as pl
 import pytest
 
 from tasks import telemetry
+from tasks.backends.ollama import OllamaBackend
 from tasks.store import write_parquet_atomic
 from tasks.telemetry import Sampler, open_gpu_source, summarize
 
@@ -87,7 +89,7 @@ def test_sampler_with_gpus_records_rows_per_gpu_and_stops_fast() -> None:
     assert s.marks()["label"].to_list() == ["chunk 0 start", "chunk 0 end"]
 
     t0, t1 = df["t"].min(), df["t"].max()
-    assert s.window(t0, t0).height == 2  # type: ignore[arg-type]
+    assert df.filter(pl.col("t") == t0).height == 2  # one row per GPU per sample
     summary = summarize(df, t0, t1)  # type: ignore[arg-type]
     assert summary["vram_peak_mib"] == 10_001.0
     assert summary["vram_headroom_mib"] == 16_376 - 10_001
@@ -163,7 +165,7 @@ class _PsHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def ps_server() -> Iterator[str]:
+def ps_server() -> Iterator[tuple[str, type[_PsHandler]]]:
     payload = {
         "models": [
             {
@@ -183,19 +185,26 @@ def ps_server() -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
     finally:
         server.shutdown()
         server.server_close()
 
 
-def test_ollama_ps_spill_detected(ps_server: str) -> None:
-    s = Sampler(
-        interval_s=0.02, gpu_source=FakeGpu(n=1), ollama_hosts=[ps_server], ollama_headers={"Authorization": "Bearer t"}
-    )
+def ollama(host: str) -> OllamaBackend:
+    return OllamaBackend(host=host, model="gemma3:12b", timeout_s=5, keep_alive="5m")
+
+
+def test_ollama_ps_spill_detected(ps_server: tuple[str, type[_PsHandler]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMA_API_KEY", "t")
+    host, handler = ps_server
+    server = ollama(host)
+    s = Sampler(interval_s=0.02, gpu_source=FakeGpu(n=1), model_memory=[server])
     s.start()
     _wait_for(lambda: s.samples >= 3)
     s.stop()
+    asyncio.run(server.close())
+    assert handler.seen_headers[0]["authorization"] == "Bearer t"  # the key chat sends, from the environment
     df = s.frame()
     assert df["ollama_size_mib"].to_list()[0] == 12 * 1024
     assert df["ollama_size_vram_mib"].to_list()[0] == 9 * 1024
@@ -206,7 +215,7 @@ def test_ollama_unreachable_gives_none() -> None:
     with socket.socket() as sock:  # a port that was free a moment ago: connection refused
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    s = Sampler(interval_s=0.02, gpu_source=None, ollama_hosts=[f"http://127.0.0.1:{port}"])
+    s = Sampler(interval_s=0.02, gpu_source=None, model_memory=[ollama(f"http://127.0.0.1:{port}")])
     s.start()
     _wait_for(lambda: s.samples >= 3)
     assert _stop_timed(s) < 1.0

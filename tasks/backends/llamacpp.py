@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.backends import BackendError, Reply, ServerInfo
+from tasks.backends.protocol import BackendError, Reply, ServerInfo
 
 # Load and decode on one long-lived thread: each chunk's event loop would otherwise call
 # llama.cpp from fresh executor threads, and its OpenMP thread teams (one per calling
@@ -70,8 +70,6 @@ class LlamaCppBackend:
     is not thread-safe, so extra in-flight requests just queue on the lock.
     """
 
-    name = "llamacpp"
-
     def __init__(self, model_path: Path | None, model: str, num_ctx: int) -> None:
         self.model_path = model_path
         self.model = model
@@ -80,7 +78,7 @@ class LlamaCppBackend:
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
-        path = self.model_path or await asyncio.to_thread(default_model_path)
+        path = self.model_path if self.model_path is not None else await asyncio.to_thread(default_model_path)
         if not Path(path).is_file():
             raise BackendError("model_missing", "fatal_job", f"GGUF model file {path} does not exist")
         self._llm = await asyncio.get_running_loop().run_in_executor(_LLAMA_THREAD, _load, str(path), self.num_ctx)

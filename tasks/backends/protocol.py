@@ -1,0 +1,69 @@
+"""One small Protocol for "an engine that answers a chat request", and the errors it may raise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+# What the chunk runner does with each failure (see FACTS.md "Failure signals"):
+#   retry        - transient: dropped connection, timeout, runner crash, server error
+#   backoff      - the server asked us to slow down (503 queue full)
+#   oom          - out of memory: back off, lower in-flight, retry
+#   unreachable  - server down: wait within the outage budget, then fail the chunk
+#   fatal_row    - this request can never succeed (400): error row, no retry
+#   fatal_job    - nothing can succeed (model missing): stop before/at the first row
+Action = Literal["retry", "backoff", "oom", "unreachable", "fatal_row", "fatal_job"]
+
+
+class BackendError(Exception):
+    """A failed request, classified so the runner can pick its action."""
+
+    def __init__(self, kind: str, action: Action, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.action = action
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a backend returned for one request; durations in milliseconds."""
+
+    content: str
+    done_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    load_ms: float | None = None
+    prompt_eval_ms: float | None = None
+    eval_ms: float | None = None
+    total_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What an engine says of itself, for the report and the verdict; None where it does not say."""
+
+    engine: str
+    parallel_slots: int | None = None  # sequences the server decodes together (llama.cpp --parallel)
+    context_per_slot: int | None = None  # tokens of KV cache each of those sequences gets
+    build: str | None = None
+
+
+class Backend(Protocol):
+    """An inference engine. Constructors do no I/O; `open` connects or loads."""
+
+    async def open(self) -> None: ...
+
+    async def check(self) -> None:
+        """Raise BackendError (unreachable / model missing) before any row is sent."""
+
+    async def describe(self) -> ServerInfo:
+        """What the server says of its slots and context, after `check`."""
+
+    async def chat(
+        self, messages: list[dict[str, str]], *, options: dict[str, Any], schema: dict[str, Any] | None
+    ) -> Reply: ...
+
+    async def unload(self) -> None:
+        """Free the GPU memory the model holds; the next request loads it again (no-op if in-process)."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,44 @@
+"""The `in_flight: auto` search as a pure step function: feed it a measurement, it names the next level.
+
+Levels 1, 2, 4 ... are tried while total throughput still grows by 5 %; each is measured over
+ROWS_PER_SLOT x level rows of the real work (nothing is wasted). The smallest level within 3 % of
+the best one wins: more in flight only adds latency (and KV cache) once the backend's slots are full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROWS_PER_SLOT = 8
+GROWTH = 1.05  # a level must beat the one before by this much for the search to go on
+NEAR_BEST = 0.97  # levels within this share of the best count as the best
+
+
+@dataclass
+class Calibration:
+    ceiling: int  # the highest level to try (max_in_flight)
+    level: int = 1  # the level being measured
+    curve: dict[int, float] = field(default_factory=dict)  # level -> throughput
+
+    def rows_needed(self) -> int:
+        return ROWS_PER_SLOT * self.level
+
+    def measured(self, throughput: float) -> int | None:
+        """Record the current level's throughput; return the next level, or None when the search is over."""
+        self.curve[self.level] = throughput
+        previous = self.curve.get(self.level // 2)
+        if self.level * 2 > self.ceiling or (previous is not None and throughput < previous * GROWTH):
+            return None
+        self.level *= 2
+        return self.level
+
+    def choice(self) -> int | None:
+        """The level to keep; None when not even one level could be measured."""
+        if not self.curve:
+            return None
+        best = max(self.curve.values())
+        return min(n for n, v in self.curve.items() if v >= NEAR_BEST * best)
+
+    def summary(self, unit: str) -> str:
+        shown = ", ".join(f"{n}: {v:.1f}" for n, v in self.curve.items())
+        return f"auto in-flight: {unit} by level {{{shown}}} -> {self.choice()} in flight"

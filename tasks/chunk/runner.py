@@ -1,0 +1,416 @@
+"""Run one chunk: keep N requests in flight, act on each failure as the policy says, journal rows as they finish."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from tasks.backends import Backend, BackendError, Reply, token_counter
+from tasks.chunk.calibrate import Calibration
+from tasks.chunk.policy import ChunkPolicy, RowTries, Step
+from tasks.config import GenerationOptions, JobSettings
+from tasks.dataset import ChunkSpec, PreparedRow, prepare_chunk
+from tasks.schema import ChunkStats, ResultRow, load_output_model, output_columns
+from tasks.store import ChunkWriter, chunk_path, claim_chunk, clean_finished_parts, finished_rows
+
+ProgressCallback = Callable[[int, int], None]  # (rows finished so far in this chunk, errors so far)
+
+SYNC_GAP_S = 0.02  # journal fdatasyncs at most 50 times a second, however fast rows finish
+
+
+class ChunkAborted(RuntimeError):
+    """The chunk cannot go on (backend unreachable past its budget, model missing).
+
+    Rows finished before the abort are on disk; a retry or rerun resumes after them.
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class _ChunkRun:
+    """One chunk's asyncio run: the pool of workers, the journal's timing and the tallies."""
+
+    def __init__(
+        self,
+        settings: JobSettings,
+        backend: Backend,
+        chunk: ChunkSpec,
+        writer: ChunkWriter,
+        output_model: type[BaseModel] | None,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.chunk = chunk
+        self.writer = writer
+        self.output_model = output_model
+        self.schema = output_model.model_json_schema() if output_model else None
+        self.on_progress = on_progress
+        auto = settings.in_flight == "auto"
+        ceiling = settings.workers if auto else int(settings.in_flight)
+        self.policy = ChunkPolicy(
+            max_attempts=settings.max_attempts,
+            outage_budget_s=settings.outage_budget_s,
+            stall_timeout_s=settings.stall_timeout_s,
+            oom_backoff_s=settings.oom_backoff_s,
+            num_ctx=settings.options.num_ctx,
+            num_ctx_floor=settings.oom_num_ctx_floor,
+            ceiling=ceiling,
+            limit=1 if auto else ceiling,
+            calibrating=auto,
+            last_progress=time.monotonic(),
+        )
+        self.options: GenerationOptions = settings.options  # replaced when persistent out-of-memory lowers num_ctx
+        self.calibration: dict[int, float] | None = None
+        # Woken whenever a row is taken or finished or the in-flight limit moved: parked workers
+        # and the calibration wait on it instead of polling.
+        self.changed = asyncio.Condition()
+        self.flush_lock = asyncio.Lock()
+        self.unsynced = asyncio.Event()  # rows journaled since the last fdatasync
+        self.sending = 0  # requests out now
+        self.finished = 0
+        self.errors = 0
+        self.requests = 0
+        self.latencies: list[float] = []
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.events: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.events.append(f"{datetime.now(UTC):%H:%M:%S} {self.chunk.name}: {text}")
+
+    async def _changed(self) -> None:
+        """Take the policy's notes and wake whoever waits on the limit or the row counts."""
+        for text in self.policy.notes:
+            self.note(text)
+        self.policy.notes.clear()
+        if self.policy.num_ctx != self.options.num_ctx:
+            self.options = self.options.model_copy(update={"num_ctx": self.policy.num_ctx})
+        async with self.changed:
+            self.changed.notify_all()
+
+    def _row(self, row: PreparedRow, **fields: Any) -> ResultRow:
+        return ResultRow(
+            row_index=row.row_index,
+            id=row.id,
+            chunk=self.chunk.index,
+            trimmed=row.trimmed,
+            model=self.settings.model,
+            finished_at=datetime.now(UTC),
+            **fields,
+        )
+
+    def _ok_row(
+        self, row: PreparedRow, reply: Reply, attempts: int, latency_ms: float, parsed: dict[str, Any] | None
+    ) -> ResultRow:
+        num_ctx = self.options.num_ctx
+        return self._row(
+            row,
+            status="ok",
+            attempts=attempts,
+            response=reply.content,
+            parsed=parsed,
+            done_reason=reply.done_reason,
+            # Ollama front-truncates an overlong prompt and still answers 200 (ollama#3839):
+            # a prompt that fills the context is the only trace.
+            truncated=reply.prompt_tokens is not None and reply.prompt_tokens >= num_ctx - max(32, num_ctx // 64),
+            incomplete=reply.done_reason == "length",
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            latency_ms=latency_ms,
+            load_ms=reply.load_ms,
+            prompt_eval_ms=reply.prompt_eval_ms,
+            eval_ms=reply.eval_ms,
+            total_ms=reply.total_ms,
+        )
+
+    def _error_row(self, row: PreparedRow, err: BackendError, attempts: int, reply: Reply | None) -> ResultRow:
+        return self._row(
+            row,
+            status="error",
+            error_kind=err.kind,
+            error=str(err),
+            attempts=attempts,
+            response=reply.content if reply else None,  # the raw text of a schema-invalid answer is kept
+            done_reason=reply.done_reason if reply else None,
+            prompt_tokens=reply.prompt_tokens if reply else None,
+            completion_tokens=reply.completion_tokens if reply else None,
+        )
+
+    def _parse(self, reply: Reply) -> tuple[dict[str, Any] | None, BackendError | None]:
+        if self.output_model is None:
+            return None, None
+        try:
+            return self.output_model.model_validate_json(reply.content).model_dump(mode="json"), None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            message = f"answer does not match the schema: {first['loc']}: {first['msg']}"
+            return None, BackendError("invalid_output", "retry", message)
+
+    async def _unload(self) -> None:
+        """Half-way to giving up on out-of-memory: unload the model, so the next request loads it
+        into a GPU freed of it (a runner that survived an OOM can keep fragmented memory)."""
+        try:
+            await self.backend.unload()
+        except BackendError as err:  # the retry that follows reports what is wrong
+            self.note(f"unload failed: {err}")
+
+    async def _ask(self, messages: list[dict[str, str]], resamples: int) -> Reply:
+        """One request under a total deadline: httpx's timeout is per read, a slow trickle never trips it.
+
+        It waits for a slot first: the in-flight limit counts requests, so a retry of a row already
+        under way also waits while out-of-memory has the limit lowered, and is sent with the
+        options (num_ctx) in force when it goes out.
+        """
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.sending < self.policy.limit)
+            self.sending += 1
+        try:
+            options = self.options.for_request(resamples)
+            return await asyncio.wait_for(
+                self.backend.chat(messages, options=options, schema=self.schema), self.settings.request_timeout_s
+            )
+        except TimeoutError as exc:
+            raise BackendError(
+                "timeout", "retry", f"no answer within request_timeout_s={self.settings.request_timeout_s:.0f}"
+            ) from exc
+        finally:
+            self.sending -= 1
+
+    async def process(self, row: PreparedRow) -> ResultRow:
+        """One row to one result row; only a chunk-wide failure escapes, as ChunkAborted."""
+        if row.messages is None:
+            return self._row(row, status="error", error_kind="empty_field", error=row.error, attempts=0)
+        tries = RowTries()
+        last_error: BackendError | None = None
+        last_reply: Reply | None = None
+        while tries.charged() < self.settings.max_attempts:
+            tries.attempts += 1
+            self.requests += 1
+            started = time.perf_counter()
+            step: Step
+            try:
+                reply = await self._ask(row.messages, tries.resamples)
+            except BackendError as err:
+                last_error = err
+                step = self.policy.failed(err, tries, time.monotonic())
+            else:
+                self.policy.answered(time.monotonic())
+                latency_ms = (time.perf_counter() - started) * 1000
+                self.latencies.append(latency_ms)
+                self.prompt_tokens += reply.prompt_tokens or 0
+                self.completion_tokens += reply.completion_tokens or 0
+                parsed, invalid = self._parse(reply)
+                if invalid is None:
+                    await self._changed()
+                    return self._ok_row(row, reply, tries.attempts, latency_ms, parsed)
+                last_error, last_reply = invalid, reply
+                step = self.policy.invalid_output(tries)  # the retry asks with the next seed
+            await self._changed()
+            if step.unload:
+                await self._unload()
+            if step.do == "abort":
+                raise ChunkAborted(step.message, retryable=step.retryable) from last_error
+            if step.do == "error_row":
+                break
+            await asyncio.sleep(step.wait_s)
+        assert last_error is not None
+        return self._error_row(row, last_error, tries.attempts, last_reply)
+
+    async def flush(self) -> None:
+        async with self.flush_lock:
+            rows, seq = self.writer.take()
+            if rows:
+                await asyncio.to_thread(self.writer.write_part, rows, seq)
+            if self.on_progress is not None:
+                # In a thread: Prefect's sync client calls must not run inside this event loop.
+                await asyncio.to_thread(self.on_progress, self.finished, self.errors)
+
+    async def worker(self, index: int, queue: asyncio.Queue[PreparedRow]) -> None:
+        while True:
+            async with self.changed:  # parked by out-of-memory (or calibration) until the limit comes up
+                await self.changed.wait_for(lambda: index < self.policy.limit or queue.empty())
+            if queue.empty():
+                return
+            row = queue.get_nowait()
+            await self._changed()  # the queue may have run dry: the calibration stops measuring
+            result = await self.process(row)
+            self.finished += 1
+            self.errors += result.status == "error"
+            due = self.writer.add(result)
+            self.unsynced.set()
+            await self._changed()
+            if due:
+                await self.flush()
+
+    async def calibrate(self, queue: asyncio.Queue[PreparedRow]) -> None:
+        """'auto' in-flight: measure each level on the real rows with the pool kept full (calibrate.py)."""
+        search = Calibration(ceiling=self.policy.ceiling)
+        level = search.level
+        while (throughput := await self._measure(queue, level, search.rows_needed())) is not None:
+            if search.measured(throughput) is None:
+                break
+            level = search.level
+        self.policy.calibrated(search.choice(), level)
+        if search.curve:
+            self.calibration = search.curve
+            self.note(search.summary("tokens/s" if self.completion_tokens else "rows/s"))
+        await self._changed()
+
+    async def _measure(self, queue: asyncio.Queue[PreparedRow], level: int, rows: int) -> float | None:
+        """Throughput at `level` over the next `rows` rows; None when out of memory changed the level
+        or the rows ran out first (what was measured before stands)."""
+        self.policy.limit = level
+        await self._changed()
+        tokens, finished, started = self.completion_tokens, self.finished, time.monotonic()
+
+        def over() -> bool:
+            return self.finished - finished >= rows or queue.empty() or self.policy.limit != level
+
+        async with self.changed:
+            await self.changed.wait_for(over)
+        if self.policy.limit != level or self.finished - finished < rows:
+            return None
+        elapsed = max(time.monotonic() - started, 1e-9)
+        generated = self.completion_tokens - tokens
+        return generated / elapsed if generated else (self.finished - finished) / elapsed
+
+    async def sync_journal(self) -> None:
+        """Group commit: fdatasync the journal when rows were added, at most every SYNC_GAP_S. Rows
+        that finish meanwhile ride on the next sync, so a machine crash loses only rows that finished
+        in the last few tens of milliseconds (and the ones in flight), at a thread hop per sync."""
+        while True:
+            await self.unsynced.wait()
+            self.unsynced.clear()
+            await asyncio.to_thread(self.writer.sync)
+            await asyncio.sleep(SYNC_GAP_S)
+
+    async def periodic_flush(self) -> None:
+        """Checkpoint on time, and be the watchdog: no answer and no error for too long means stuck."""
+        while True:
+            await asyncio.sleep(min(self.settings.checkpoint_every_s, self.settings.stall_timeout_s / 4))
+            await self.flush()
+            step = self.policy.stalled(time.monotonic())
+            await self._changed()
+            if step is not None:
+                raise ChunkAborted(step.message, retryable=step.retryable)
+
+    async def run(self, rows: list[PreparedRow]) -> None:
+        queue: asyncio.Queue[PreparedRow] = asyncio.Queue()
+        for row in rows:
+            queue.put_nowait(row)
+        flusher = asyncio.create_task(self.periodic_flush())
+        syncer = asyncio.create_task(self.sync_journal())
+        workers = [asyncio.create_task(self.worker(i, queue)) for i in range(self.settings.workers)]
+        if self.settings.in_flight == "auto":
+            workers.append(asyncio.create_task(self.calibrate(queue)))
+        work = asyncio.gather(*workers)
+        try:
+            waiting: set[asyncio.Future[Any]] = {work, flusher}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if flusher in done:
+                flusher.result()  # the watchdog fired
+            await work  # a worker's ChunkAborted surfaces here
+        finally:
+            for task in workers:
+                task.cancel()
+            flusher.cancel()
+            syncer.cancel()
+            await asyncio.gather(work, flusher, syncer, return_exceptions=True)
+            await self.flush()  # finished rows reach disk even when the chunk aborts
+
+
+def _percentile(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+async def _run_async(run: _ChunkRun, rows: list[PreparedRow]) -> None:
+    await run.backend.open()
+    try:
+        while True:  # an outage that began at the hand-over gets the same budget as one mid-chunk
+            try:
+                await run.backend.check()
+                break
+            except BackendError as err:
+                if err.action != "unreachable":
+                    raise ChunkAborted(str(err), retryable=False) from err
+                step = run.policy.outage(err, time.monotonic())
+                if step.do == "abort":
+                    raise ChunkAborted(step.message or str(err), retryable=True) from err
+                await asyncio.sleep(step.wait_s)
+        run.policy.unreachable_since = None
+        await run.run(rows)
+    finally:
+        await run.backend.close()
+
+
+def finished_chunk_stats(settings: JobSettings, chunk: ChunkSpec) -> ChunkStats | None:
+    """Stats of a chunk an earlier run finished (its leftovers cleaned), or None if it has work left."""
+    clean_finished_parts(settings.output_dir, chunk)
+    if not chunk_path(settings.output_dir, chunk).exists():
+        return None
+    now = time.time()
+    return ChunkStats(index=chunk.index, rows=chunk.length, resumed_rows=chunk.length, started_at=now, finished_at=now)
+
+
+def run_chunk(
+    settings: JobSettings, chunk: ChunkSpec, backend: Backend, on_progress: ProgressCallback | None = None
+) -> ChunkStats:
+    """Process every row of `chunk` not yet on disk with `backend` (opened and closed here); write the chunk file."""
+    with claim_chunk(settings.output_dir, chunk):
+        if (finished := finished_chunk_stats(settings, chunk)) is not None:
+            return finished
+        return _run_claimed(settings, chunk, backend, on_progress)
+
+
+def _run_claimed(
+    settings: JobSettings, chunk: ChunkSpec, backend: Backend, on_progress: ProgressCallback | None
+) -> ChunkStats:
+    out = settings.output_dir
+    started = time.time()
+    output_model = load_output_model(settings.output_schema) if settings.output_schema else None
+    writer = ChunkWriter(
+        out, chunk, output_columns(output_model), settings.checkpoint_rows, settings.checkpoint_every_s
+    )
+    done = finished_rows(out, chunk)  # after the writer turned a killed run's journal into parts
+    rows = prepare_chunk(settings, chunk, skip=done, count_tokens=token_counter(settings))
+    run = _ChunkRun(settings, backend, chunk, writer, output_model, on_progress)
+    try:
+        asyncio.run(_run_async(run, rows))
+    finally:
+        writer.close()  # idempotent; on failure the finished rows are already journaled or checkpointed
+    frame = writer.finish()
+    by_status = frame["status"].value_counts()
+    status_counts = dict(zip(by_status["status"].to_list(), by_status["count"].to_list(), strict=True))
+    return ChunkStats(
+        index=chunk.index,
+        rows=chunk.length,
+        endpoint=settings.server_label,
+        resumed_rows=len(done),
+        sent_rows=len(rows),
+        ok=status_counts.get("ok", 0),
+        errors=status_counts.get("error", 0),
+        requests=run.requests,
+        prompt_tokens=run.prompt_tokens,
+        completion_tokens=run.completion_tokens,
+        latency_p50_ms=_percentile(run.latencies, 50),
+        latency_p95_ms=_percentile(run.latencies, 95),
+        in_flight=run.policy.ceiling,
+        num_ctx=run.options.num_ctx,
+        calibration=run.calibration,
+        started_at=started,
+        finished_at=time.time(),
+        events=run.events,
+    )

@@ -1,0 +1,289 @@
+"""The chunk's retry policy and in-flight search as pure functions, and the runner on the fake backend.
+
+No server and no sleeps: the policy gets the time passed in, the fake answers or fails at once as
+scripted. End-to-end runs over HTTP are in test_inference.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+import pytest
+
+from tasks.backends import BackendError
+from tasks.backends.fake import HANG, FakeBackend
+from tasks.chunk import ChunkAborted, run_chunk
+from tasks.chunk.calibrate import Calibration
+from tasks.chunk.policy import OOM_STREAK_LIMIT, RAISE_AFTER, ChunkPolicy, RowTries, Step
+from tasks.config import JobSettings, load_settings
+from tasks.dataset import validate_input
+from tasks.schema import ChunkStats
+from tasks.store import chunk_path, finished_rows
+
+OOM = BackendError("oom", "oom", "HTTP 500: CUDA error: out of memory")
+CRASH = BackendError("runner_crash", "retry", "HTTP 500: llama runner process unexpectedly stopped")
+DOWN = BackendError("unreachable", "unreachable", "cannot reach Ollama at http://127.0.0.1:9")
+
+
+def policy(**kw: Any) -> ChunkPolicy:
+    base: dict[str, Any] = {
+        "max_attempts": 3,
+        "outage_budget_s": 10.0,
+        "stall_timeout_s": 60.0,
+        "oom_backoff_s": 4.0,
+        "num_ctx": 8192,
+        "num_ctx_floor": None,
+        "ceiling": 4,
+        "limit": 4,
+        "jitter": lambda: 1.0,  # the longest wait: 2^(attempt-1) x base exactly
+    }
+    return ChunkPolicy(**(base | kw))
+
+
+def sent(tries: RowTries) -> RowTries:
+    tries.attempts += 1
+    return tries
+
+
+# --- the policy, pure ---------------------------------------------------------------------------
+
+
+def test_transient_failure_retries_with_exponential_backoff_until_attempts_run_out() -> None:
+    p, tries = policy(), RowTries()
+    assert p.failed(CRASH, sent(tries), now=1.0) == Step("retry", wait_s=0.5)
+    assert p.failed(CRASH, sent(tries), now=2.0) == Step("retry", wait_s=1.0)
+    assert p.failed(CRASH, sent(tries), now=3.0) == Step("error_row")
+    assert p.last_progress == 3.0  # an error is progress for the watchdog
+    busy = BackendError("busy", "backoff", "HTTP 503: server busy")
+    assert policy().failed(busy, sent(RowTries()), now=0.0) == Step("retry", wait_s=2.0)
+
+
+def test_fatal_failures_end_the_row_or_the_chunk() -> None:
+    p = policy()
+    assert p.failed(BackendError("bad_request", "fatal_row", "HTTP 400"), sent(RowTries()), now=0) == Step("error_row")
+    missing = BackendError("model_missing", "fatal_job", "model 'x' not found")
+    assert p.failed(missing, sent(RowTries()), now=0) == Step("abort", retryable=False, message="model 'x' not found")
+
+
+def test_an_outage_is_not_charged_to_the_row_and_ends_when_its_budget_is_spent() -> None:
+    p, tries = policy(outage_budget_s=10.0), RowTries()
+    assert p.failed(DOWN, sent(tries), now=100.0) == Step("retry", wait_s=0.5)
+    assert p.failed(DOWN, sent(tries), now=104.0) == Step("retry", wait_s=1.5)  # 0.5 + 4 / 4
+    assert p.failed(DOWN, sent(tries), now=109.0) == Step("retry", wait_s=1.0)  # capped by the budget left
+    assert tries.attempts == 0 and p.notes == [f"backend unreachable, waiting up to 10s: {DOWN}"]
+    assert p.stalled(now=1000.0) is None  # the watchdog leaves an outage to its budget
+    step = p.failed(DOWN, sent(tries), now=110.0)
+    assert step == Step("abort", retryable=True, message=f"{DOWN} (for 10s, outage_budget_s=10)")
+    p.answered(now=111.0)
+    assert p.unreachable_since is None
+
+
+def test_out_of_memory_halves_in_flight_unloads_lowers_num_ctx_then_gives_up() -> None:
+    p = policy(limit=4, num_ctx=8192, num_ctx_floor=2048, oom_backoff_s=4.0)
+    steps = [p.failed(OOM, sent(RowTries()), now=0) for _ in range(2)]
+    assert p.limit == 1 and steps[0] == Step("retry", wait_s=4.0)  # the row is not charged: retried
+    assert p.notes[:2] == [
+        f"out of memory, in-flight lowered to 2, backing off: {OOM}",
+        f"out of memory, in-flight lowered to 1, backing off: {OOM}",
+    ]
+    # At 1 in flight: half-way to the limit the model is unloaded, at the limit num_ctx halves.
+    unloads = [p.failed(OOM, sent(RowTries()), now=0).unload for _ in range(OOM_STREAK_LIMIT - 2)]
+    assert unloads == [True, False, False, False] and p.num_ctx == 4096 and p.oom_streak == 0
+    for _ in range(OOM_STREAK_LIMIT):
+        p.failed(OOM, sent(RowTries()), now=0)
+    assert p.num_ctx == 2048  # the floor
+    for _ in range(OOM_STREAK_LIMIT - 1):
+        assert p.failed(OOM, sent(RowTries()), now=0).do == "retry"
+    last = p.failed(OOM, sent(RowTries()), now=0)
+    assert last.do == "abort" and not last.retryable
+    assert last.message.startswith("persistent out of memory: 6 requests in a row failed with 1 in flight")
+    assert "num_ctx 8192 -> 4096" in " ".join(p.notes) and "num_ctx 4096 -> 2048" in " ".join(p.notes)
+
+
+def test_out_of_memory_is_not_charged_to_a_row_for_the_first_few() -> None:
+    p, tries = policy(limit=1, max_attempts=1, num_ctx_floor=256), RowTries()
+    assert p.failed(OOM, sent(tries), now=0).do == "retry"
+    assert (tries.attempts, tries.free, tries.charged()) == (1, 1, 0)
+    assert p.failed(CRASH, sent(tries), now=0) == Step("error_row")
+
+
+def test_an_answer_resets_the_streak_and_enough_of_them_win_a_slot_back() -> None:
+    p = policy(limit=4, ceiling=4)
+    p.failed(OOM, sent(RowTries()), now=0)
+    assert p.limit == 2
+    for i in range(RAISE_AFTER - 1):
+        p.answered(now=float(i))
+    assert p.limit == 2 and p.oom_streak == 0
+    p.answered(now=99.0)
+    assert p.limit == 3 and p.notes[-1] == f"{RAISE_AFTER} answers in a row since out-of-memory: in-flight raised to 3"
+
+
+def test_schema_invalid_answers_resample_until_attempts_run_out() -> None:
+    p, tries = policy(max_attempts=2), RowTries()
+    assert p.invalid_output(sent(tries)) == Step("retry")
+    assert p.invalid_output(sent(tries)) == Step("error_row")
+    assert tries.resamples == 2
+
+
+def test_watchdog_fires_after_the_stall_timeout() -> None:
+    p = policy(stall_timeout_s=60.0, last_progress=100.0)
+    assert p.stalled(now=160.0) is None
+    step = p.stalled(now=161.0)
+    assert step is not None and step.do == "abort" and step.retryable
+    assert (
+        step.message == "watchdog: no request finished or failed for 61s (stall_timeout_s=60); the backend looks hung"
+    )
+
+
+# --- the in-flight search, pure -----------------------------------------------------------------
+
+
+def test_calibration_doubles_while_throughput_grows_and_keeps_the_smallest_near_best_level() -> None:
+    search = Calibration(ceiling=16)
+    assert [search.rows_needed(), search.measured(100.0)] == [8, 2]
+    assert [search.rows_needed(), search.measured(200.0)] == [16, 4]
+    assert search.measured(400.0) == 8
+    assert search.measured(404.0) is None  # +1 %: the slots are full
+    assert search.choice() == 4 and search.summary("tokens/s").endswith("-> 4 in flight")
+
+
+def test_calibration_stops_at_the_ceiling_and_without_measurements_chooses_nothing() -> None:
+    search = Calibration(ceiling=4)
+    assert [search.measured(v) for v in (100.0, 200.0, 400.0)] == [2, 4, None]
+    assert search.choice() == 4
+    flat = Calibration(ceiling=16)
+    assert [flat.measured(v) for v in (100.0, 102.0)] == [2, None] and flat.choice() == 1
+    assert Calibration(ceiling=16).choice() is None
+
+
+def test_calibration_end_respects_a_limit_lowered_by_out_of_memory() -> None:
+    p = policy(limit=8, ceiling=16, calibrating=True)
+    p.calibrated(4, measured_level=8)  # measured up to 8, 4 was as good
+    assert (p.ceiling, p.limit, p.calibrating) == (4, 4, False)
+    lowered = policy(limit=2, ceiling=16, calibrating=True)
+    lowered.calibrated(8, measured_level=4)  # OOM took the limit from 4 to 2 meanwhile
+    assert (lowered.ceiling, lowered.limit) == (8, 2)
+    unmeasured = policy(limit=1, ceiling=16, calibrating=True)
+    unmeasured.calibrated(None, measured_level=1)
+    assert (unmeasured.ceiling, unmeasured.limit) == (1, 1)
+
+
+# --- the runner on the fake backend -------------------------------------------------------------
+
+
+def settings_for(offline_job: Any, n: int, **overrides: Any) -> JobSettings:
+    return load_settings(None, offline_job(n, chunk_size=n, **overrides))
+
+
+def run(settings: JobSettings, fake: FakeBackend) -> tuple[pl.DataFrame, ChunkStats]:
+    chunk = validate_input(settings).chunks[0]
+    stats = run_chunk(settings, chunk, fake)
+    return pl.read_parquet(chunk_path(settings.output_dir, chunk)), stats
+
+
+def prompt(i: int) -> str:
+    return f"Role: data engineer\nCandidate: candidate {i} writes Python"
+
+
+def test_every_row_once_with_n_in_flight(offline_job: Any) -> None:
+    fake = FakeBackend()
+    frame, stats = run(settings_for(offline_job, 16, in_flight=4), fake)
+    assert frame["response"].to_list() == [f"answer to: {prompt(i)}" for i in range(16)]
+    assert sorted(r.prompt for r in fake.history) == sorted(prompt(i) for i in range(16))
+    assert fake.peak_in_flight == 4 and fake.opened and fake.closed
+    assert (stats.ok, stats.errors, stats.requests, stats.in_flight) == (16, 0, 16, 4)
+    assert stats.completion_tokens == sum(len(f"answer to: {prompt(i)}".split()) for i in range(16))
+
+
+def test_retries_run_out_into_an_error_row(offline_job: Any) -> None:
+    fake = FakeBackend()
+    fake.always(CRASH, match="candidate 1 writes")
+    frame, stats = run(settings_for(offline_job, 3, max_attempts=3), fake)
+    bad = frame.row(1, named=True)
+    assert (bad["status"], bad["error_kind"], bad["attempts"], bad["error"]) == ("error", "runner_crash", 3, str(CRASH))
+    assert frame["status"].to_list() == ["ok", "error", "ok"] and stats.requests == 5
+
+
+def test_hung_request_times_out_and_is_retried(offline_job: Any) -> None:
+    fake = FakeBackend()
+    fake.enqueue(HANG, match="candidate 0 writes")
+    frame, _ = run(settings_for(offline_job, 3, request_timeout_s=0.05), fake)
+    assert frame["status"].to_list() == ["ok"] * 3 and frame["attempts"].to_list() == [2, 1, 1]
+    assert [r.outcome for r in fake.requests_for("candidate 0 writes")] == ["hang", "ok"]
+
+
+def test_outage_keeps_finished_rows_and_resume_sends_only_the_rest(offline_job: Any) -> None:
+    settings = settings_for(offline_job, 40, in_flight=1, outage_budget_s=0)
+    chunk = validate_input(settings).chunks[0]
+    down = FakeBackend()
+    down.always(DOWN, match="candidate 20 writes")
+    with pytest.raises(ChunkAborted, match="cannot reach Ollama") as info:
+        run_chunk(settings, chunk, down)
+    assert info.value.retryable is True and down.closed
+    assert finished_rows(settings.output_dir, chunk) == set(range(20))  # in order, one at a time
+    up = FakeBackend()
+    stats = run_chunk(settings, chunk, up)
+    assert [r.prompt for r in up.history] == [prompt(i) for i in range(20, 40)]  # nothing answered twice
+    assert (stats.resumed_rows, stats.sent_rows) == (20, 20)
+    assert pl.read_parquet(chunk_path(settings.output_dir, chunk))["row_index"].to_list() == list(range(40))
+
+
+def test_out_of_memory_lowers_in_flight_and_no_row_is_charged(offline_job: Any) -> None:
+    fake = FakeBackend()
+    fake.enqueue(OOM, OOM)
+    frame, stats = run(settings_for(offline_job, 12, in_flight=4, oom_backoff_s=0), fake)
+    assert frame["status"].to_list() == ["ok"] * 12 and frame["attempts"].sum() == 14
+    assert [e.split(": ", 1)[1] for e in stats.events] == [
+        f"out of memory, in-flight lowered to 2, backing off: {OOM}",
+        f"out of memory, in-flight lowered to 1, backing off: {OOM}",
+    ]
+    assert stats.in_flight == 4 and stats.requests == 14
+    assert [r.outcome for r in fake.history].count("ok") == 12
+    # Once lowered to 1, one request at a time, retries of rows already under way included.
+    assert [r.concurrent for r in fake.history[4:]] == [1] * 10
+
+
+def test_persistent_out_of_memory_unloads_once_then_stops_the_chunk_with_advice(offline_job: Any) -> None:
+    fake = FakeBackend()
+    fake.always(OOM)
+    settings = settings_for(offline_job, 12, in_flight=2, oom_backoff_s=0, max_attempts=20)
+    with pytest.raises(
+        ChunkAborted, match=r"persistent out of memory: 6 requests in a row.*Lower options.num_ctx"
+    ) as info:
+        run(settings, fake)
+    assert info.value.retryable is False
+    assert fake.unloads == 1 and 6 <= len(fake.history) < 12  # it did not spin through every row
+
+
+def test_watchdog_fails_a_chunk_whose_backend_stopped_answering(offline_job: Any) -> None:
+    fake = FakeBackend()
+    fake.always(HANG, match="candidate 5 writes")
+    settings = settings_for(offline_job, 8, in_flight=1, request_timeout_s=60, stall_timeout_s=0.1)
+    chunk = validate_input(settings).chunks[0]
+    with pytest.raises(ChunkAborted, match="watchdog: no request finished or failed") as info:
+        run_chunk(settings, chunk, fake)
+    assert info.value.retryable is True
+    assert finished_rows(settings.output_dir, chunk) == {0, 1, 2, 3, 4}  # what finished is kept
+
+
+def test_a_failed_check_stops_the_chunk_before_any_row(offline_job: Any) -> None:
+    fake = FakeBackend(check_error=BackendError("model_missing", "fatal_job", "model 'gemma3:27b' not found"))
+    with pytest.raises(ChunkAborted, match="model 'gemma3:27b' not found") as info:
+        run(settings_for(offline_job, 3), fake)
+    assert info.value.retryable is False and fake.history == [] and fake.closed
+
+
+def test_auto_in_flight_with_too_few_rows_to_measure_stays_at_one(offline_job: Any) -> None:
+    fake = FakeBackend()
+    _, stats = run(settings_for(offline_job, 6, in_flight="auto", max_in_flight=8), fake)
+    assert (stats.calibration, stats.in_flight, stats.ok, fake.peak_in_flight) == (None, 1, 6, 1)
+
+
+def test_auto_in_flight_measures_levels_on_the_real_rows(offline_job: Any) -> None:
+    fake = FakeBackend()
+    _, stats = run(settings_for(offline_job, 120, in_flight="auto", max_in_flight=8), fake)
+    assert stats.calibration is not None and list(stats.calibration)[0] == 1 and stats.ok == 120
+    levels = list(stats.calibration)
+    assert levels == [2**i for i in range(len(levels))]  # doubling, in order
+    assert stats.in_flight in levels and fake.peak_in_flight <= 8
