@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -66,6 +67,8 @@ class GenerationOptions(BaseModel):
 
 
 LIMIT_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+DEFAULT_OLLAMA_MODEL = "gemma3:12b"
+DEFAULT_GGUF_LABEL = "gemma-3-270m-q4_k_m"  # the file name of the default GGUF (tasks/backends/llamacpp.py)
 
 
 class Endpoint(BaseModel):
@@ -116,7 +119,10 @@ class JobSettings(BaseModel):
         "num_ctx - num_predict; unset, an overlong prompt is sent whole and flagged `truncated` if cut.",
     )
     backend: Literal["ollama", "llamacpp"] = Field("llamacpp", description="Inference engine.")
-    model: str = Field("gemma3:12b", min_length=1, description="Model name (Ollama tag; a label for llamacpp).")
+    model: str = Field(
+        min_length=1,
+        description="Model name: the Ollama tag (unset: gemma3:12b); for llamacpp a label, unset the GGUF file's name.",
+    )
     ollama_host: str | None = Field(
         None, description="Ollama base URL; unset means $OLLAMA_HOST, then http://127.0.0.1:11434."
     )
@@ -180,6 +186,18 @@ class JobSettings(BaseModel):
     checkpoint_every_s: float = Field(2.0, gt=0, le=3600, description="Longest time finished rows stay in memory only.")
     telemetry_interval_s: float = Field(1.0, ge=0.05, le=60, description="GPU/host sampling interval.")
     production_rows: int = Field(170_000, ge=1, description="Row count of the full production job, for the ETA.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_label(cls, data: Any) -> Any:
+        # Unset, the model is what actually runs: Ollama's default tag, or the GGUF llamacpp loads
+        # (never an Ollama tag on results the embedded model wrote).
+        if isinstance(data, dict) and data.get("model") is None:
+            path = data.get("model_path")
+            embedded = data.get("backend", "llamacpp") == "llamacpp"
+            label = (Path(str(path)).stem if path else DEFAULT_GGUF_LABEL) if embedded else DEFAULT_OLLAMA_MODEL
+            data = {**data, "model": label}
+        return data
 
     @field_validator("prompt_template")
     @classmethod
@@ -255,23 +273,45 @@ class JobSettings(BaseModel):
 
     def answer_fingerprint(self, input_digest: str, schema_json: str | None) -> str:
         """Hash of everything that changes the answers, so a rerun never mixes two configurations."""
-        keyed = self.model_dump(
-            mode="json",
-            include={
-                "trim_field",
-                "id_column",
-                "prompt_template",
-                "system_prompt",
-                "backend",
-                "model",
-                "model_path",
-                "options",
-                "chunk_size",
-            },
-        )
+        keyed = self.model_dump(mode="json", include=set(ANSWER_FIELDS))
         keyed["input"] = input_digest
         keyed["schema"] = schema_json
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# The settings that own an output directory: a change to any of them changes the answers (or
+# which rows a chunk holds), so its rows must not mix with the directory's. The rest (in_flight,
+# timeouts, host, checkpointing) is plumbing and may change between runs of one job.
+ANSWER_FIELDS = (
+    "trim_field",
+    "id_column",
+    "prompt_template",
+    "system_prompt",
+    "backend",
+    "model",
+    "model_path",
+    "options",
+    "chunk_size",
+)
+
+
+def answer_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The answer-changing settings two dumped configurations differ in, as `key: old -> new`."""
+
+    def flat(data: dict[str, Any]) -> dict[str, Any]:
+        found = {}
+        for key in ANSWER_FIELDS:
+            value = data.get(key)
+            if isinstance(value, dict):
+                found.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                found[key] = value
+        return found
+
+    old, new = flat(before), flat(after)
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+    ]
 
 
 def template_fields(template: str) -> list[str]:
@@ -330,7 +370,20 @@ def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] 
     try:
         return JobSettings.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(settings)'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_describe(err) for err in exc.errors())
         raise SettingsError(f"invalid job settings in {source}: {problems}") from exc
+
+
+_NESTED: dict[str, type[BaseModel]] = {"options": GenerationOptions, "endpoints": Endpoint}
+
+
+def _describe(err: Any) -> str:
+    """One validation problem in the job file's words; an unknown key gets the closest known one."""
+    where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+    if err["type"] != "extra_forbidden":
+        return f"{where}: {err['msg']}"
+    *parents, key = [p for p in err["loc"] if isinstance(p, str)]
+    model: type[BaseModel] = _NESTED.get(parents[-1], JobSettings) if parents else JobSettings
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    hint = f"; did you mean `{close[0]}`?" if close else f"; known keys: {', '.join(model.model_fields)}"
+    return f"{where}: unknown setting{hint}"

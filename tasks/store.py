@@ -25,6 +25,7 @@ from typing import Any
 
 import polars as pl
 
+from tasks.config import answer_differences
 from tasks.dataset import ChunkSpec
 from tasks.schema import ResultRow, rows_to_frame
 
@@ -261,20 +262,41 @@ def _flock(path: Path, what: str) -> Any:
     return handle
 
 
-def _check_job_record(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> None:
+def holds_rows(out: Path) -> bool:
+    """Whether any result row is on disk: a chunk file, a checkpoint part or a journal."""
+    chunks = out / "chunks"
+    return chunks.is_dir() and any(p.suffix in (".parquet", ".jsonl") for p in chunks.iterdir())
+
+
+def check_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> bool:
+    """Refuse a directory whose rows another configuration wrote, naming the settings that differ.
+
+    Reads only. True when the directory is this job's already (job.json with this fingerprint).
+    A job.json without a single row on disk (a run stopped before its first row) does not own it.
+    """
     record_path = out / "job.json"
-    if record_path.exists():
-        previous = json.loads(record_path.read_text(encoding="utf-8"))
-        if previous.get("fingerprint") != fingerprint:
-            raise OutputDirError(
-                f"output_dir {out} holds results of a different job configuration "
-                f"(fingerprint {previous.get('fingerprint')}, this job {fingerprint}); "
-                "use another output_dir, or delete this one to start over"
-            )
-    elif job_record is None:
-        raise OutputDirError(f"output_dir {out} has no job.json: a shard runs only inside its parent's directory")
-    else:
-        write_json_atomic({"fingerprint": fingerprint, **job_record}, record_path)
+    if not record_path.exists():
+        if job_record is None:
+            raise OutputDirError(f"output_dir {out} has no job.json: a shard runs only inside its parent's directory")
+        return False
+    previous = json.loads(record_path.read_text(encoding="utf-8"))
+    if previous.get("fingerprint") == fingerprint:
+        return True
+    if job_record is not None and not holds_rows(out):
+        return False
+    differ = answer_differences(previous.get("settings", {}), (job_record or {}).get("settings", {}))
+    if job_record is not None and previous.get("input_digest") not in (None, job_record.get("input_digest")):
+        differ.append(f"contents of the input file {job_record['settings'].get('input_path')}")
+    what = "; ".join(differ) or "the input file's or the output schema's contents"
+    raise OutputDirError(
+        f"output_dir {out} holds rows written with other answer-changing settings ({what}); "
+        "use another output_dir, or delete this one to start over"
+    )
+
+
+def _check_job_record(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> None:
+    if not check_output_dir(out, fingerprint, job_record) and job_record is not None:
+        write_json_atomic({"fingerprint": fingerprint, **job_record}, out / "job.json")
 
 
 @contextmanager
@@ -374,3 +396,22 @@ def error_kinds(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
         return {}
     frame = pl.scan_parquet(paths).filter(pl.col("status") == "error").group_by("error_kind").len().collect()
     return {str(k): int(n) for k, n in frame.iter_rows()}
+
+
+def error_rows(out: Path, chunks: list[ChunkSpec]) -> int:
+    """Error rows on disk (finished chunks and checkpoint parts)."""
+    return sum(error_kinds(out, chunks).values())
+
+
+def previous_manifest(report_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """The manifest an earlier attempt of this same job left in report_dir ({} if none): its
+    attempts, chunk stats and recoveries carry over, so a rerun reports on the whole job."""
+    path = report_dir / "manifest.json"
+    if not path.exists():
+        return {}
+    found = json.loads(path.read_text(encoding="utf-8"))
+    return found if found.get("fingerprint") == fingerprint else {}
+
+
+def read_parquet_or_none(path: Path) -> pl.DataFrame | None:
+    return pl.read_parquet(path) if path.exists() else None

@@ -21,9 +21,30 @@ _LLAMA_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name
 
 
 @functools.lru_cache(maxsize=1)
+def _quiet_llama_log() -> Any:
+    """llama.cpp's C log, errors only: llama-cpp-python prints its level-0 lines (e.g. the SWA cache
+    notice) on every load even with verbose=False. The callback is kept referenced (lru_cache), or
+    C would call freed memory."""
+    import ctypes
+    import sys
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level == 3:  # GGML_LOG_LEVEL_ERROR
+            print(text.decode("utf-8", "replace"), end="", file=sys.stderr, flush=True)
+
+    llama_cpp.llama_log_set(errors_only, ctypes.c_void_p(0))
+    return errors_only
+
+
+@functools.lru_cache(maxsize=1)
 def _load(path: str, n_ctx: int) -> Any:
     """One loaded model per process: the flow's check and every chunk task share it."""
     from llama_cpp import Llama
+
+    _quiet_llama_log()
 
     llm = Llama(
         model_path=path,
