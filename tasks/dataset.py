@@ -141,6 +141,15 @@ def plan_chunks(total_rows: int, chunk_size: int) -> list[ChunkSpec]:
     ]
 
 
+_COUNTED = "counted from 1, the header not counted; row_index in the results is one less"
+
+
+def _rows(indices: list[int]) -> str:
+    """0-based row indices as a person counts a file's data rows: `rows 1, 3 and 4`."""
+    shown = [str(i + 1) for i in indices]
+    return f"row {shown[0]}" if len(shown) == 1 else f"rows {', '.join(shown[:-1])} and {shown[-1]}"
+
+
 def validate_input(settings: JobSettings) -> JobPlan:
     """Check the input before any request: columns present, ids unique and non-null."""
     path = settings.input_path
@@ -164,15 +173,13 @@ def validate_input(settings: JobSettings) -> JobPlan:
     col = settings.id_column
     nulls = ids.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
     if nulls.height:
-        rows = ", ".join(str(r) for r in nulls["row"].head(5).to_list())
-        raise InputError(
-            f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (rows {rows}; first row is 0)"
-        )
+        rows = _rows(nulls["row"].head(5).to_list())
+        raise InputError(f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (data {rows}; {_COUNTED})")
     dupes = ids.filter(pl.col(col).is_duplicated())
     if dupes.height:
         first = dupes.group_by(col, maintain_order=True).agg(pl.col("row")).head(3)
-        shown = "; ".join(f"'{r[col]}' at rows {r['row']}" for r in first.iter_rows(named=True))
-        raise InputError(f"input {path}: duplicate ids in '{col}': {shown}")
+        shown = "; ".join(f"'{r[col]}' at data {_rows(r['row'])}" for r in first.iter_rows(named=True))
+        raise InputError(f"input {path}: duplicate ids in '{col}': {shown} ({_COUNTED}); ids must be unique")
     if ids.height == 0:
         raise InputError(f"input {path} has no rows")
     return JobPlan(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,10 +127,20 @@ def test_claim_refuses_a_second_run_and_another_configuration(tmp_path: Path) ->
         claim_output_dir(tmp_path, "fp-1", {}),
     ):
         pass
-    with claim_output_dir(tmp_path, "fp-1", {}):  # released: same configuration may resume
+    first = {"settings": {"model": "a", "options": {"num_predict": 64}, "in_flight": 1}}
+    with claim_output_dir(tmp_path, "fp-1", first):  # released: same configuration may resume
         pass
-    with pytest.raises(OutputDirError, match="different job configuration"), claim_output_dir(tmp_path, "fp-2", {}):
+    # No row on disk yet: the directory holds nothing to mix with, so another configuration may take it.
+    second = {"settings": {"model": "a", "options": {"num_predict": 32}, "in_flight": 2}}
+    with claim_output_dir(tmp_path, "fp-2", second):
         pass
+    assert json.loads((tmp_path / "job.json").read_text())["fingerprint"] == "fp-2"
+    (tmp_path / "chunks").mkdir()
+    pl.DataFrame({"row_index": [0]}).write_parquet(tmp_path / "chunks" / "chunk-00000.part-00000.parquet")
+    # Rows on disk: refused, naming the answer-changing setting that differs (not in_flight).
+    with pytest.raises(OutputDirError) as refused, claim_output_dir(tmp_path, "fp-1", first):
+        pass
+    assert "(options.num_predict: 32 -> 64)" in str(refused.value)
 
 
 def test_a_killed_writer_loses_no_finished_row(tmp_path: Path) -> None:
