@@ -80,7 +80,8 @@ def test_rerun_keeps_the_whole_job_in_report_manifest_and_telemetry(
     job: Any, emulator: OllamaEmulator, tmp_path: Path
 ) -> None:
     emulator.latency_s = 0.02
-    emulator.inject(Fault.bad_request("no such thing"), times=3, match="candidate 1[0-2] writes")
+    for i in (10, 11, 12):
+        emulator.inject(Fault.bad_request("no such thing"), match=f"candidate {i} writes")
     settings = job(24, name="rerun", telemetry_interval_s=0.1)
     path = job_file(tmp_path, settings)
     first = cli(path)
