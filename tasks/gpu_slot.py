@@ -20,7 +20,7 @@ class GpuSlotTimeout(TimeoutError):
 
 
 def ensure_gpu_limit(name: str, limit: int = 1) -> None:
-    """Create the limit if missing: Prefect silently skips limits that do not exist (FACTS.md)."""
+    """Create the limit if missing: Prefect 3.9 silently skips limits that do not exist."""
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 if TYPE_CHECKING:
     from tasks.config import JobSettings
 
-# What the chunk runner does with each failure (see FACTS.md "Failure signals"):
+# What the chunk runner does with each failure (the README's failure table):
 #   retry        - transient: dropped connection, timeout, runner crash, server error
 #   backoff      - the server asked us to slow down (503 queue full)
 #   oom          - out of memory: back off, lower in-flight, retry

@@ -10,7 +10,7 @@ import ollama
 
 from tasks.backends import Action, BackendError, Reply
 
-# Texts Ollama puts in a 500 when the GPU runs out of memory (FACTS.md, llm/status.go).
+# Texts Ollama puts in a 500 when the GPU runs out of memory (ollama's llm/status.go).
 _OOM_MARKERS = (
     "out of memory",
     "cudamalloc failed",
@@ -26,7 +26,7 @@ def _ms(ns: int | None) -> float | None:
 
 
 def classify(exc: BaseException, model: str, host: str) -> BackendError:
-    """Map a client exception to a kind and the action FACTS.md's failure table prescribes."""
+    """Map a client exception to a kind and the action the README's failure table prescribes."""
     if isinstance(exc, ollama.ResponseError):
         text = exc.error or ""
         lowered = text.lower()
