@@ -180,3 +180,38 @@ def test_a_sigkilled_run_leaves_no_temporary_prefect_server(job: Any, emulator: 
     for leftover in alive:  # do not leave it behind even when the test fails
         leftover.kill()
     assert not alive, "the temporary Prefect server outlived the SIGKILLed CLI"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_terminal_gets_a_progress_bar_with_the_artifacts_numbers(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
+    import pty
+
+    emulator.inject(Fault.bad_request("no"), match="candidate 2 writes")
+    path = job_file(tmp_path, job(16, name="bar"))
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "COLUMNS": "160", "TERM": "xterm"}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.batch_inference", "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the other end closed: the CLI ended
+            break
+        if not data:
+            break
+        seen += data
+    os.close(master)
+    assert proc.wait(timeout=180) == 0
+    text = seen.decode("utf-8", "replace")
+    assert "━" in text  # rich's bar, redrawn in place
+    assert "16/16 rows" in text and "rows/s" in text and "1 error rows" in text and "done" in text
+    assert "[bar] " not in text  # not the plain lines a pipe gets
