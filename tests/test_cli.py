@@ -124,7 +124,9 @@ def test_refusals_name_the_answer_changing_setting_and_plumbing_changes_run(
     assert "(options.num_predict: 64 -> 32)" in refused.stderr and "in_flight" not in refused.stderr.split("hint")[0]
     assert "--set output_dir=" in refused.stderr and tree(out) == kept
     # The README's example: the changed answers get their own directory; in_flight alone resumes in place.
-    other = cli(path, "--set", "in_flight=2", "--set", "options.num_predict=32", "--set", f"output_dir={tmp_path / 'short'}")
+    other = cli(
+        path, "--set", "in_flight=2", "--set", "options.num_predict=32", "--set", f"output_dir={tmp_path / 'short'}"
+    )
     assert other.returncode == 0, other.stderr
     emulator.reset_stats()
     assert cli(path, "--set", "in_flight=2").returncode == 0
@@ -132,7 +134,9 @@ def test_refusals_name_the_answer_changing_setting_and_plumbing_changes_run(
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_a_failed_preflight_leaves_a_used_output_dir_as_it_was(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
+def test_a_failed_preflight_leaves_a_used_output_dir_as_it_was(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
     settings = job(8)
     assert cli(job_file(tmp_path, settings)).returncode == 0
     out = Path(settings["output_dir"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
