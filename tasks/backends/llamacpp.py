@@ -21,38 +21,22 @@ _LLAMA_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name
 
 
 @functools.lru_cache(maxsize=1)
-def _quiet_llama_log() -> Any:
-    """llama.cpp's C log, errors only: llama-cpp-python prints its level-0 lines (e.g. the SWA cache
-    notice) on every load even with verbose=False. The callback is kept referenced (lru_cache), or
-    C would call freed memory."""
-    import ctypes
-    import sys
-
-    import llama_cpp
-
-    @llama_cpp.llama_log_callback  # type: ignore[misc]
-    def errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if level == 3:  # GGML_LOG_LEVEL_ERROR
-            print(text.decode("utf-8", "replace"), end="", file=sys.stderr, flush=True)
-
-    llama_cpp.llama_log_set(errors_only, ctypes.c_void_p(0))
-    return errors_only
-
-
-@functools.lru_cache(maxsize=1)
 def _load(path: str, n_ctx: int) -> Any:
     """One loaded model per process: the flow's check and every chunk task share it."""
     from llama_cpp import Llama
 
-    _quiet_llama_log()
+    from llama_cpp._utils import suppress_stdout_stderr
 
-    llm = Llama(
-        model_path=path,
-        n_ctx=n_ctx,
-        n_threads=os.cpu_count() or 1,
-        n_gpu_layers=-1,  # all layers on the GPU when llama.cpp was built with one; no-op on CPU
-        verbose=False,
-    )
+    # verbose=False silences the model load only; the context's set-up still writes its notices
+    # (the SWA cache line) straight to the process's stderr, so that goes quiet too.
+    with suppress_stdout_stderr(disable=False):
+        llm = Llama(
+            model_path=path,
+            n_ctx=n_ctx,
+            n_threads=os.cpu_count() or 1,
+            n_gpu_layers=-1,  # all layers on the GPU when llama.cpp was built with one; no-op on CPU
+            verbose=False,
+        )
     # A GGUF without a chat template (Gemma 3 270M base is one) would get llama-2's format,
     # which Gemma does not know; use Gemma's own turn markers instead.
     if not llm.metadata.get("tokenizer.chat_template") and llm.metadata.get("general.architecture", "").startswith(
