@@ -24,7 +24,6 @@ _LLAMA_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name
 def _load(path: str, n_ctx: int) -> Any:
     """One loaded model per process: the flow's check and every chunk task share it."""
     from llama_cpp import Llama
-
     from llama_cpp._utils import suppress_stdout_stderr
 
     # verbose=False silences the model load only; the context's set-up still writes its notices
