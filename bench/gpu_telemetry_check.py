@@ -103,7 +103,7 @@ def main() -> None:
             "tokens_per_s": None if batch is None else round(rates[batch], 1),
             **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in summary.items()},
         }
-    # What the verdict says about the batch-1 phase, given the measured curve (FACTS.md's trap).
+    # What the verdict says about the batch-1 phase, given the measured curve (NVML's 100 % at batch 1).
     b1 = phases["decode-batch-1"]
     verdict = judge(
         RunEvidence(

@@ -6,56 +6,62 @@ As deployed:   prefect deployment run 'batch-inference/nightly'
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":  # the command line checks the job before Prefect is even imported
+    from flows.cli import main
+
+    sys.exit(main("batch", sys.argv[1:]))
+
 import asyncio
+import base64
 import re
 import socket
-import sys
 import time
-from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import yaml
+import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks.backends import BackendError, ServerInfo, make_backend
+from tasks.backends import ServerInfo, make_backend
 from tasks.backends.ollama import OllamaBackend
+from tasks.bottleneck import judge
+from tasks.charts import timeline_png
 from tasks.chunk import ChunkAborted, finished_chunk_stats, run_chunk
-from tasks.config import JobSettings, load_settings
+from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.dispatch import Dispatcher, LaneFailed
 from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
-from tasks.report import RunReporter
-from tasks.schema import ChunkStats, load_output_model, output_columns
+from tasks.job import Job, check_backends, plan_job
+from tasks.progress import ArtifactSink, Progress, Throttled, terminal_sink
+from tasks.report import build_evidence, chunk_row, publish_artifacts, render_report
+from tasks.schema import ChunkStats
 from tasks.store import (
     build_manifest,
     check_chunk_files,
+    check_output_dir,
     claim_output_dir,
     consolidate,
+    error_kinds,
+    error_rows,
     finished_rows,
     join_output_dir,
+    previous_manifest,
+    read_parquet_or_none,
+    write_atomic,
     write_json_atomic,
+    write_parquet_atomic,
 )
-from tasks.telemetry import Sampler
+from tasks.telemetry import Sampler, summarize
 
 
 @task(name="plan-chunks", cache_policy=NO_CACHE)
 def plan_chunks(settings: JobSettings) -> JobPlan:
     """Validate the input (columns, ids) and cut it into chunks, before any request is sent."""
     return validate_input(settings)
-
-
-async def _check_backend(settings: JobSettings) -> ServerInfo:
-    backend = make_backend(settings)
-    try:
-        await backend.open()
-        await backend.check()
-        return await backend.describe()
-    finally:
-        await backend.close()
 
 
 @task(name="check-backend", cache_policy=NO_CACHE)
@@ -65,31 +71,10 @@ def check_backend(settings: JobSettings) -> tuple[list[JobSettings], list[str], 
     With several endpoints the run goes on with those that answer; returns them, the problems
     of the others, and what each server that answered says of itself (slots, context).
     """
-    logger = get_run_logger()
-    up, problems, infos = [], [], []
-    for lane in settings.lanes():
-        try:
-            info = asyncio.run(_check_backend(lane))
-        except BackendError as err:
-            problems.append(str(err))
-            continue
-        up.append(lane)
-        infos.append(info)
-        if info.context_per_slot is not None and info.context_per_slot < lane.options.num_ctx:
-            # The server's per-sequence context is fixed at its start; prompts the job thinks fit can fail.
-            logger.warning(
-                "%s gives each of its %s slots %d tokens of context, less than options.num_ctx %d: "
-                "longer prompts fail as error rows; lower num_ctx or start the server with a larger context",
-                lane.server_label,
-                info.parallel_slots,
-                info.context_per_slot,
-                lane.options.num_ctx,
-            )
-    if not up:
-        raise RuntimeError(f"backend check failed: {'; '.join(problems)}")
+    up, problems, servers = check_backends(settings)
     for problem in problems:
-        logger.warning("endpoint left out of this run: %s", problem)
-    return up, problems, infos
+        get_run_logger().warning("endpoint left out of this run: %s", problem)
+    return up, problems, servers
 
 
 def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
@@ -109,42 +94,34 @@ def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
     cache_policy=NO_CACHE,
     retry_condition_fn=_retry_unless_fatal,
 )
-def run_chunk_task(settings: JobSettings, chunk: ChunkSpec, reporter: RunReporter) -> ChunkStats:
+def run_chunk_task(settings: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler) -> ChunkStats:
     """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed."""
     about = {"chunk": chunk.name, "output_dir": str(settings.output_dir), "flow_run": flow_run.name}
     with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=get_run_logger().warning, about=about):
-        reporter.chunk_started(chunk)
-        return run_chunk(settings, chunk, make_backend(settings), on_progress=partial(reporter.progress, chunk.index))
-
-
-class Job(NamedTuple):
-    """A job file read, its input validated and planned, before anything is sent."""
-
-    settings: JobSettings
-    plan: JobPlan
-    fingerprint: str
-    record: dict[str, Any]
+        sampler.mark(f"{chunk.name} start")
+        return run_chunk(
+            settings,
+            chunk,
+            make_backend(settings),
+            on_progress=lambda done, errs: progress.update(chunk.index, done, errs),
+        )
 
 
 def prepare_job(job_file: str | None, overrides: dict[str, Any] | None) -> Job:
     # A scheduled run keeps its date through retries and reruns, so it resumes its own directory.
-    scheduled = flow_run.scheduled_start_time
-    settings = load_settings(job_file, overrides)
-    settings = settings.for_run_date(settings.run_date or scheduled.astimezone().date())
-    output_model = load_output_model(settings.output_schema) if settings.output_schema else None
-    output_columns(output_model)  # a schema field colliding with a result column fails here, not mid-run
-    plan = plan_chunks(settings)
-    schema_json = None if output_model is None else str(output_model.model_json_schema())
-    record = {
-        "settings": settings.model_dump(mode="json"),
-        "input_digest": plan.input_digest,  # chunks read the snapshot this names, never the input file again
-        "total_rows": plan.total_rows,
-        "chunks": len(plan.chunks),
-    }
-    return Job(settings, plan, settings.answer_fingerprint(plan.input_digest, schema_json), record)
+    day = flow_run.scheduled_start_time.astimezone().date()
+    return plan_job(job_file, overrides, day, validate=plan_chunks)
 
 
-def run_chunks(settings: JobSettings, lanes: list[JobSettings], chunks: list[ChunkSpec], reporter: RunReporter) -> None:
+def run_chunks(
+    settings: JobSettings,
+    lanes: list[JobSettings],
+    chunks: list[ChunkSpec],
+    progress: Progress,
+    sampler: Sampler,
+    on_done: Any,
+    notes: list[str],
+) -> None:
     """Each chunk on whichever endpoint is free, one chunk per endpoint at a time.
 
     One endpoint: a failing chunk is retried by Prefect on it (chunk_retries). Several: the chunk
@@ -158,14 +135,14 @@ def run_chunks(settings: JobSettings, lanes: list[JobSettings], chunks: list[Chu
 
     def run(lane: int, batch: list[ChunkSpec]) -> ChunkStats:
         try:
-            return task(lanes[lane], batch[0], reporter)
+            return task(lanes[lane], batch[0], progress, sampler)
         except ChunkAborted as exc:
             if not several:
                 raise
             raise LaneFailed(str(exc), retryable=exc.retryable) from exc
 
     def done(lane: int, batch: list[ChunkSpec], stats: ChunkStats) -> None:
-        reporter.chunk_done(stats)
+        on_done(stats)
         if lanes[lane].in_flight == "auto" and stats.calibration:
             # Measured once per endpoint, on its first rows; its later chunks keep the chosen level.
             lanes[lane] = lanes[lane].model_copy(update={"in_flight": stats.in_flight})
@@ -181,7 +158,69 @@ def run_chunks(settings: JobSettings, lanes: list[JobSettings], chunks: list[Chu
     try:
         dispatcher(chunks)
     finally:
-        reporter.notes.extend(dispatcher.events)
+        notes.extend(dispatcher.events)
+
+
+def _merged(previous: pl.DataFrame | None, new: pl.DataFrame) -> pl.DataFrame:
+    return new if previous is None else pl.concat([previous, new], how="diagonal_relaxed")
+
+
+def write_report(
+    job: Job,
+    manifest: dict[str, Any],
+    stats: list[ChunkStats],
+    sampler: Sampler,
+    *,
+    key: str,
+    report_dir: Path,
+) -> dict[str, Any]:
+    """Telemetry, chart and report of the whole job in report_dir (every attempt), then its artifacts.
+
+    Returns the figures the manifest keeps: a scale-out parent reads them per host.
+    """
+    settings, plan = job.settings, job.plan
+    samples = _merged(read_parquet_or_none(report_dir / "telemetry" / "samples.parquet"), sampler.frame())
+    marks = _merged(read_parquet_or_none(report_dir / "telemetry" / "marks.parquet"), sampler.marks())
+    write_parquet_atomic(samples, report_dir / "telemetry" / "samples.parquet")
+    write_parquet_atomic(marks, report_dir / "telemetry" / "marks.parquet")
+    chart = timeline_png(samples, marks)
+    if chart:
+        write_atomic(report_dir / "timeline.png", lambda tmp: tmp.write_bytes(chart))
+    first = manifest["attempts"][0]["started_at"]
+    telemetry = summarize(samples, first, time.time()) if samples.height else {}
+    evidence = build_evidence(
+        settings,
+        stats,
+        plan.total_rows,
+        manifest["rows_ok"] + manifest["rows_error"],
+        telemetry,
+        error_kinds(settings.output_dir, plan.chunks),
+    )
+    verdict = judge(evidence)
+    text = lambda image: render_report(  # noqa: E731
+        settings,
+        manifest,
+        verdict,
+        evidence,
+        telemetry,
+        samples,
+        stats=stats,
+        events=manifest["recoveries"],
+        report_dir=report_dir,
+        image=image,
+    )
+    write_atomic(report_dir / "report.md", lambda tmp: tmp.write_text(text("timeline.png" if chart else None)))
+    # The UI shows images given as data URIs inside markdown, so the chart travels with the artifact.
+    inline = f"data:image/png;base64,{base64.b64encode(chart).decode()}" if chart else None
+    table = [chunk_row(st, samples) for st in sorted(stats, key=lambda st: st.index)]
+    publish_artifacts(key, text(inline), verdict.headline, table)
+    return {
+        "verdict": verdict.kind,
+        "headline": verdict.headline,
+        "requests_per_s": round(evidence.requests_per_s, 3),
+        "tokens_per_s": round(evidence.tokens_per_s, 1),
+        "telemetry": telemetry,
+    }
 
 
 @flow(name="batch-inference", log_prints=True)
@@ -198,51 +237,76 @@ def batch_inference(
     """
     logger = get_run_logger()
     started = time.time()
-    settings, plan, fingerprint, record = prepare_job(job_file, overrides)
+    job = prepare_job(job_file, overrides)
+    settings, plan, fingerprint, record = job
     out = settings.output_dir
     if chunks is None:
-        hold, key, report_dir = claim_output_dir(out, fingerprint, record), settings.name, out
+        key, report_dir = settings.name, out
     else:
         plan = plan.shard(chunks)
+        job = job._replace(plan=plan)
         # Artifact keys take lowercase letters, digits and dashes only.
         label = re.sub(r"[^a-z0-9-]+", "-", (host or socket.gethostname()).lower())
-        hold, key = join_output_dir(out, fingerprint), f"{settings.name}-{label}"
-        report_dir = out / "shards" / f"{label}-{plan.chunks[0].name}"
+        key, report_dir = f"{settings.name}-{label}", out / "shards" / f"{label}-{plan.chunks[0].name}"
+    # Pre-flight first: a refused directory or an unreachable backend leaves output_dir untouched.
+    check_output_dir(out, fingerprint, record if chunks is None else None)
+    lanes, left_out, servers = check_backend(settings)
+    hold = claim_output_dir(out, fingerprint, record) if chunks is None else join_output_dir(out, fingerprint)
     with hold:
-        lanes, left_out, server_infos = check_backend(settings)
         for lane in lanes:
             ensure_gpu_limit(lane.gpu_limit)
+        history = previous_manifest(report_dir, fingerprint)
         # What earlier runs left: damaged or foreign files set aside, torn journal lines counted.
         findings = [*plan.notes, *check_chunk_files(out, plan.chunks)]
         for finding in findings:
             logger.warning(finding)
         done_before = sum(len(finished_rows(out, c)) for c in plan.chunks)
+        limits = ", ".join(f"'{lane.gpu_limit}'" for lane in lanes)
         logger.info(
-            "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight, on %s",
+            "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight; each chunk holds the "
+            "Prefect concurrency limit %s",
             plan.total_rows,
             len(plan.chunks),
             done_before,
             settings.backend,
             settings.model,
             settings.in_flight,
-            ", ".join(lane.gpu_limit for lane in lanes),
+            limits,
         )
         # Ollama's /api/ps says whether the model spilled to the CPU; the sampler polls each endpoint's.
         ollamas = [b for b in map(make_backend, lanes) if isinstance(b, OllamaBackend)]
         sampler = Sampler(interval_s=settings.telemetry_interval_s, model_memory=ollamas)
+        progress = Progress(
+            key,
+            plan.total_rows,
+            done_before,
+            error_rows(out, plan.chunks),
+            sinks=[Throttled(ArtifactSink(), 2.0), terminal_sink()],
+        )
+        # Chunks an earlier attempt ran keep the figures it measured; this attempt's replace them.
+        stats = {s["index"]: ChunkStats.model_validate(s) for s in history.get("chunk_stats", [])}
+        notes = [f"{time.strftime('%H:%M:%S')} left out at the start: {problem}" for problem in left_out]
+        notes += [f"{time.strftime('%H:%M:%S')} {finding}" for finding in findings]
+        ran: list[ChunkStats] = []
+
+        def chunk_done(st: ChunkStats) -> None:
+            sampler.mark(f"chunk-{st.index:05d} end")
+            stats[st.index] = st
+            ran.append(st)
+            progress.chunk_done(st.index, st.sent_rows, st.errors)
+
         sampler.start()
-        reporter = RunReporter(settings, plan, done_before, sampler, key=key, report_dir=report_dir)
-        reporter.notes.extend(f"left out at the start: {problem}" for problem in left_out)
-        reporter.notes.extend(findings)
+        sampler.mark(f"attempt {len(history.get('attempts', [])) + 1} start")
+        progress.start()
         failure: BaseException | None = None
         try:
             todo = []
             for chunk in plan.chunks:
-                if (finished := finished_chunk_stats(settings, chunk)) is not None:
-                    reporter.chunk_done(finished)  # done by an earlier run: no task, no GPU slot
-                else:
+                if (finished := finished_chunk_stats(settings, chunk)) is None:
                     todo.append(chunk)
-            run_chunks(settings, lanes, todo, reporter)
+                elif chunk.index not in stats:  # done by an earlier run whose figures are gone
+                    stats[chunk.index] = finished
+            run_chunks(settings, lanes, todo, progress, sampler, chunk_done, notes)
             if chunks is None:
                 logger.info("wrote %s", consolidate(out, plan.chunks, plan.total_rows))
         except BaseException as exc:
@@ -250,41 +314,29 @@ def batch_inference(
             raise
         finally:
             sampler.stop()
+            progress.finish()
             for ollama in ollamas:
                 asyncio.run(ollama.close())
             manifest = build_manifest(settings, plan, fingerprint, started, failure)
+            attempt = {
+                "started_at": started,
+                "finished_at": manifest["finished_at"],
+                "wall_s": manifest["wall_s"],
+                "rows_sent": sum(st.sent_rows for st in ran),
+                "complete": manifest["complete"],
+                "error": manifest["error"],
+            }
+            manifest |= {
+                # This attempt's rows and sending time: a scale-out parent adds them up per host.
+                "rows_sent": attempt["rows_sent"],
+                "sending_s": round(sum(st.seconds for st in ran if st.sent_rows), 3),
+                "attempts": [*history.get("attempts", []), attempt],
+                "recoveries": [*history.get("recoveries", []), *notes, *(e for st in ran for e in st.events)],
+                "chunk_stats": [st.model_dump(mode="json", exclude={"events"}) for _, st in sorted(stats.items())],
+            }
             if chunks is not None:
                 manifest |= {"results": None, "host": label, "shard_chunks": chunks}
             write_json_atomic(manifest, report_dir / "manifest.json")
-            manifest |= reporter.finish(manifest)  # throughput, verdict, telemetry: for a scale-out parent
+            manifest |= write_report(job, manifest, list(stats.values()), sampler, key=key, report_dir=report_dir)
             write_json_atomic(manifest, report_dir / "manifest.json")
     return manifest
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`--set options.num_ctx=8192` → {"options": {"num_ctx": 8192}}; values parse as YAML."""
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        node = overrides
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML job file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    args = parser.parse_args(argv)
-    manifest = batch_inference(job_file=str(args.config) if args.config else None, overrides=parse_overrides(args.set))
-    print(f"{manifest['rows_ok']} ok, {manifest['rows_error']} error rows → {manifest['results']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,13 +14,16 @@ As deployed:   prefect deployment run 'batch-inference-scale-out/nightly-2-hosts
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+if __name__ == "__main__":  # the command line checks the job before Prefect is even imported
+    from flows.cli import main
+
+    sys.exit(main("scale_out", sys.argv[1:]))
+
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
@@ -28,13 +31,21 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, State
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.batch_inference import parse_overrides, prepare_job
+from flows.batch_inference import prepare_job
 from tasks.chunk import finished_chunk_stats
 from tasks.config import merge_overrides
 from tasks.dataset import ChunkSpec
 from tasks.dispatch import Dispatcher, LaneFailed
-from tasks.report import publish_scale_out_report
-from tasks.store import build_manifest, claim_output_dir, consolidate, read_shard_manifests, write_json_atomic
+from tasks.report import publish_artifacts, render_scale_out_report
+from tasks.store import (
+    build_manifest,
+    check_output_dir,
+    claim_output_dir,
+    consolidate,
+    read_shard_manifests,
+    write_atomic,
+    write_json_atomic,
+)
 
 POLL_S = 2.0
 
@@ -94,6 +105,7 @@ def scale_out(
         raise ValueError("hosts: name at least one work queue")
     settings, plan, fingerprint, record = prepare_job(job_file, overrides)
     out = settings.output_dir
+    check_output_dir(out, fingerprint, record)  # refused before any shard starts or a file is written
     # The children get the directory this run resolved, so a shard that starts after midnight
     # does not fill {date} with its own day.
     base = merge_overrides(overrides or {}, {"output_dir": str(out)})
@@ -147,30 +159,7 @@ def scale_out(
             write_json_atomic(manifest, out / "manifest.json")
             # This run's shards only: an earlier, interrupted run of the job left its own there.
             shards = [m for m in read_shard_manifests(out) if m["started_at"] >= started]
-            publish_scale_out_report(settings, manifest, shards, dispatcher.events)
+            report = render_scale_out_report(settings, manifest, shards, dispatcher.events)
+            write_atomic(out / "report.md", lambda tmp: tmp.write_text(report, encoding="utf-8"))
+            publish_artifacts(settings.name, report, f"{settings.name} over hosts")
     return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML job file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    parser.add_argument("--host", action="append", default=[], metavar="QUEUE", help="a host's work queue")
-    parser.add_argument("--hosts", type=Path, help="YAML list of hosts: [{queue: ..., overrides: {...}}, ...]")
-    parser.add_argument("--chunks-per-run", type=int, default=4)
-    args = parser.parse_args(argv)
-    hosts = [Host(queue=q) for q in args.host]
-    if args.hosts:
-        hosts += [Host.model_validate(h) for h in yaml.safe_load(args.hosts.read_text(encoding="utf-8")) or []]
-    manifest = scale_out(
-        hosts=hosts,
-        job_file=str(args.config) if args.config else None,
-        overrides=parse_overrides(args.set),
-        chunks_per_run=args.chunks_per_run,
-    )
-    print(f"{manifest['rows_ok']} ok, {manifest['rows_error']} error rows → {manifest['results']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Bottleneck verdict for a finished (or running) batch: explicit rules, pure functions, no I/O.
 
-The rules follow docs/FACTS.md: NVML utilisation is the share of time *some* kernel ran, so
+NVML utilisation is the share of time *some* kernel ran, so
 util >= 95 % alone never means GPU-bound. One sequence at a time reads all weights per token;
 more sequences in flight share that read almost for free. GPU-bound needs evidence that more
 in-flight work no longer helps (a flat calibration curve) or cannot fit (no VRAM for a KV slot).
@@ -37,7 +37,7 @@ VRAM_MARGIN_GIB = 0.5  # room left for compute buffers and fragmentation when ad
 
 # Gemma 3 12B: 48 layers, 8 KV heads x 256 dims, f16 cache -> 8 KiB per token per layer.
 # 8 layers are global (full context); 40 use a 1024-token sliding window, which llama.cpp
-# sizes as window + ubatch (512). Gives ~0.72 GiB at 4k, ~0.97 GiB at 8k (FACTS.md: 0.6-0.9).
+# sizes as window + ubatch (512). Gives ~0.72 GiB at 4k, ~0.97 GiB at 8k (measured 0.6-0.9 GiB).
 _KV_BYTES_PER_TOKEN_LAYER = 2 * 8 * 256 * 2
 _GLOBAL_LAYERS, _LOCAL_LAYERS, _SWA_TOKENS = 8, 40, 1024 + 512
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -66,6 +67,8 @@ class GenerationOptions(BaseModel):
 
 
 LIMIT_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+DEFAULT_OLLAMA_MODEL = "gemma3:12b"
+DEFAULT_GGUF_LABEL = "gemma-3-270m-q4_k_m"  # the file name of the default GGUF (tasks/backends/llamacpp.py)
 
 
 class Endpoint(BaseModel):
@@ -97,13 +100,6 @@ class Endpoint(BaseModel):
         return re.sub(r"[^A-Za-z0-9_.-]", "-", f"gpu-{host}-{url.port or 11434}")[:64]
 
 
-# The settings that change answers: a directory holds the results of one combination of these.
-ANSWER_FIELDS = frozenset(
-    {"trim_field", "id_column", "prompt_template", "system_prompt", "backend", "model", "model_path", "options"}
-    | {"chunk_size"}  # the chunk plan: chunk k must be the same rows on every rerun
-)
-
-
 class JobSettings(BaseModel):
     """Everything one batch job needs; unknown keys are an error."""
 
@@ -132,10 +128,9 @@ class JobSettings(BaseModel):
         "chat-completions server (vLLM, SGLang, llama.cpp's llama-server, Ollama's /v1).",
     )
     model: str = Field(
-        "gemma3:12b",
         min_length=1,
-        description="Model name: an Ollama tag, the id an OpenAI-compatible server lists at GET /v1/models "
-        "(required for 'openai'), a label for llamacpp.",
+        description="Model name: the Ollama tag (unset: gemma3:12b); for 'openai' the id the server lists at "
+        "GET /v1/models (required); for llamacpp a label, unset the GGUF file's name.",
     )
     ollama_host: str | None = Field(
         None, description="Ollama base URL; unset means $OLLAMA_HOST, then http://127.0.0.1:11434."
@@ -211,6 +206,20 @@ class JobSettings(BaseModel):
     telemetry_interval_s: float = Field(1.0, ge=0.05, le=60, description="GPU/host sampling interval.")
     production_rows: int = Field(170_000, ge=1, description="Row count of the full production job, for the ETA.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_label(cls, data: Any) -> Any:
+        # Unset, the model is what actually runs: Ollama's default tag, or the GGUF llamacpp loads
+        # (never an Ollama tag on results the embedded model wrote).
+        if isinstance(data, dict) and data.get("model") is None:
+            if data.get("backend") == "openai":
+                raise ValueError("backend 'openai' needs model: the id the server lists at GET <base_url>/models")
+            path = data.get("model_path")
+            embedded = data.get("backend", "llamacpp") == "llamacpp"
+            label = (Path(str(path)).stem if path else DEFAULT_GGUF_LABEL) if embedded else DEFAULT_OLLAMA_MODEL
+            data = {**data, "model": label}
+        return data
+
     @field_validator("prompt_template")
     @classmethod
     def _template_parses(cls, value: str) -> str:
@@ -245,8 +254,6 @@ class JobSettings(BaseModel):
                 raise ValueError("ollama_host is set but backend is 'openai': set base_url")
             if self.base_url is None and not self.endpoints:
                 raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8080/v1) or endpoints")
-            if "model" not in self.model_fields_set:
-                raise ValueError("backend 'openai' needs model: the id the server lists at GET <base_url>/models")
         if self.oom_num_ctx_floor is not None and self.oom_num_ctx_floor > self.options.num_ctx:
             raise ValueError(
                 f"oom_num_ctx_floor {self.oom_num_ctx_floor} is above options.num_ctx {self.options.num_ctx}"
@@ -305,6 +312,41 @@ class JobSettings(BaseModel):
         keyed["input"] = input_digest
         keyed["schema"] = schema_json
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# The settings that own an output directory: a change to any of them changes the answers (or
+# which rows a chunk holds), so its rows must not mix with the directory's. The rest (in_flight,
+# timeouts, host, checkpointing) is plumbing and may change between runs of one job.
+ANSWER_FIELDS = (
+    "trim_field",
+    "id_column",
+    "prompt_template",
+    "system_prompt",
+    "backend",
+    "model",
+    "model_path",
+    "options",
+    "chunk_size",
+)
+
+
+def answer_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The answer-changing settings two dumped configurations differ in, as `key: old -> new`."""
+
+    def flat(data: dict[str, Any]) -> dict[str, Any]:
+        found = {}
+        for key in ANSWER_FIELDS:
+            value = data.get(key)
+            if isinstance(value, dict):
+                found.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                found[key] = value
+        return found
+
+    old, new = flat(before), flat(after)
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+    ]
 
 
 def template_fields(template: str) -> list[str]:
@@ -382,7 +424,20 @@ def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] 
     try:
         return JobSettings.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(settings)'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_describe(err) for err in exc.errors())
         raise SettingsError(f"invalid job settings in {source}: {problems}") from exc
+
+
+_NESTED: dict[str, type[BaseModel]] = {"options": GenerationOptions, "endpoints": Endpoint}
+
+
+def _describe(err: Any) -> str:
+    """One validation problem in the job file's words; an unknown key gets the closest known one."""
+    where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+    if err["type"] != "extra_forbidden":
+        return f"{where}: {err['msg']}"
+    *parents, key = [p for p in err["loc"] if isinstance(p, str)]
+    model: type[BaseModel] = _NESTED.get(parents[-1], JobSettings) if parents else JobSettings
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    hint = f"; did you mean `{close[0]}`?" if close else f"; known keys: {', '.join(model.model_fields)}"
+    return f"{where}: unknown setting{hint}"

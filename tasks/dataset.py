@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -212,9 +213,25 @@ def plan_chunks(total_rows: int, chunk_size: int) -> list[ChunkSpec]:
     ]
 
 
-def validate_input(settings: JobSettings) -> JobPlan:
+_COUNTED = "counted from 1, the header not counted; row_index in the results is one less"
+
+
+def _rows(indices: list[int]) -> str:
+    """0-based row indices as a person counts a file's data rows: `rows 1, 3 and 4`."""
+    shown = [str(i + 1) for i in indices]
+    return f"row {shown[0]}" if len(shown) == 1 else f"rows {', '.join(shown[:-1])} and {shown[-1]}"
+
+
+def validate_input(settings: JobSettings, *, pin: bool = True) -> JobPlan:
     """Check every input row before any request (columns, record shapes, ids), and pin the input:
-    a snapshot of the rows the prompts need goes into the output directory, read by every chunk."""
+    a snapshot of the rows the prompts need goes into the output directory, read by every chunk.
+
+    `pin=False` checks the same without touching the output directory (the command line's
+    pre-flight: a job refused there leaves the directory as it was).
+    """
+    if not pin:
+        with tempfile.TemporaryDirectory(prefix="preflight-") as scratch:
+            return validate_input(settings.model_copy(update={"output_dir": Path(scratch)}))
     path = settings.input_path
     scan = scan_input(path)
     try:
@@ -252,15 +269,13 @@ def validate_input(settings: JobSettings) -> JobPlan:
     ids = pl.scan_parquet(snapshot).select(pl.col("__id").alias(col)).with_row_index("row").collect()
     nulls = ids.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
     if nulls.height:
-        rows = ", ".join(str(r) for r in nulls["row"].head(5).to_list())
-        raise InputError(
-            f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (rows {rows}; first row is 0)"
-        )
+        rows = _rows(nulls["row"].head(5).to_list())
+        raise InputError(f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (data {rows}; {_COUNTED})")
     dupes = ids.filter(pl.col(col).is_duplicated())
     if dupes.height:
         first = dupes.group_by(col, maintain_order=True).agg(pl.col("row")).head(3)
-        shown = "; ".join(f"'{r[col]}' at rows {r['row']}" for r in first.iter_rows(named=True))
-        raise InputError(f"input {path}: duplicate ids in '{col}': {shown}")
+        shown = "; ".join(f"'{r[col]}' at data {_rows(r['row'])}" for r in first.iter_rows(named=True))
+        raise InputError(f"input {path}: duplicate ids in '{col}': {shown} ({_COUNTED}); ids must be unique")
     if ids.height == 0:
         raise InputError(f"input {path} has no rows")
     notes = []

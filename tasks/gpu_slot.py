@@ -48,7 +48,7 @@ class GpuSlotTimeout(TimeoutError):
 
 
 def ensure_gpu_limit(name: str, limit: int = 1) -> GlobalConcurrencyLimitResponse | None:
-    """Create the limit if missing: Prefect silently skips limits that do not exist (FACTS.md).
+    """Create the limit if missing: Prefect 3.9 silently skips limits that do not exist.
 
     Returns the limit that was there already, None when it had to be created.
     """

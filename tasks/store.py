@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import polars as pl
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
+from tasks.config import answer_differences
 from tasks.dataset import ChunkSpec
 from tasks.schema import ResultRow, rows_to_frame
 
@@ -317,36 +318,41 @@ def _flock(path: Path, what: str) -> Iterator[None]:
         handle.close()
 
 
-def _difference(previous: dict[str, Any], record: dict[str, Any]) -> str:
-    """What makes the owner of the directory another configuration, in words."""
-    from tasks.config import ANSWER_FIELDS
+def holds_rows(out: Path) -> bool:
+    """Whether any result row is on disk: a chunk file, a checkpoint part or a journal."""
+    chunks = out / "chunks"
+    return chunks.is_dir() and any(p.suffix in (".parquet", ".jsonl") for p in chunks.iterdir())
 
-    old, new = previous.get("settings", {}), record.get("settings", {})
-    changed = sorted(k for k in ANSWER_FIELDS if old.get(k) != new.get(k))
-    if changed:
-        return f"a different job configuration ({', '.join(changed)} changed)"
-    if previous.get("input_digest") and previous["input_digest"] != record.get("input_digest"):
-        return (
-            f"a different input: {new.get('input_path')} changed since this directory was started "
-            f"(digest {previous['input_digest']} then, {record.get('input_digest')} now)"
-        )
-    return "a different job configuration (the output schema's contents changed)"
+
+def check_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> bool:
+    """Refuse a directory whose rows another configuration wrote, naming the settings that differ.
+
+    Reads only. True when the directory is this job's already (job.json with this fingerprint).
+    A job.json without a single row on disk (a run stopped before its first row) does not own it.
+    """
+    record_path = out / "job.json"
+    if not record_path.exists():
+        if job_record is None:
+            raise OutputDirError(f"output_dir {out} has no job.json: a shard runs only inside its parent's directory")
+        return False
+    previous = json.loads(record_path.read_text(encoding="utf-8"))
+    if previous.get("fingerprint") == fingerprint:
+        return True
+    if job_record is not None and not holds_rows(out):
+        return False
+    differ = answer_differences(previous.get("settings", {}), (job_record or {}).get("settings", {}))
+    if job_record is not None and previous.get("input_digest") not in (None, job_record.get("input_digest")):
+        differ.append(f"contents of the input file {job_record['settings'].get('input_path')}")
+    what = "; ".join(differ) or "the input file's or the output schema's contents"
+    raise OutputDirError(
+        f"output_dir {out} holds rows written with other answer-changing settings ({what}); "
+        "use another output_dir, or delete this one to start over"
+    )
 
 
 def _check_job_record(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> None:
-    record_path = out / "job.json"
-    if record_path.exists():
-        previous = json.loads(record_path.read_text(encoding="utf-8"))
-        if previous.get("fingerprint") != fingerprint:
-            what = _difference(previous, job_record) if job_record else "a different job configuration"
-            raise OutputDirError(
-                f"output_dir {out} holds results of {what} (fingerprint {previous.get('fingerprint')}, "
-                f"this job {fingerprint}); use another output_dir, or delete this one to start over"
-            )
-    elif job_record is None:
-        raise OutputDirError(f"output_dir {out} has no job.json: a shard runs only inside its parent's directory")
-    else:
-        write_json_atomic({"fingerprint": fingerprint, **job_record}, record_path)
+    if not check_output_dir(out, fingerprint, job_record) and job_record is not None:
+        write_json_atomic({"fingerprint": fingerprint, **job_record}, out / "job.json")
 
 
 @contextmanager
@@ -515,3 +521,22 @@ def error_kinds(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
         return {}
     frame = pl.scan_parquet(paths).filter(pl.col("status") == "error").group_by("error_kind").len().collect()
     return {str(k): int(n) for k, n in frame.iter_rows()}
+
+
+def error_rows(out: Path, chunks: list[ChunkSpec]) -> int:
+    """Error rows on disk (finished chunks and checkpoint parts)."""
+    return sum(error_kinds(out, chunks).values())
+
+
+def previous_manifest(report_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """The manifest an earlier attempt of this same job left in report_dir ({} if none): its
+    attempts, chunk stats and recoveries carry over, so a rerun reports on the whole job."""
+    path = report_dir / "manifest.json"
+    if not path.exists():
+        return {}
+    found = json.loads(path.read_text(encoding="utf-8"))
+    return found if found.get("fingerprint") == fingerprint else {}
+
+
+def read_parquet_or_none(path: Path) -> pl.DataFrame | None:
+    return pl.read_parquet(path) if path.exists() else None

@@ -9,7 +9,7 @@ each GPU's row; with no GPU source there is one row per sample and `gpu` is null
     gpu                    i32|null   NVML device index
     vram_used_mib          f64|null   nvmlDeviceGetMemoryInfo().used
     vram_total_mib         f64|null   nvmlDeviceGetMemoryInfo().total
-    gpu_util_pct           f64|null   share of time *some* kernel ran, not throughput (FACTS.md)
+    gpu_util_pct           f64|null   share of time *some* kernel ran, not throughput
     mem_util_pct           f64|null   share of time device memory was read/written
     temperature_c          f64|null
     power_w                f64|null

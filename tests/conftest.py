@@ -17,7 +17,11 @@ from tests.support.ollama_emulator import OllamaEmulator
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """A real (temporary, SQLite) Prefect API for the whole session; flows and artifacts go there."""
+    import os
+
     from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no "Failed to send telemetry"
 
     with prefect_test_harness(server_startup_timeout=120):
         yield

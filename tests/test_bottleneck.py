@@ -83,7 +83,7 @@ def test_summarize_output_is_the_evidence_contract() -> None:
 
 
 def test_util_100_at_one_in_flight_is_client_bound_not_gpu_bound() -> None:
-    # The FACTS.md trap: NVML says 100 % while one sequence at a time leaves throughput unused.
+    # The trap: NVML says 100 % while one sequence at a time leaves throughput unused.
     v = judge(evidence(samples(util=100.0, power_w=300.0)))
     assert v.kind == "client-bound"
     assert "OLLAMA_NUM_PARALLEL" in v.headline

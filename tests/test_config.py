@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import SettingsError, load_settings, template_fields
+from tasks.config import JobSettings, SettingsError, load_settings, template_fields
 
 BASE = {"input_path": "in.parquet", "prompt_template": "Score {text}", "output_dir": "out"}
 
@@ -97,3 +97,12 @@ def test_output_dir_takes_the_run_date() -> None:
 def test_output_dir_expands_only_date(bad: str) -> None:
     with pytest.raises(SettingsError, match=r"output_dir may only use the \{date\} placeholder, not \{"):
         load_settings(None, {"input_path": "in.csv", "prompt_template": "{text}", "output_dir": bad})
+
+
+def test_an_unset_model_is_labelled_by_what_runs(tmp_path: Path) -> None:
+    base = {"input_path": "in.csv", "prompt_template": "{text}", "output_dir": str(tmp_path)}
+    assert JobSettings.model_validate(base).model == "gemma-3-270m-q4_k_m"  # the default GGUF, not an Ollama tag
+    gguf = {**base, "model_path": str(tmp_path / "sha256-abc" / "qwen2.5-7b-q4.gguf")}
+    assert JobSettings.model_validate(gguf).model == "qwen2.5-7b-q4"
+    assert JobSettings.model_validate({**base, "backend": "ollama"}).model == "gemma3:12b"
+    assert JobSettings.model_validate({**gguf, "model": "mine"}).model == "mine"

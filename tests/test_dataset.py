@@ -50,12 +50,12 @@ def test_plan_is_deterministic_and_covers_every_row() -> None:
         (
             make_rows(3).with_columns(id=pl.Series(["a", None, "c"])),
             {},
-            r"1 row\(s\) have a null or empty 'id' \(rows 1;",
+            r"1 row\(s\) have a null or empty 'id' \(data row 2;",
         ),
         (
             make_rows(4).with_columns(id=pl.Series(["a", "b", "a", "a"])),
             {},
-            r"duplicate ids in 'id': 'a' at rows \[0, 2, 3\]",
+            r"duplicate ids in 'id': 'a' at data rows 1, 3 and 4 \(counted from 1",
         ),
         (make_rows(0), {}, "has no rows"),
     ],

@@ -51,7 +51,7 @@ def test_an_input_replaced_during_the_run_changes_nothing_and_a_rerun_is_refused
     assert results["id"].to_list() == [f"r{i:05d}" for i in range(24)]  # the rows planned, each once
     assert manifest["complete"] and len(set(emulator.chat_prompts())) == 24
     assert manifest["input_digest"] == json.loads((out / "job.json").read_text())["input_digest"]
-    with pytest.raises(OutputDirError, match=r"a different input: .*input.csv changed since this directory"):
+    with pytest.raises(OutputDirError, match=r"contents of the input file .*input.csv"):
         batch_inference(overrides=settings)
 
 

@@ -170,7 +170,7 @@ def test_dated_output_dir_for_nightly_runs(job: Any, emulator: OllamaEmulator, t
 def test_changed_settings_cannot_reuse_an_output_dir(job: Any, emulator: OllamaEmulator) -> None:
     settings = job(4)
     batch_inference(overrides=settings)
-    with pytest.raises(OutputDirError, match="different job configuration"):
+    with pytest.raises(OutputDirError, match=r"answer-changing settings \(options.num_predict: 64 -> 65\)"):
         batch_inference(overrides={**settings, "options": {"num_ctx": 2048, "num_predict": 65}})
     batch_inference(overrides={**settings, "in_flight": 1})  # plumbing changes are fine: nothing resent
     assert len([r for r in emulator.requests if r.path == "/api/chat"]) == 4
@@ -182,8 +182,11 @@ def test_report_shows_an_out_of_memory_recovery(job: Any, emulator: OllamaEmulat
     state = batch_inference(overrides=settings, return_state=True)
     report = artifacts_of(state)["oomtest-report"].data
     assert "### Recoveries and back-offs" in report
-    assert "out of memory, in-flight lowered to 2" in report and "in-flight lowered to 1" in report
-    assert (Path(settings["output_dir"]) / "report.md").read_text().count("out of memory") >= 2
+    # One line per kind, with its count and its first and last event; every event in the manifest.
+    (line,) = [row for row in report.splitlines() if row.startswith("| out of memory, in-flight lowered to N")]
+    assert "| 2 |" in line and "in-flight lowered to 2" in line and "in-flight lowered to 1" in line
+    manifest = json.loads((Path(settings["output_dir"]) / "manifest.json").read_text())
+    assert sum("out of memory, in-flight lowered" in e for e in manifest["recoveries"]) == 2
 
 
 def test_lowered_num_ctx_carries_over_to_later_chunks(job: Any) -> None:

@@ -131,10 +131,20 @@ def test_claim_refuses_a_second_run_and_another_configuration(tmp_path: Path) ->
         claim_output_dir(tmp_path, "fp-1", {}),
     ):
         pass
-    with claim_output_dir(tmp_path, "fp-1", {}):  # released: same configuration may resume
+    first = {"settings": {"model": "a", "options": {"num_predict": 64}, "in_flight": 1}}
+    with claim_output_dir(tmp_path, "fp-1", first):  # released: same configuration may resume
         pass
-    with pytest.raises(OutputDirError, match="different job configuration"), claim_output_dir(tmp_path, "fp-2", {}):
+    # No row on disk yet: the directory holds nothing to mix with, so another configuration may take it.
+    second = {"settings": {"model": "a", "options": {"num_predict": 32}, "in_flight": 2}}
+    with claim_output_dir(tmp_path, "fp-2", second):
         pass
+    assert json.loads((tmp_path / "job.json").read_text())["fingerprint"] == "fp-2"
+    (tmp_path / "chunks").mkdir()
+    pl.DataFrame({"row_index": [0]}).write_parquet(tmp_path / "chunks" / "chunk-00000.part-00000.parquet")
+    # Rows on disk: refused, naming the answer-changing setting that differs (not in_flight).
+    with pytest.raises(OutputDirError) as refused, claim_output_dir(tmp_path, "fp-1", first):
+        pass
+    assert "(options.num_predict: 32 -> 64)" in str(refused.value)
 
 
 # The first writer is dropped unclosed on purpose (a killed run): its journal's ResourceWarning is expected.
@@ -247,14 +257,15 @@ def test_a_chunk_of_another_configuration_is_never_published(tmp_path: Path) -> 
 def test_refusal_says_when_only_the_input_changed(tmp_path: Path) -> None:
     settings = {"prompt_template": "{text}", "model": "m", "input_path": "in.csv"}
     with claim_output_dir(tmp_path, "fp-1", {"settings": settings, "input_digest": "aaaa"}):
-        pass
+        (tmp_path / "chunks").mkdir()
+        (tmp_path / "chunks" / "chunk-00000.parquet").write_bytes(b"")  # a row on disk: the dir is owned
     with (
-        pytest.raises(OutputDirError, match=r"a different input: in.csv changed since .*digest aaaa then, bbbb now"),
+        pytest.raises(OutputDirError, match=r"other answer-changing settings \(contents of the input file in.csv\)"),
         claim_output_dir(tmp_path, "fp-2", {"settings": settings, "input_digest": "bbbb"}),
     ):
         pass
     with (
-        pytest.raises(OutputDirError, match=r"a different job configuration \(model changed\)"),
+        pytest.raises(OutputDirError, match=r"other answer-changing settings \(model: 'm' -> 'n'\)"),
         claim_output_dir(tmp_path, "fp-3", {"settings": {**settings, "model": "n"}, "input_digest": "aaaa"}),
     ):
         pass

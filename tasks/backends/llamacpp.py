@@ -24,14 +24,18 @@ _LLAMA_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name
 def _load(path: str, n_ctx: int) -> Any:
     """One loaded model per process: the flow's check and every chunk task share it."""
     from llama_cpp import Llama
+    from llama_cpp._utils import suppress_stdout_stderr
 
-    llm = Llama(
-        model_path=path,
-        n_ctx=n_ctx,
-        n_threads=os.cpu_count() or 1,
-        n_gpu_layers=-1,  # all layers on the GPU when llama.cpp was built with one; no-op on CPU
-        verbose=False,
-    )
+    # verbose=False silences the model load only; the context's set-up still writes its notices
+    # (the SWA cache line) straight to the process's stderr, so that goes quiet too.
+    with suppress_stdout_stderr(disable=False):
+        llm = Llama(
+            model_path=path,
+            n_ctx=n_ctx,
+            n_threads=os.cpu_count() or 1,
+            n_gpu_layers=-1,  # all layers on the GPU when llama.cpp was built with one; no-op on CPU
+            verbose=False,
+        )
     # A GGUF without a chat template (Gemma 3 270M base is one) would get llama-2's format,
     # which Gemma does not know; use Gemma's own turn markers instead.
     if not llm.metadata.get("tokenizer.chat_template") and llm.metadata.get("general.architecture", "").startswith(

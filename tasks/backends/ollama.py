@@ -9,7 +9,7 @@ import ollama
 
 from tasks.backends.protocol import Action, BackendError, Reply, ServerInfo
 
-# Texts Ollama puts in a 500 when the GPU runs out of memory (FACTS.md, llm/status.go).
+# Texts Ollama puts in a 500 when the GPU runs out of memory (ollama's llm/status.go).
 _OOM_MARKERS = (
     "out of memory",
     "cudamalloc failed",
@@ -27,7 +27,7 @@ def _ms(ns: int | None) -> float | None:
 
 
 def classify(exc: BaseException, model: str, host: str) -> BackendError:
-    """Map a client exception to a kind and the action FACTS.md's failure table prescribes."""
+    """Map a client exception to a kind and the action the README's failure table prescribes."""
     if isinstance(exc, ollama.ResponseError):
         text = exc.error or ""
         lowered = text.lower()

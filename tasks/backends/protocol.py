@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-# What the chunk runner does with each failure (see FACTS.md "Failure signals"):
+# What the chunk runner does with each failure (the README's failure table):
 #   retry        - transient: dropped connection, timeout, runner crash, server error
 #   backoff      - the server asked us to slow down (503 queue full)
 #   oom          - out of memory: back off, lower in-flight, retry

@@ -1,7 +1,7 @@
 """A real-HTTP Ollama emulator for the test-suite and benchmarks.
 
 It speaks the part of Ollama's REST API the pipeline uses, with Ollama's JSON shapes and
-error texts (docs/FACTS.md), so the real `ollama` client runs end to end: its error
+error texts, so the real `ollama` client runs end to end: its error
 mapping, timeouts and connection pooling are part of what the tests exercise.
 
 Semantics a test can rely on:
@@ -42,7 +42,7 @@ from typing import Any
 VERSION = "0.12.6"
 DEFAULT_NUM_CTX = 4096
 MODEL_SIZE = 8_149_190_253  # gemma3:12b Q4_K_M as /api/tags lists it
-KV_BYTES_PER_TOKEN = 196_608  # ~0.75 GiB of KV cache per 4k-token slot (FACTS.md)
+KV_BYTES_PER_TOKEN = 196_608  # ~0.75 GiB of KV cache per 4k-token slot
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 OOM = "llama runner process has terminated: cudaMalloc failed: out of memory"
 CRASH = (

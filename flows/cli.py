@@ -1,0 +1,202 @@
+"""The command line of both flows: check the job in a second, then run the flow with live progress.
+
+    python -m flows.batch_inference --config JOB.yaml [--set key=value ...] [--debug]
+    python -m flows.scale_out --config JOB.yaml --host QUEUE [--host QUEUE ...]
+
+Everything a user can get wrong (the job file, the input, the output directory, an unreachable
+backend) is checked here before Prefect is imported or a Prefect server started, and reported
+as one message with a hint and its own exit code; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from datetime import date
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# Exit codes: 1 the run itself failed (its manifest says why); 2 the command line (argparse).
+EXIT_SETTINGS, EXIT_INPUT, EXIT_OUTPUT_DIR, EXIT_BACKEND = 3, 4, 5, 6
+
+HINTS = {
+    EXIT_SETTINGS: "check the job file against the field table in README.md (The job file)",
+    EXIT_INPUT: "fix the input file, or id_column / prompt_template in the job file",
+    EXIT_OUTPUT_DIR: "give this configuration its own directory, e.g. --set output_dir=out/<new name>, "
+    "or delete the old one to start over",
+    EXIT_BACKEND: "start the backend (`ollama serve`, `ollama pull <model>`) or point ollama_host / OLLAMA_HOST "
+    "at it; nothing was sent and output_dir is untouched",
+}
+
+
+class UsageError(Exception):
+    """A bad command line (exit 2, like argparse's own errors)."""
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set options.num_ctx=8192` → {"options": {"num_ctx": 8192}}; values parse as YAML."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value, got {pair!r}")
+        node = overrides
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return overrides
+
+
+def _exit_code(exc: BaseException) -> int | None:
+    """The exit code of a user error, None for anything else (a bug, a failed run)."""
+    from tasks.config import SettingsError
+    from tasks.dataset import InputError
+    from tasks.job import BackendUnavailable
+    from tasks.store import OutputDirError
+
+    for kind, code in (
+        (SettingsError, EXIT_SETTINGS),
+        (InputError, EXIT_INPUT),
+        (OutputDirError, EXIT_OUTPUT_DIR),
+        (BackendUnavailable, EXIT_BACKEND),
+    ):
+        if isinstance(exc, kind):
+            return code
+    # An output schema that cannot be imported or read is a job-file mistake too.
+    return EXIT_SETTINGS if isinstance(exc, (ValueError, OSError)) and "output_schema" in str(exc) else None
+
+
+def preflight(job_file: str | None, overrides: dict[str, Any]) -> None:
+    """What the flow checks first, without Prefect: settings, input, output directory, backends."""
+    from tasks.dataset import validate_input
+    from tasks.job import check_backends, plan_job
+    from tasks.store import check_output_dir
+
+    job = plan_job(job_file, overrides, date.today(), validate=partial(validate_input, pin=False))
+    check_output_dir(job.settings.output_dir, job.fingerprint, job.record)
+    check_backends(job.settings)
+
+
+def _die_with_parent() -> None:
+    """In the temporary server's process, before exec: SIGTERM it when the CLI dies (even SIGKILLed)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the CLI died before the line above: do not outlive it
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def use_temporary_server() -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server for this process. Say so, and make
+    it a child that ends with this process: otherwise a SIGKILLed run leaves it running for good."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    print(
+        "No PREFECT_API_URL: starting a temporary Prefect server for this run; it stops with this command and "
+        "its runs vanish with it. To keep runs in the UI, start one (`prefect server start`) and "
+        "`export PREFECT_API_URL=http://127.0.0.1:4200/api`.",
+        file=sys.stderr,
+    )
+    if not sys.platform.startswith("linux"):
+        return
+
+    class DiesWithParent(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> Any:
+            # Prefect builds the command; only the child's death signal is ours to add.
+            import subprocess
+
+            original = subprocess.Popen
+            subprocess.Popen = lambda *a, **kw: original(*a, **kw, preexec_fn=_die_with_parent)  # type: ignore[misc,assignment,call-overload]
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = original  # type: ignore[misc]
+
+    # Prefect's clients look the temporary server up as SubprocessASGIServer(), a singleton per
+    # port kept in a dict the subclass shares: this registers ours under the default port (None).
+    DiesWithParent()
+
+
+def _quiet_prefect() -> None:
+    # Prefect's own usage telemetry: off for our runs (a server that cannot reach the internet
+    # logs an ERROR for each attempt). Set before Prefect reads its settings.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _parser(kind: Literal["batch", "scale_out"]) -> argparse.ArgumentParser:
+    module = "flows.batch_inference" if kind == "batch" else "flows.scale_out"
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 done, 1 the run failed, 2 command line, 3 job settings, 4 input, "
+        "5 output directory, 6 backend unreachable or model missing",
+    )
+    parser.add_argument("--config", type=Path, help="YAML job file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    if kind == "scale_out":
+        parser.add_argument("--host", action="append", default=[], metavar="QUEUE", help="a host's work queue")
+        parser.add_argument("--hosts", type=Path, help="YAML list of hosts: [{queue: ..., overrides: {...}}, ...]")
+        parser.add_argument("--chunks-per-run", type=int, default=4)
+    return parser
+
+
+def _run(kind: Literal["batch", "scale_out"], args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    job_file = str(args.config) if args.config else None
+    if kind == "batch":
+        from flows.batch_inference import batch_inference
+
+        return batch_inference(job_file=job_file, overrides=overrides)
+    from flows.scale_out import Host, scale_out
+
+    hosts = [Host(queue=q) for q in args.host]
+    if args.hosts:
+        hosts += [Host.model_validate(h) for h in yaml.safe_load(args.hosts.read_text(encoding="utf-8")) or []]
+    if not hosts:
+        raise UsageError("name at least one host: --host QUEUE or --hosts FILE")
+    return scale_out(hosts=hosts, job_file=job_file, overrides=overrides, chunks_per_run=args.chunks_per_run)
+
+
+def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> int:
+    args = _parser(kind).parse_args(argv)
+    try:
+        overrides = parse_overrides(args.set)
+        job_file = str(args.config) if args.config else None
+        preflight(job_file, overrides)
+        _quiet_prefect()
+        use_temporary_server()
+        manifest = _run(kind, args, overrides)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rows finished so far are on disk; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        code = _exit_code(exc)
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        if code is None:
+            print(
+                "The run failed; its manifest.json and report.md say how far it got. --debug shows the traceback; "
+                "the same command resumes.",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"hint: {HINTS[code]}", file=sys.stderr)
+        return code
+    print(f"{manifest['rows_ok']} ok, {manifest['rows_error']} error rows → {manifest['results']}")
+    return 0
