@@ -15,6 +15,7 @@ if __name__ == "__main__":  # the command line checks the job before Prefect is 
 
 import asyncio
 import base64
+import dataclasses
 import re
 import socket
 import time
@@ -170,6 +171,7 @@ def write_report(
     manifest: dict[str, Any],
     stats: list[ChunkStats],
     sampler: Sampler,
+    servers: list[ServerInfo],
     *,
     key: str,
     report_dir: Path,
@@ -195,6 +197,7 @@ def write_report(
         manifest["rows_ok"] + manifest["rows_error"],
         telemetry,
         error_kinds(settings.output_dir, plan.chunks),
+        servers,
     )
     verdict = judge(evidence)
     text = lambda image: render_report(  # noqa: E731
@@ -332,11 +335,14 @@ def batch_inference(
                 "sending_s": round(sum(st.seconds for st in ran if st.sent_rows), 3),
                 "attempts": [*history.get("attempts", []), attempt],
                 "recoveries": [*history.get("recoveries", []), *notes, *(e for st in ran for e in st.events)],
+                "servers": [dataclasses.asdict(info) for info in servers],
                 "chunk_stats": [st.model_dump(mode="json", exclude={"events"}) for _, st in sorted(stats.items())],
             }
             if chunks is not None:
                 manifest |= {"results": None, "host": label, "shard_chunks": chunks}
             write_json_atomic(manifest, report_dir / "manifest.json")
-            manifest |= write_report(job, manifest, list(stats.values()), sampler, key=key, report_dir=report_dir)
+            manifest |= write_report(
+                job, manifest, list(stats.values()), sampler, servers, key=key, report_dir=report_dir
+            )
             write_json_atomic(manifest, report_dir / "manifest.json")
     return manifest

@@ -5,8 +5,10 @@ util >= 95 % alone never means GPU-bound. One sequence at a time reads all weigh
 more sequences in flight share that read almost for free. GPU-bound needs evidence that more
 in-flight work no longer helps (a flat calibration curve) or cannot fit (no VRAM for a KV slot).
 
-Rules, first match wins: cpu-spill, memory-pressure, backend-errors, no-gpu-data / cpu-bound,
-idle gaps (client-bound / cpu-bound), calibration curve, KV slots vs VRAM headroom.
+Rules, first match wins: cpu-spill, memory-pressure, backend-errors (engine faults only),
+no-gpu-data / cpu-bound, idle gaps (client-bound / cpu-bound), host-bound (a flat or falling curve
+with the GPU mostly idle), calibration curve, KV slots vs VRAM headroom. Error rows the engine did
+not cause (the model's output, the input data) get findings of their own beside the verdict.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 VerdictKind = Literal[
     "gpu-bound",
+    "host-bound",
     "client-bound",
     "cpu-spill",
     "memory-pressure",
@@ -34,12 +37,42 @@ IDLE_UTIL_PCT = 10.0
 FLAT_GAIN = 0.05  # doubling in-flight for < 5 % more tokens/s: the engine is saturated
 CPU_SATURATED_PCT = 85.0
 VRAM_MARGIN_GIB = 0.5  # room left for compute buffers and fragmentation when adding KV slots
+HOST_BOUND_UTIL_PCT = 50.0  # more in flight stopped helping while kernels ran under half the time
 
-# Gemma 3 12B: 48 layers, 8 KV heads x 256 dims, f16 cache -> 8 KiB per token per layer.
-# 8 layers are global (full context); 40 use a 1024-token sliding window, which llama.cpp
-# sizes as window + ubatch (512). Gives ~0.72 GiB at 4k, ~0.97 GiB at 8k (measured 0.6-0.9 GiB).
-_KV_BYTES_PER_TOKEN_LAYER = 2 * 8 * 256 * 2
-_GLOBAL_LAYERS, _LOCAL_LAYERS, _SWA_TOKENS = 8, 40, 1024 + 512
+# Which error kinds say what about the run: only engine faults limit throughput.
+OUTPUT_ERRORS = frozenset({"invalid_output"})
+INPUT_ERRORS = frozenset({"empty_field", "context_length"})
+
+
+class KvGeometry(BaseModel):
+    """What sizes one sequence's KV cache, as the engine or the GGUF file says (f16 cache assumed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers: int = Field(ge=1)
+    kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    sliding_window: int | None = Field(None, ge=1, description="tokens a local layer keeps; None: all global")
+    global_every: int = Field(1, ge=1, description="one layer in N attends to the whole context (Gemma 3: 6)")
+    source: str = Field("", description="where the numbers came from")
+
+    def gib_per_slot(self, num_ctx: int) -> float:
+        if num_ctx < 1:
+            raise ValueError("num_ctx must be >= 1")
+        per_token_layer = 2 * self.kv_heads * self.head_dim * 2  # K and V, f16
+        if self.sliding_window is None or self.global_every == 1:
+            tokens = self.layers * num_ctx
+        else:
+            global_layers = self.layers // self.global_every
+            # llama.cpp sizes a sliding-window layer's cache as window + one ubatch (512).
+            window = min(num_ctx, self.sliding_window + 512)
+            tokens = global_layers * num_ctx + (self.layers - global_layers) * window
+        return tokens * per_token_layer / 1024**3
+
+
+# Gemma 3 12B as its GGUF describes it: 48 layers, 8 KV heads x 256, a 1024-token window on 5 of
+# every 6 layers. ~0.72 GiB a slot at 4k, ~0.97 GiB at 8k.
+GEMMA3_12B = KvGeometry(layers=48, kv_heads=8, head_dim=256, sliding_window=1024, global_every=6, source="gemma3:12b")
 
 
 class TelemetrySummary(BaseModel):
@@ -70,10 +103,13 @@ class RunEvidence(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["ollama", "llamacpp", "openai"] = Field(description="inference engine")
+    engine: str | None = Field(None, description="what the server says it is (llama.cpp, ollama, ...)")
     in_flight: int = Field(ge=1, description="requests the client kept in flight")
     parallel_slots: int | None = Field(
-        None, ge=1, description="OLLAMA_NUM_PARALLEL if known (default 1 since Ollama 0.10)"
+        None, ge=1, description="sequences the server decodes together: from the server, or the operator's word"
     )
+    slots_source: Literal["server", "operator"] | None = Field(None, description="who said parallel_slots")
+    kv_geometry: KvGeometry | None = Field(None, description="the model's KV-cache shape, where known")
     num_ctx: int | None = Field(None, ge=1, description="context per slot; None assumes 4096")
     requests_per_s: float = Field(ge=0, description="whole-run rows finished per second")
     tokens_per_s: float = Field(ge=0, description="whole-run generated tokens per second")
@@ -85,6 +121,14 @@ class RunEvidence(BaseModel):
     calibration: dict[int, float] | None = Field(None, description="measured {in_flight: tokens_per_s}")
 
 
+class Finding(BaseModel):
+    """Error rows of one cause, with what to do; beside the verdict, since they did not limit throughput."""
+
+    cause: Literal["engine", "model-output", "input-data"]
+    headline: str
+    advice: list[str] = Field(default_factory=list)
+
+
 class Verdict(BaseModel):
     """The bottleneck call with the numbers behind it and what to change."""
 
@@ -92,20 +136,18 @@ class Verdict(BaseModel):
     headline: str
     evidence: list[str] = Field(default_factory=list)
     advice: list[str] = Field(default_factory=list)
+    findings: list[Finding] = Field(default_factory=list)
 
 
-def kv_cache_gib_per_slot(num_ctx: int) -> float:
-    """KV cache one Ollama slot of Gemma 3 12B needs at `num_ctx` (GiB, f16 cache)."""
-    if num_ctx < 1:
-        raise ValueError("num_ctx must be >= 1")
-    tokens = _GLOBAL_LAYERS * num_ctx + _LOCAL_LAYERS * min(num_ctx, _SWA_TOKENS)
-    return tokens * _KV_BYTES_PER_TOKEN_LAYER / 1024**3
+def kv_cache_gib_per_slot(num_ctx: int, geometry: KvGeometry = GEMMA3_12B) -> float:
+    """KV cache one server slot needs at `num_ctx` (GiB, f16 cache)."""
+    return geometry.gib_per_slot(num_ctx)
 
 
-def slots_that_fit(headroom_mib: float, num_ctx: int) -> int:
+def slots_that_fit(headroom_mib: float, num_ctx: int, geometry: KvGeometry = GEMMA3_12B) -> int:
     """How many more KV slots fit in the measured VRAM headroom, keeping a safety margin."""
     usable = headroom_mib / 1024 - VRAM_MARGIN_GIB
-    return max(0, math.floor(usable / kv_cache_gib_per_slot(num_ctx)))
+    return max(0, math.floor(usable / geometry.gib_per_slot(num_ctx)))
 
 
 def calibration_knee(curve: dict[int, float]) -> int | None:
@@ -135,6 +177,7 @@ def judge(e: RunEvidence) -> Verdict:
         _backend_errors,
         _no_gpu_data,
         _idle_gaps,
+        _host_bound,
         _calibration,
         _kv_slots,
     ]
@@ -142,6 +185,7 @@ def judge(e: RunEvidence) -> Verdict:
         verdict = rule(e)
         if verdict is not None:
             verdict.evidence[:0] = _common_evidence(e)
+            verdict.findings = error_findings(e)
             return verdict
     raise AssertionError("_kv_slots always decides")  # pragma: no cover
 
@@ -153,7 +197,53 @@ def render_markdown(v: Verdict) -> list[str]:
         lines += ["Evidence:", *(f"- {x}" for x in v.evidence), ""]
     if v.advice:
         lines += ["Advice:", *(f"- {x}" for x in v.advice), ""]
+    if v.findings:
+        lines += ["Error rows by cause:", ""]
+        for f in v.findings:
+            lines += [f"- **{f.cause}**: {f.headline}", *(f"  - {x}" for x in f.advice)]
+        lines.append("")
     return lines
+
+
+def _cause(kind: str) -> Literal["engine", "model-output", "input-data"]:
+    if kind in OUTPUT_ERRORS:
+        return "model-output"
+    return "input-data" if kind in INPUT_ERRORS else "engine"
+
+
+def error_findings(e: RunEvidence) -> list[Finding]:
+    """Error rows split by cause: the engine's faults, the model's output, the input data."""
+    by_cause: dict[str, dict[str, int]] = {}
+    for kind, n in e.errors.items():
+        if n:
+            by_cause.setdefault(_cause(kind), {})[kind] = n
+    found = []
+    for cause in ("engine", "model-output", "input-data"):
+        if not (counts := by_cause.get(cause)):
+            continue
+        total = sum(counts.values())
+        shown = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items(), key=lambda x: -x[1]))
+        advice = [_ERROR_ADVICE[k] for k in counts if k in _ERROR_ADVICE]
+        found.append(
+            Finding(
+                cause=_cause(next(iter(counts))),
+                headline=f"{total} of {e.rows_done:,} rows ({total / max(e.rows_done, 1):.1%}): {shown}",
+                advice=advice or ["Read the error column of these rows"],
+            )
+        )
+    return found
+
+
+def eta_scope(e: RunEvidence) -> str | None:
+    """What the production ETA estimates, when the run was not the production engine on a GPU."""
+    no_gpu = _t(e).vram_peak_mib is None
+    if e.backend != "llamacpp" and not no_gpu:
+        return None
+    where = "the embedded model" if e.backend == "llamacpp" else f"this {e.backend} server"
+    return (
+        f"This ETA is for {where} on this machine{' (no GPU seen)' if no_gpu else ''}: "
+        "it says nothing about the production model on its GPU."
+    )
 
 
 # --- rules -----------------------------------------------------------------------------------
@@ -196,24 +286,31 @@ def _memory_pressure(e: RunEvidence) -> Verdict | None:
 
 
 _ERROR_ADVICE = {
-    "oom": "Out-of-memory errors: lower in-flight requests, OLLAMA_NUM_PARALLEL or num_ctx",
+    "oom": "Out-of-memory errors: lower in-flight requests, the server's parallel slots or num_ctx",
     "timeout": "Timeouts: lower in-flight requests or raise the request timeout",
-    "invalid_output": "Invalid outputs: tighten the prompt/schema, raise num_predict if cut off",
-    "connection": "Connection errors: check the server is up and not restarting",
+    "dropped": "Dropped connections: check the server is up and not restarting",
+    "unreachable": "Unreachable server: check it is up and not restarting",
+    "invalid_output": "Answers that fail the output schema: tighten the prompt or schema, raise num_predict if "
+    "answers are cut off (done_reason 'length'), or use a model that follows the format",
+    "empty_field": "Rows with an empty template field were not sent: fix or drop them in the input",
+    "context_length": "Prompts longer than the server's context: set trim_field, or give the server a larger "
+    "context per slot",
 }
 
 
 def _backend_errors(e: RunEvidence) -> Verdict | None:
-    n_err = sum(e.errors.values())
+    # Only the engine's faults say the backend limited the run; bad answers and bad rows are findings.
+    faults = {k: n for k, n in e.errors.items() if n and _cause(k) == "engine"}
+    n_err = sum(faults.values())
     rate = n_err / max(e.rows_done, 1)
     if n_err == 0 or rate <= ERROR_RATE_MAX:
         return None
-    by_kind = ", ".join(f"{k}: {n}" for k, n in sorted(e.errors.items(), key=lambda x: -x[1]))
-    advice = [_ERROR_ADVICE[k] for k in e.errors if k in _ERROR_ADVICE and e.errors[k]]
+    by_kind = ", ".join(f"{k}: {n}" for k, n in sorted(faults.items(), key=lambda x: -x[1]))
+    advice = [_ERROR_ADVICE[k] for k in faults if k in _ERROR_ADVICE]
     return Verdict(
         kind="backend-errors",
-        headline=f"{rate:.0%} of finished rows failed",
-        evidence=[f"{n_err} errors over {e.rows_done} rows ({by_kind})"],
+        headline=f"The engine failed {rate:.0%} of finished rows",
+        evidence=[f"{n_err} engine faults over {e.rows_done} rows ({by_kind})"],
         advice=advice or ["Read the error column of the failed rows"],
     )
 
@@ -276,6 +373,44 @@ def _idle_gaps(e: RunEvidence) -> Verdict | None:
     )
 
 
+def _host_bound(e: RunEvidence) -> Verdict | None:
+    """More in flight stopped helping (or hurt) while the GPU ran kernels under half the time: the
+    engine's host-side loop (sampling, grammar, bookkeeping per sequence) is the limit, not the GPU."""
+    t = _t(e)
+    if not e.calibration or t.gpu_util_mean is None or t.gpu_util_mean >= HOST_BOUND_UTIL_PCT:
+        return None
+    curve = e.calibration
+    knee = calibration_knee(curve)
+    if knee is None:
+        return None
+    best = max(curve, key=lambda n: curve[n])
+    top = max(curve)
+    falling = top > best and curve[top] < curve[best] * (1 - FLAT_GAIN)
+    shape = (
+        f"tokens/s peaked at {best} in flight ({curve[best]:,.0f}) and fell to {curve[top]:,.0f} at {top}"
+        if falling
+        else f"tokens/s flat from {knee} in flight ({curve[knee]:,.0f} -> {curve[top]:,.0f} at {top})"
+    )
+    now = " (auto chose it)" if e.in_flight == knee else f" (now {e.in_flight})"
+    return Verdict(
+        kind="host-bound",
+        headline="Host-bound: the engine's CPU-side loop limits the run, not the GPU",
+        evidence=[
+            f"Calibration: {shape}",
+            f"GPU util {t.gpu_util_mean:.0f} % mean: kernels ran under half the time while more requests "
+            "in flight no longer raised throughput",
+            *_gpu_lines(e)[1:],
+        ],
+        advice=[
+            f"Keep in-flight requests at {knee}{now}: more only adds latency",
+            "The per-token host work (sampling over the vocabulary, the JSON-schema grammar, per-sequence "
+            "bookkeeping) is the cost: a faster CPU core, a simpler output schema, or an engine that samples "
+            "on the GPU (vLLM, SGLang) raises the ceiling",
+            "A larger model moves the limit back to the GPU: measure the production model before sizing hardware",
+        ],
+    )
+
+
 def _calibration(e: RunEvidence) -> Verdict | None:
     if not e.calibration:
         return None
@@ -306,37 +441,55 @@ def _calibration(e: RunEvidence) -> Verdict | None:
         headline=f"Client-bound / under-batched: raise in-flight requests to {n}",
         evidence=[f"Calibration: {n} in flight gave {gain:+.0%} tokens/s over {e.in_flight}"],
         advice=[
-            f"Set in-flight requests to {n}" + (f" and OLLAMA_NUM_PARALLEL={n}" if e.backend == "ollama" else ""),
+            f"Set in-flight requests to {n}"
+            + (f" and OLLAMA_NUM_PARALLEL={n}" if e.backend == "ollama" else "")
+            + (" and the server's parallel slots to at least that" if e.backend == "openai" else ""),
         ],
     )
 
 
 def _kv_slots(e: RunEvidence) -> Verdict:
     t = _t(e)
-    slots = 1 if e.backend == "llamacpp" else (e.parallel_slots or 1)
-    if e.backend == "ollama" and e.in_flight < slots:
+    known = e.parallel_slots is not None
+    # The embedded model decodes one sequence at a time; elsewhere, when nobody said, assume the
+    # operator matched in_flight to the server's slots (and say that it is assumed).
+    slots = 1 if e.backend == "llamacpp" else (e.parallel_slots or e.in_flight)
+    said = {"server": "the server says", "operator": "the job says"}.get(e.slots_source or "", "assumed")
+    if e.backend != "llamacpp" and known and e.in_flight < slots:
         return Verdict(
             kind="client-bound",
             headline=f"Client-bound: {e.in_flight} in flight but {slots} server slots are ready",
-            evidence=_gpu_lines(e),
+            evidence=[f"{slots} parallel slots ({said})", *_gpu_lines(e)],
             advice=[f"Raise in-flight requests to {slots} (slots already allocated: no VRAM cost)"],
         )
     num_ctx = e.num_ctx or 4096
-    kv = kv_cache_gib_per_slot(num_ctx)
-    extra = slots_that_fit(t.vram_headroom_mib or 0.0, num_ctx)
+    geometry = e.kv_geometry
+    slots_line = f"{e.in_flight} request(s) in flight, {slots} slot(s) ({said})"
+    if geometry is None:
+        return Verdict(
+            kind="client-bound",
+            headline="Under-batched: one sequence per decode step leaves the GPU's throughput unused",
+            evidence=[slots_line, *_gpu_lines(e), "KV cache per slot unknown: nobody gave the model's shape"],
+            advice=[
+                "Measure with in_flight: auto (tokens/s at 1, 2, 4, 8 in flight) and raise the server's parallel "
+                "slots while tokens/s still grows and VRAM has room",
+            ],
+        )
+    kv = geometry.gib_per_slot(num_ctx)
+    extra = slots_that_fit(t.vram_headroom_mib or 0.0, num_ctx, geometry)
     kv_line = (
         f"KV cache ~{kv:.2f} GiB per slot at num_ctx {num_ctx}"
         + ("" if e.num_ctx else " (num_ctx assumed)")
-        + f"; headroom {(t.vram_headroom_mib or 0) / 1024:.1f} GiB fits {extra} more"
+        + f" ({geometry.source}); headroom {(t.vram_headroom_mib or 0) / 1024:.1f} GiB fits {extra} more"
     )
     if extra == 0:
         return Verdict(
             kind="gpu-bound",
             headline="GPU-bound: every slot is busy and VRAM has no room for another",
-            evidence=[*_gpu_lines(e), kv_line],
+            evidence=[slots_line, *_gpu_lines(e), kv_line],
             advice=[
                 f"Halving num_ctx to {num_ctx // 2} would free ~"
-                f"{(kv - kv_cache_gib_per_slot(max(1, num_ctx // 2))) * slots:.1f} GiB for more slots",
+                f"{(kv - geometry.gib_per_slot(max(1, num_ctx // 2))) * slots:.1f} GiB for more slots",
                 "Confirm with a calibration run (tokens/s at 1, 2, 4, 8 in flight)",
             ],
         )
@@ -347,21 +500,30 @@ def _kv_slots(e: RunEvidence) -> Verdict:
         if t.gpu_util_mean is not None
         else "One sequence per decode step leaves most of the GPU's throughput unused"
     )
+    knob = {
+        "ollama": f"OLLAMA_NUM_PARALLEL={target}",
+        "openai": f"the server's parallel sequences to {target} (llama.cpp --parallel, vLLM --max-num-seqs)",
+    }.get(e.backend, "")
     if e.backend == "llamacpp":
         advice = [
-            "The embedded llama.cpp decodes one sequence at a time; use the Ollama backend "
-            f"with OLLAMA_NUM_PARALLEL={target} and {target} requests in flight",
+            "The embedded llama.cpp decodes one sequence at a time; serve the model with Ollama or llama.cpp's "
+            f"server with {target} parallel slots and {target} requests in flight",
         ]
     else:
         advice = [
-            f"Set OLLAMA_NUM_PARALLEL={target} and in-flight requests to {target}: needs "
-            f"~{extra * kv:.1f} GiB more VRAM ({extra} x {kv:.2f} GiB)",
+            f"Set {knob} and in-flight requests to {target}: needs ~{extra * kv:.1f} GiB more VRAM "
+            f"({extra} x {kv:.2f} GiB)",
         ]
+    if not known and e.backend != "llamacpp":
+        advice.append(
+            f"The server's slot count is not known (Ollama does not say it): {slots} assumed from in_flight; "
+            "set server_slots in the job to what OLLAMA_NUM_PARALLEL is"
+        )
     advice.append("Confirm with a calibration run (tokens/s at 1, 2, 4, 8 in flight)")
     return Verdict(
         kind="client-bound",
-        headline="Client-bound / under-batched: raise in-flight requests and OLLAMA_NUM_PARALLEL",
-        evidence=[f"{e.in_flight} request(s) in flight, {slots} slot(s)", util_note, kv_line],
+        headline="Client-bound / under-batched: raise in-flight requests and the server's parallel slots",
+        evidence=[slots_line, util_note, kv_line],
         advice=advice,
     )
 

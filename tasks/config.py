@@ -140,6 +140,13 @@ class JobSettings(BaseModel):
         description="Backend 'openai': the server's OpenAI API base URL, e.g. http://127.0.0.1:8000/v1. "
         "The key, if the server wants one, comes from $OPENAI_API_KEY only.",
     )
+    server_slots: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Sequences the server decodes together (OLLAMA_NUM_PARALLEL, vLLM --max-num-seqs), for the "
+        "verdict; llama.cpp's server says it itself. Unset and unsaid, the report calls it unknown.",
+    )
     endpoints: list[Endpoint] = Field(
         default_factory=list,
         description="Several servers (backend 'ollama' or 'openai'): chunks run on whichever endpoint is free, "

@@ -13,12 +13,21 @@ import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import polars as pl
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.bottleneck import RunEvidence, TelemetrySummary, Verdict, eta_hours, render_markdown
+from tasks.backends.protocol import ServerInfo
+from tasks.bottleneck import (
+    KvGeometry,
+    RunEvidence,
+    TelemetrySummary,
+    Verdict,
+    eta_hours,
+    eta_scope,
+    render_markdown,
+)
 from tasks.charts import sparkline
 from tasks.config import JobSettings
 from tasks.progress import duration
@@ -75,6 +84,27 @@ def per_endpoint(stats: Iterable[ChunkStats]) -> dict[str, dict[str, float]]:
     return per
 
 
+# One layer in N attends to the whole context; the others keep a sliding window (llama.cpp's
+# per-architecture pattern, which GGUF metadata does not carry).
+_GLOBAL_EVERY = {"gemma3": 6, "gemma2": 2, "cohere2": 4}
+
+
+def kv_geometry(geometry: dict[str, Any] | None) -> KvGeometry | None:
+    """The verdict's KV-cache shape from what the engine said (ServerInfo.geometry)."""
+    if not geometry:
+        return None
+    arch = str(geometry.get("arch"))
+    window = geometry.get("sliding_window")
+    return KvGeometry(
+        layers=geometry["layers"],
+        kv_heads=geometry["kv_heads"],
+        head_dim=geometry["head_dim"],
+        sliding_window=window if window and arch in _GLOBAL_EVERY else None,
+        global_every=_GLOBAL_EVERY.get(arch, 1),
+        source=f"{arch}: {geometry['layers']} layers, {geometry['kv_heads']} KV heads x {geometry['head_dim']}",
+    )
+
+
 def build_evidence(
     settings: JobSettings,
     stats: list[ChunkStats],
@@ -82,13 +112,26 @@ def build_evidence(
     rows_done: int,
     telemetry: dict[str, Any],
     errors: dict[str, int],
+    servers: list[ServerInfo] | None = None,
 ) -> RunEvidence:
-    """The job's figures for the verdict: rates over the time chunks were actually sending."""
+    """The job's figures for the verdict: rates over the time chunks were actually sending; the
+    server's parallel slots and model shape as the server (or else the job file) says them."""
     # Endpoints work side by side: their rates add up (each over its own sending time).
     endpoints = per_endpoint(stats).values()
     ran = sorted((s for s in stats if s.sent_rows), key=lambda s: s.finished_at)
+    server = servers[0] if servers else None
+    slots: int | None = None
+    said: Literal["server", "operator"] | None = None
+    if server is not None and server.parallel_slots:
+        slots, said = server.parallel_slots, "server"
+    if slots is None and settings.server_slots is not None:
+        slots, said = settings.server_slots, "operator"
     return RunEvidence(
         backend=settings.backend,
+        engine=server.engine if server else None,
+        parallel_slots=slots,
+        slots_source=said,
+        kv_geometry=kv_geometry(server.geometry if server else None),
         in_flight=ran[-1].in_flight if ran else settings.workers,
         calibration=next((s.calibration for s in stats if s.calibration), None),
         num_ctx=settings.options.num_ctx,
@@ -195,7 +238,8 @@ def render_report(
             f"| requests/s | {rate:.2f} |",
             f"| generated tokens/s | {evidence.tokens_per_s:.1f} |",
             f"| **ETA for the {s.production_rows:,}-row production job** | "
-            f"**{eta_hours(s.production_rows, rate):.1f} h** at this rate |",
+            f"**{eta_hours(s.production_rows, rate):.1f} h** at this rate"
+            + (f" ({scope}) |" if (scope := eta_scope(evidence)) else " |"),
         ]
         if rate
         else ["| requests/s | no rows were sent in any attempt |"]
@@ -207,7 +251,14 @@ def render_report(
         f"Status: {status}. {manifest['rows_ok']:,} ok and {manifest['rows_error']:,} error rows of "
         f"{manifest['rows_total']:,} ({manifest['chunks']} chunks of {s.chunk_size:,}), "
         f"backend `{s.backend}`, model `{s.model}`, {evidence.in_flight} request(s) in flight"
-        f"{' (chosen by auto)' if s.in_flight == 'auto' else ''}, "
+        f"{' (chosen by auto)' if s.in_flight == 'auto' else ''}"
+        + (
+            f", server {evidence.engine}"
+            + (f" with {evidence.parallel_slots} parallel slots" if evidence.parallel_slots else "")
+            if evidence.engine
+            else ""
+        )
+        + ", "
         + (
             f"{len(attempts)} attempts, wall {duration(job_wall)} in all (this one {duration(manifest['wall_s'])})."
             if len(attempts) > 1

@@ -8,12 +8,15 @@ from typing import Any
 import polars as pl
 import pytest
 
+from tasks.backends.protocol import model_geometry
 from tasks.bottleneck import (
+    GEMMA3_12B,
     RunEvidence,
     TelemetrySummary,
     Verdict,
     calibration_knee,
     eta_hours,
+    eta_scope,
     judge,
     kv_cache_gib_per_slot,
     render_markdown,
@@ -73,6 +76,7 @@ def evidence(frame: pl.DataFrame, **kw: Any) -> RunEvidence:
         "rows_done": 5_000,
         "num_ctx": 4096,
         "telemetry": summarize(frame, 0, 1e12),
+        "kv_geometry": GEMMA3_12B,  # what Ollama's /api/show says of gemma3:12b
     }
     return RunEvidence(**(base | kw))
 
@@ -86,7 +90,7 @@ def test_util_100_at_one_in_flight_is_client_bound_not_gpu_bound() -> None:
     # The trap: NVML says 100 % while one sequence at a time leaves throughput unused.
     v = judge(evidence(samples(util=100.0, power_w=300.0)))
     assert v.kind == "client-bound"
-    assert "OLLAMA_NUM_PARALLEL" in v.headline
+    assert "parallel slots" in v.headline
     # 16,376 - 10,752 MiB = 5.5 GiB headroom, minus 0.5 GiB margin, 0.72 GiB per 4k slot -> 6 more.
     assert any("OLLAMA_NUM_PARALLEL=7" in a and "4.3 GiB" in a for a in v.advice)
     assert any("a kernel was running" in x for x in v.evidence)
@@ -234,3 +238,105 @@ def test_render_markdown() -> None:
         "**Raise in-flight**",
         "",
     ]
+
+
+# --- the verdict reads the engine -------------------------------------------------------------
+
+# llama.cpp's llama-server (CUDA) on an H200 serving Gemma 3 270M Q4_K_M, 64 slots: tokens/s by
+# requests in flight, and NVML utilisation at the best level (8 in flight: 17 %).
+H200_LLAMA_SERVER_CURVE = {1: 370.0, 2: 575.0, 4: 613.0, 8: 674.0, 16: 617.0, 64: 547.0}
+
+
+def test_a_falling_curve_with_the_gpu_mostly_idle_is_host_bound() -> None:
+    e = evidence(
+        samples(util=17.0, power_w=137.0, vram_used_mib=20_000.0),
+        backend="openai",
+        engine="llama.cpp",
+        in_flight=8,
+        parallel_slots=64,
+        slots_source="server",
+        calibration=H200_LLAMA_SERVER_CURVE,
+        kv_geometry=None,
+    )
+    v = judge(e)
+    assert v.kind == "host-bound"
+    assert any("peaked at 8 in flight (674) and fell to 547 at 64" in x for x in v.evidence)
+    assert any("GPU util 17 % mean" in x for x in v.evidence)
+    assert any("Keep in-flight requests at 8" in a for a in v.advice)  # the knee: 4 -> 8 is +10 %, 8 -> 16 falls
+
+
+def test_the_same_flat_curve_with_the_gpu_busy_stays_gpu_bound() -> None:
+    e = evidence(samples(util=99.0), in_flight=8, parallel_slots=8, calibration={1: 88.0, 8: 600.0, 16: 610.0})
+    assert judge(e).kind == "gpu-bound"
+
+
+def test_unknown_slots_are_assumed_from_in_flight_not_one() -> None:
+    # 4 in flight on Ollama, OLLAMA_NUM_PARALLEL unknown, VRAM for 2 more 4k slots: 6, never 3.
+    v = judge(evidence(samples(util=98.0, vram_used_mib=CARD_MIB - 2300), in_flight=4))
+    assert any("OLLAMA_NUM_PARALLEL=6" in a for a in v.advice), v.advice
+    assert any("4 slot(s) (assumed)" in x for x in v.evidence)
+    assert any("set server_slots" in a for a in v.advice)
+
+
+def test_slots_the_server_says_are_used_and_named() -> None:
+    e = evidence(
+        samples(vram_used_mib=CARD_MIB - 2300), backend="openai", in_flight=4, parallel_slots=4, slots_source="server"
+    )
+    v = judge(e)
+    assert any("4 slot(s) (the server says)" in x for x in v.evidence)
+    assert any("llama.cpp --parallel" in a and "to 6" in a for a in v.advice)
+    assert not any("server_slots" in a for a in v.advice)
+
+
+def test_an_unknown_model_shape_is_said_not_guessed() -> None:
+    v = judge(evidence(samples(util=100.0), in_flight=1, kv_geometry=None))
+    assert v.kind == "client-bound" and any("KV cache per slot unknown" in x for x in v.evidence)
+    assert not any("GiB per slot" in x for x in v.evidence)
+
+
+def test_geometry_from_gguf_metadata_sizes_the_kv_cache() -> None:
+    from tasks.report import kv_geometry
+
+    meta = {
+        "general.architecture": "gemma3",
+        "gemma3.block_count": 48,
+        "gemma3.attention.head_count": 16,
+        "gemma3.attention.head_count_kv": 8,
+        "gemma3.attention.key_length": 256,
+        "gemma3.attention.sliding_window": 1024,
+    }
+    geometry = kv_geometry(model_geometry(meta))
+    assert geometry is not None
+    assert geometry.gib_per_slot(4096) == pytest.approx(GEMMA3_12B.gib_per_slot(4096))
+    llama = {
+        "general.architecture": "llama",
+        "llama.block_count": 32,
+        "llama.attention.head_count": 32,
+        "llama.attention.head_count_kv": 8,
+        "llama.embedding_length": 4096,
+    }
+    plain = kv_geometry(model_geometry(llama))
+    assert plain is not None and plain.gib_per_slot(4096) == pytest.approx(32 * 4096 * 2 * 8 * 128 * 2 / 1024**3)
+    assert model_geometry({"general.architecture": "x"}) is None
+
+
+def test_error_rows_are_split_by_cause_and_only_engine_faults_decide() -> None:
+    # The demo's case: schema-invalid answers and one empty field are not the backend's fault.
+    e = evidence(samples(util=None), backend="llamacpp", rows_done=24, errors={"invalid_output": 2, "empty_field": 1})
+    v = judge(e)
+    assert v.kind == "no-gpu-data"
+    causes = {f.cause: f for f in v.findings}
+    assert set(causes) == {"model-output", "input-data"}
+    assert causes["model-output"].headline.startswith("2 of 24 rows (8.3%): invalid_output: 2")
+    assert any("output schema" in a for a in causes["model-output"].advice)
+    assert any("empty template field" in a for a in causes["input-data"].advice)
+    faults = judge(evidence(samples(), rows_done=100, errors={"timeout": 10, "invalid_output": 50}))
+    assert faults.kind == "backend-errors" and "10%" in faults.headline
+    assert {f.cause for f in faults.findings} == {"engine", "model-output"}
+    assert "Error rows by cause:" in render_markdown(faults)
+
+
+def test_a_cpu_run_says_what_its_eta_is_for() -> None:
+    cpu = evidence(samples(util=None), backend="llamacpp")
+    assert "embedded model on this machine (no GPU seen)" in (eta_scope(cpu) or "")
+    assert eta_scope(evidence(samples(), backend="ollama")) is None

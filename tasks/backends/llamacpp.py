@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.backends.protocol import BackendError, Reply, ServerInfo
+from tasks.backends.protocol import BackendError, Reply, ServerInfo, model_geometry
 
 # Load and decode on one long-lived thread: each chunk's event loop would otherwise call
 # llama.cpp from fresh executor threads, and its OpenMP thread teams (one per calling
@@ -92,7 +92,10 @@ class LlamaCppBackend:
             raise BackendError("model_missing", "fatal_job", "llama.cpp model is not loaded")
 
     async def describe(self) -> ServerInfo:
-        return ServerInfo(engine="llama.cpp (embedded)", parallel_slots=1, context_per_slot=self.num_ctx)
+        geometry = model_geometry(dict(self._llm.metadata)) if self._llm is not None else None
+        return ServerInfo(
+            engine="llama.cpp (embedded)", parallel_slots=1, context_per_slot=self.num_ctx, geometry=geometry
+        )
 
     def _complete(
         self, messages: list[dict[str, str]], options: dict[str, Any], schema: dict[str, Any] | None

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import ollama
 
-from tasks.backends.protocol import Action, BackendError, Reply, ServerInfo
+from tasks.backends.protocol import Action, BackendError, Reply, ServerInfo, model_geometry
 
 # Texts Ollama puts in a 500 when the GPU runs out of memory (ollama's llm/status.go).
 _OOM_MARKERS = (
@@ -91,8 +91,13 @@ class OllamaBackend:
             raise classify(exc, self.model, self.host) from exc
 
     async def describe(self) -> ServerInfo:
-        # Ollama's API does not say how many requests it decodes together (OLLAMA_NUM_PARALLEL).
-        return ServerInfo(engine="ollama")
+        # Ollama's API does not say how many requests it decodes together (OLLAMA_NUM_PARALLEL);
+        # /api/show's model_info has the GGUF's architecture keys.
+        try:
+            shown = await self.client.show(self.model)
+        except Exception as exc:
+            raise classify(exc, self.model, self.host) from exc
+        return ServerInfo(engine="ollama", geometry=model_geometry(dict(shown.modelinfo or {})))
 
     async def chat(
         self, messages: list[dict[str, str]], *, options: dict[str, Any], schema: dict[str, Any] | None

@@ -46,6 +46,30 @@ class ServerInfo:
     parallel_slots: int | None = None  # sequences the server decodes together (llama.cpp --parallel)
     context_per_slot: int | None = None  # tokens of KV cache each of those sequences gets
     build: str | None = None
+    geometry: dict[str, Any] | None = None  # the model's KV-cache shape (model_geometry), where the engine says
+
+
+def model_geometry(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The KV-cache shape from GGUF-style metadata (a GGUF header, Ollama's /api/show model_info):
+    architecture, layers, KV heads, head dimension, sliding window; None when a key is missing."""
+    arch = metadata.get("general.architecture")
+    try:
+        layers = int(metadata[f"{arch}.block_count"])
+        kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv") or metadata[f"{arch}.attention.head_count"])
+        head_dim = int(
+            metadata.get(f"{arch}.attention.key_length")
+            or int(metadata[f"{arch}.embedding_length"]) // int(metadata[f"{arch}.attention.head_count"])
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    window = metadata.get(f"{arch}.attention.sliding_window")
+    return {
+        "arch": arch,
+        "layers": layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "sliding_window": int(window) if window else None,
+    }
 
 
 class Backend(Protocol):

@@ -344,8 +344,9 @@ async def _run_async(run: _ChunkRun, rows: list[PreparedRow]) -> None:
                 await run.backend.check()
                 break
             except BackendError as err:
-                if err.action != "unreachable":
+                if err.action in ("fatal_job", "fatal_row"):
                     raise ChunkAborted(str(err), retryable=False) from err
+                # Down, dropping connections or busy at the hand-over: wait within the outage budget.
                 step = run.policy.outage(err, time.monotonic())
                 if step.do == "abort":
                     raise ChunkAborted(step.message or str(err), retryable=True) from err

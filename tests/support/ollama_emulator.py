@@ -588,9 +588,15 @@ class OllamaEmulator:
                     "template": "{{ .Prompt }}",
                     "details": entry["details"],
                     "modified_at": entry["modified_at"],
+                    # Gemma 3 12B's own GGUF keys, whatever the tag: what the verdict reads.
                     "model_info": {
                         "general.architecture": entry["details"]["family"],
                         f"{entry['details']['family']}.context_length": 131072,
+                        f"{entry['details']['family']}.block_count": 48,
+                        f"{entry['details']['family']}.attention.head_count": 16,
+                        f"{entry['details']['family']}.attention.head_count_kv": 8,
+                        f"{entry['details']['family']}.attention.key_length": 256,
+                        f"{entry['details']['family']}.attention.sliding_window": 1024,
                     },
                     "capabilities": ["completion"],
                 },
