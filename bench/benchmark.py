@@ -127,7 +127,7 @@ def prefect_server(home: Path) -> Iterator[tuple[str, int]]:
     env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
     proc = start(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
          "--no-ui", "--analytics-off"],
         env, home, home / "server.log",
     )  # fmt: skip
