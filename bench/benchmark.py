@@ -237,6 +237,7 @@ class Engine:
     sweep_rows: int = 40
     auto_rows: int = 120  # rows of the in_flight: auto run (calibration included)
     copy_to: Path | None = None  # keep report.md, timeline.png and manifest.json of each run here
+    schema: bool = True  # JSON-schema constrained answers (llama.cpp samples the grammar on the CPU)
 
 
 @dataclass
@@ -741,7 +742,7 @@ def bench_engine(b: Bench) -> dict[str, Any]:
                 backend="openai",
                 base_url=url,
                 model=e.model,
-                output_schema=str(schema),
+                output_schema=str(schema) if e.schema else None,
                 options={"num_ctx": 1024, "num_predict": 64, "temperature": 0.0, "seed": 0},
                 in_flight=in_flight,
                 max_in_flight=max(e.levels),
@@ -1092,6 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--engine-copy", type=Path, help="engine section: keep each run's report, chart and manifest here"
     )
+    parser.add_argument("--engine-no-schema", action="store_true", help="engine section: free-text JSON answers")
     parser.add_argument("--naive", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--bare-llama", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--bare-client", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -1110,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     sweep, auto = args.engine_rows or ((24, 80) if args.quick else (40, 120))
     levels = tuple(int(n) for n in args.engine_levels.split(","))
-    engine = Engine(args.engine_url, args.engine_model, levels, sweep, auto, args.engine_copy)
+    engine = Engine(args.engine_url, args.engine_model, levels, sweep, auto, args.engine_copy, not args.engine_no_schema)
     result = run_benchmark(QUICK if args.quick else FULL, only, args.keep, engine)
     text = json.dumps(result, indent=2)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
