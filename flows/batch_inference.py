@@ -27,8 +27,12 @@ from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.dispatch import Dispatcher, LaneFailed
 from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
 from tasks.inference import ChunkAborted, ChunkStats, finished_chunk_stats, run_chunk
+from tasks.openai_batch import write_output as write_openai_output
 from tasks.report import RunReporter
-from tasks.schema import load_output_model, output_columns
+from tasks.schema import output_columns
+from tasks.sink import ChunkSink
+from tasks.sources import input_kind
+from tasks.sources import output_model as job_output_model
 from tasks.store import (
     build_manifest,
     claim_output_dir,
@@ -76,6 +80,16 @@ def check_backend(settings: JobSettings) -> tuple[list[JobSettings], list[str]]:
     return up, problems
 
 
+@task(name="check-sink", cache_policy=NO_CACHE)
+def check_sink(settings: JobSettings, plan: JobPlan) -> ChunkSink | None:
+    """Before any request: the sink database answers and its table takes the result columns."""
+    if settings.sink is None:
+        return None
+    sink = ChunkSink(settings, output_columns(job_output_model(settings, plan.chunks[0].source)))
+    sink.check()
+    return sink
+
+
 def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
     """Retry a chunk after an outage; a missing model or a bug will not heal by waiting."""
     try:
@@ -113,15 +127,21 @@ def prepare_job(job_file: str | None, overrides: dict[str, Any] | None) -> Job:
     # A scheduled run keeps its date through retries and reruns, so it resumes its own directory.
     scheduled = flow_run.scheduled_start_time
     settings = load_settings(job_file, overrides).for_run_date(scheduled.astimezone().date())
-    output_model = load_output_model(settings.output_schema) if settings.output_schema else None
-    output_columns(output_model)  # a schema field colliding with a result column fails here, not mid-run
     plan = plan_chunks(settings)
+    output_model = job_output_model(settings, plan.chunks[0].source)
+    output_columns(output_model)  # a schema field colliding with a result column fails here, not mid-run
     schema_json = None if output_model is None else str(output_model.model_json_schema())
     record = {"settings": settings.model_dump(mode="json"), "total_rows": plan.total_rows, "chunks": len(plan.chunks)}
     return Job(settings, plan, settings.answer_fingerprint(plan.input_digest, schema_json), record)
 
 
-def run_chunks(settings: JobSettings, lanes: list[JobSettings], chunks: list[ChunkSpec], reporter: RunReporter) -> None:
+def run_chunks(
+    settings: JobSettings,
+    lanes: list[JobSettings],
+    chunks: list[ChunkSpec],
+    reporter: RunReporter,
+    sink: ChunkSink | None = None,
+) -> None:
     """Each chunk on whichever endpoint is free, one chunk per endpoint at a time.
 
     One endpoint: a failing chunk is retried by Prefect on it (chunk_retries). Several: the chunk
@@ -143,6 +163,8 @@ def run_chunks(settings: JobSettings, lanes: list[JobSettings], chunks: list[Chu
 
     def done(lane: int, batch: list[ChunkSpec], stats: ChunkStats) -> None:
         reporter.chunk_done(stats)
+        if sink is not None and not sink.deliver(batch[0]):
+            get_run_logger().warning("sink: %s (a rerun delivers it)", sink.failures[batch[0].index])
         if lanes[lane].in_flight == "auto" and stats.calibration:
             # Measured once per endpoint, on its first rows; its later chunks keep the chosen level.
             lanes[lane] = lanes[lane].model_copy(update={"in_flight": stats.in_flight})
@@ -186,6 +208,7 @@ def batch_inference(
         hold, key = join_output_dir(out, fingerprint), f"{settings.name}-{label}"
         report_dir = out / "shards" / f"{label}-{plan.chunks[0].name}"
     with hold:
+        sink = check_sink(settings, plan)
         lanes, left_out = check_backend(settings)
         for lane in lanes:
             ensure_gpu_limit(lane.gpu_limit)
@@ -213,17 +236,27 @@ def batch_inference(
             for chunk in plan.chunks:
                 if (finished := finished_chunk_stats(settings, chunk)) is not None:
                     reporter.chunk_done(finished)  # done by an earlier run: no task, no GPU slot
+                    if sink is not None:
+                        sink.deliver(chunk)  # catches up what a sink that was down missed
                 else:
                     todo.append(chunk)
-            run_chunks(settings, lanes, todo, reporter)
+            run_chunks(settings, lanes, todo, reporter, sink)
             if chunks is None:
-                logger.info("wrote %s", consolidate(out, plan.chunks, plan.total_rows))
+                logger.info("wrote %s", results := consolidate(out, plan.chunks, plan.total_rows))
+                wants_openai = settings.openai_output
+                if wants_openai or (wants_openai is None and input_kind(settings) == "openai_batch"):
+                    target = write_openai_output(results, out / "openai-output.jsonl", settings.model, fingerprint)
+                    logger.info("wrote %s", target)
+            if sink is not None:
+                sink.raise_if_behind(plan.chunks)
         except BaseException as exc:
             failure = exc
             raise
         finally:
             sampler.stop()
             manifest = build_manifest(settings, plan, fingerprint, started, failure)
+            if sink is not None:
+                manifest["sink"] = sink.summary(plan.chunks)
             if chunks is not None:
                 manifest |= {"results": None, "host": label, "shard_chunks": chunks}
             write_json_atomic(manifest, report_dir / "manifest.json")

@@ -10,13 +10,14 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict
 
+from tasks import sources
 from tasks.config import JobSettings
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "ndjson", ".ndjson": "ndjson"}
 
 
 class InputError(ValueError):
-    """The input file cannot be used; the message names the file, column or row."""
+    """The input cannot be used; the message names the file or query, column or row."""
 
 
 class ChunkSpec(BaseModel):
@@ -27,6 +28,7 @@ class ChunkSpec(BaseModel):
     index: int
     offset: int
     length: int
+    source: str | None = None  # the input snapshot the rows come from (queries, OpenAI batch files)
 
     @property
     def name(self) -> str:
@@ -62,6 +64,7 @@ class PreparedRow(BaseModel):
     row_index: int
     id: str
     messages: list[dict[str, str]] | None = None
+    options: dict[str, Any] | None = None  # this row's own sampling settings (an OpenAI batch line's body)
     error: str | None = None
     trimmed: bool = False
 
@@ -78,6 +81,7 @@ def estimate_tokens(text: str) -> int:
 
 
 def _render(settings: JobSettings, values: dict[str, str]) -> list[dict[str, str]]:
+    assert settings.prompt_template is not None  # checked when the input was validated
     messages = [{"role": "user", "content": settings.prompt_template.format(**values)}]
     if settings.system_prompt:
         messages.insert(0, {"role": "system", "content": settings.system_prompt})
@@ -134,23 +138,39 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def plan_chunks(total_rows: int, chunk_size: int) -> list[ChunkSpec]:
+def plan_chunks(total_rows: int, chunk_size: int, source: str | None = None) -> list[ChunkSpec]:
     return [
-        ChunkSpec(index=i, offset=offset, length=min(chunk_size, total_rows - offset))
+        ChunkSpec(index=i, offset=offset, length=min(chunk_size, total_rows - offset), source=source)
         for i, offset in enumerate(range(0, total_rows, chunk_size))
     ]
 
 
+def _open(settings: JobSettings) -> tuple[pl.LazyFrame, str | None, str | None]:
+    """The rows to validate, the digest of a frame read whole (None: hash the file), and its snapshot."""
+    kind = sources.input_kind(settings)
+    try:
+        sources.check_template(settings, kind)
+        if kind == "table":
+            assert settings.input_path is not None
+            return scan_input(settings.input_path), None, None
+        frame = sources.read_frame(settings)
+    except (sources.sql.SqlError, sources.openai_batch.BatchFileError) as exc:
+        raise InputError(str(exc)) from None
+    digest = sources.frame_digest(frame)
+    return frame.lazy(), digest, str(sources.snapshot(settings, frame, digest))
+
+
 def validate_input(settings: JobSettings) -> JobPlan:
     """Check the input before any request: columns present, ids unique and non-null."""
-    path = settings.input_path
-    scan = scan_input(path)
+    path = settings.input_label
+    scan, digest, snapshot = _open(settings)
     try:
         columns = scan.collect_schema().names()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(f"input {path} cannot be read: {exc}") from exc
-    if settings.id_column not in columns:
-        raise InputError(f"input {path}: id column '{settings.id_column}' not found (columns: {', '.join(columns)})")
+    col = sources.id_column(settings)
+    if col not in columns:
+        raise InputError(f"input {path}: id column '{col}' not found (columns: {', '.join(columns)})")
     missing = [f for f in settings.template_fields if f not in columns]
     if missing:
         raise InputError(
@@ -158,10 +178,9 @@ def validate_input(settings: JobSettings) -> JobPlan:
             f"which {'is not a column' if len(missing) == 1 else 'are not columns'} (columns: {', '.join(columns)})"
         )
     try:
-        ids = scan.select(pl.col(settings.id_column).cast(pl.String)).with_row_index("row").collect()
+        ids = scan.select(pl.col(col).cast(pl.String)).with_row_index("row").collect()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(f"input {path} cannot be read: {exc}") from exc
-    col = settings.id_column
     nulls = ids.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
     if nulls.height:
         rows = ", ".join(str(r) for r in nulls["row"].head(5).to_list())
@@ -177,8 +196,8 @@ def validate_input(settings: JobSettings) -> JobPlan:
         raise InputError(f"input {path} has no rows")
     return JobPlan(
         total_rows=ids.height,
-        input_digest=file_digest(path),
-        chunks=plan_chunks(ids.height, settings.chunk_size),
+        input_digest=digest or file_digest(settings.input_path),  # type: ignore[arg-type]
+        chunks=plan_chunks(ids.height, settings.chunk_size, snapshot),
     )
 
 
@@ -202,17 +221,23 @@ def prepare_chunk(
     sent; they become error rows.
     """
     fields = settings.template_fields
+    batch = sources.input_kind(settings) == "openai_batch"
+    wanted = [sources.openai_batch.MESSAGES, sources.openai_batch.OPTIONS] if batch else fields
+    scan = pl.scan_parquet(chunk.source) if chunk.source else scan_input(settings.input_path)  # type: ignore[arg-type]
     frame = (
-        scan_input(settings.input_path)
-        .with_row_index("__row")
+        scan.with_row_index("__row")
         .slice(chunk.offset, chunk.length)
-        .select("__row", pl.col(settings.id_column).cast(pl.String).alias("__id"), *fields)
+        .select("__row", pl.col(sources.id_column(settings)).cast(pl.String).alias("__id"), *wanted)
         .collect()
     )
     prepared = []
     for record in frame.iter_rows(named=True):
         row_index = record["__row"]
         if row_index in skip:
+            continue
+        if batch:
+            messages, options = sources.batch_row(record)
+            prepared.append(PreparedRow(row_index=row_index, id=record["__id"], messages=messages, options=options))
             continue
         values = {f: _text(record[f]) for f in fields}
         empty = [f for f, v in values.items() if v is None]

@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field, ValidationError
 from tasks.backends import Backend, BackendError, Reply, make_backend, token_counter
 from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, PreparedRow, prepare_chunk
-from tasks.schema import ResultRow, load_output_model, output_columns
+from tasks.schema import ResultRow, output_columns
+from tasks.sources import output_model as job_output_model
 from tasks.store import ChunkWriter, chunk_path, claim_chunk, clean_finished_parts, finished_rows
 
 ProgressCallback = Callable[[int, int], None]  # (rows finished so far in this chunk, errors so far)
@@ -207,9 +208,12 @@ class _ChunkRun:
             )
         await asyncio.sleep(min(5.0, self.settings.outage_budget_s - down_for, 0.5 + down_for / 4))
 
-    async def _ask(self, messages: list[dict[str, str]], resamples: int) -> Reply:
+    async def _ask(self, row: PreparedRow, resamples: int) -> Reply:
         """One request under a total deadline: httpx's timeout is per read, a slow trickle never trips it."""
-        options = self.options.for_request(resamples)
+        # A row's own sampling settings (an OpenAI batch line) sit over the job's; none reloads the model.
+        options = (self.options.model_copy(update=row.options) if row.options else self.options).for_request(resamples)
+        messages = row.messages
+        assert messages is not None
         try:
             return await asyncio.wait_for(
                 self.backend.chat(messages, options=options, schema=self.schema), self.settings.request_timeout_s
@@ -234,7 +238,7 @@ class _ChunkRun:
             self.requests += 1
             started = time.perf_counter()
             try:
-                reply = await self._ask(row.messages, resamples)
+                reply = await self._ask(row, resamples)
             except BackendError as err:
                 last_error = err
                 if err.action == "fatal_job":
@@ -454,7 +458,7 @@ def run_chunk(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressCall
 def _run_claimed(settings: JobSettings, chunk: ChunkSpec, on_progress: ProgressCallback | None) -> ChunkStats:
     out = settings.output_dir
     started = time.time()
-    output_model = load_output_model(settings.output_schema) if settings.output_schema else None
+    output_model = job_output_model(settings, chunk.source)
     writer = ChunkWriter(
         out, chunk, output_columns(output_model), settings.checkpoint_rows, settings.checkpoint_every_s
     )

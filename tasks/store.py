@@ -341,7 +341,7 @@ def build_manifest(
         "error": error,
         "fingerprint": fingerprint,
         "results": str(out / "results.parquet") if complete else None,
-        "input": str(settings.input_path),
+        "input": settings.input_label,
         "input_digest": plan.input_digest,
         "backend": settings.backend,
         "model": settings.model,
