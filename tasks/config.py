@@ -338,7 +338,8 @@ class JobSettings(BaseModel):
     def input_label(self) -> str:
         """Where the rows come from, for messages and the manifest (a URI never holds a password)."""
         if self.input_sql is not None:
-            return f"query on {self.input_sql.uri}"
+            query = " ".join(self.input_sql.query.split())
+            return f"query '{query if len(query) <= 120 else query[:117] + '...'}' on {self.input_sql.uri}"
         return str(self.input_path)
 
     def answer_fingerprint(self, input_digest: str, schema_json: str | None) -> str:

@@ -50,7 +50,7 @@ class PostgresServer:
         done = subprocess.run(cmd, input=input_text, capture_output=True, text=True, check=False, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(args[:2])} failed: {done.stderr or done.stdout}")
-        return done.stdout
+        return done.stdout.rstrip("\n")
 
     def start(self) -> PostgresServer:
         if self.as_root:
