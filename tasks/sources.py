@@ -75,7 +75,7 @@ def check_template(settings: JobSettings, kind: Kind) -> None:
                 f"input {label} is an OpenAI batch file: its lines carry the messages, so {', '.join(given)} "
                 "cannot apply (remove it, or set input_format: table)"
             )
-        if "id_column" in settings.model_fields_set and settings.id_column != "custom_id":
+        if settings.id_column not in ("id", "custom_id"):  # "id" is the default: not a choice the user made
             raise openai_batch.BatchFileError(f"input {label} is an OpenAI batch file: its ids are custom_id")
     elif settings.prompt_template is None:
         raise openai_batch.BatchFileError(f"input {label}: set prompt_template (the user message built from columns)")
