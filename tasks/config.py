@@ -277,8 +277,10 @@ class JobSettings(BaseModel):
             raise ValueError("set exactly one of input_path (a file) and input_sql (a database query)")
         if self.input_sql is not None and self.input_format == "openai_batch":
             raise ValueError("input_format 'openai_batch' reads a file: set input_path")
-        batch_possible = self.input_format != "table" and self.input_path is not None and (
-            self.input_path.suffix.lower() in (".jsonl", ".ndjson")
+        batch_possible = (
+            self.input_format != "table"
+            and self.input_path is not None
+            and (self.input_path.suffix.lower() in (".jsonl", ".ndjson"))
         )
         if self.prompt_template is None and not batch_possible:
             # Only an OpenAI batch file brings its own messages; whether a .jsonl is one is seen when it is read.

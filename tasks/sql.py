@@ -70,16 +70,16 @@ def connect(uri: str, *, must_exist: bool = True) -> Iterator[Any]:
     expanded, secrets = _expand(uri)
     try:
         if dialect(uri) == "sqlite":
-            import adbc_driver_sqlite.dbapi as driver
+            import adbc_driver_sqlite.dbapi as sqlite_driver
 
             path = sqlite_path(uri)
             if must_exist and not path.is_file():
                 raise SqlError(f"{uri}: SQLite file {path} does not exist")
-            conn = driver.connect(str(path))
+            conn = sqlite_driver.connect(str(path))
         else:
-            import adbc_driver_postgresql.dbapi as driver
+            import adbc_driver_postgresql.dbapi as postgres_driver  # type: ignore[import-untyped]
 
-            conn = driver.connect(expanded)
+            conn = postgres_driver.connect(expanded)
     except SqlError:
         raise
     except Exception as exc:  # each driver raises its own error types
