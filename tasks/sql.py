@@ -21,6 +21,7 @@ import polars as pl
 
 from tasks.config import SqlInput, SqlSink
 
+CONNECT_TIMEOUT_S = 10
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -79,6 +80,8 @@ def connect(uri: str, *, must_exist: bool = True) -> Iterator[Any]:
         else:
             import adbc_driver_postgresql.dbapi as postgres_driver  # type: ignore[import-untyped]
 
+            if "connect_timeout=" not in expanded:  # libpq waits forever on a host that does not answer
+                expanded += ("&" if "?" in expanded else "?") + f"connect_timeout={CONNECT_TIMEOUT_S}"
             conn = postgres_driver.connect(expanded)
     except SqlError:
         raise

@@ -193,6 +193,9 @@ def test_wrong_password_bad_query_and_incompatible_table_fail_before_any_request
     pg.sql(f"DROP TABLE {table}; CREATE TABLE {table} (id text, status text)")
     with pytest.raises(SqlError, match=r"column 'id' must be its primary key"):
         batch_inference(overrides=settings)
+    down = {**settings, "sink": {**settings["sink"], "uri": pg.uri().replace(f":{pg.port}/", ":1/")}}
+    with pytest.raises(SqlError, match=r"cannot connect to postgresql://scorer@127.0.0.1:1/hr: .*(refused|failed)"):
+        batch_inference(overrides=down)  # a sink that is down at the start stops the run before it sends
     assert inference_requests(emulator) == []
     # The password in a URI is refused, and the refusal does not repeat it.
     leaky = {**settings, "sink": {**settings["sink"], "uri": pg.uri().replace("scorer@", f"scorer:{PASSWORD}@")}}
