@@ -54,6 +54,26 @@ def main() -> None:
                 "median_s": round(statistics.median(runs), 3),
                 "best_s": round(min(runs), 3),
             }
+        # The sink's cost per chunk: one 5,000-row chunk of result rows upserted (insert, then update).
+        from datetime import UTC, datetime
+
+        from tasks.config import SqlSink
+        from tasks.schema import RESULT_SCHEMA, ResultRow, rows_to_frame
+        from tasks.sql import TableSink
+
+        now = datetime.now(UTC)
+        rows = [
+            ResultRow(row_index=i, id=f"r{i:06d}", chunk=0, status="ok", attempts=1, response='{"score": 3}' * 8,
+                      model="gemma3:12b", finished_at=now, prompt_tokens=300, completion_tokens=40)
+            for i in range(5000)
+        ]  # fmt: skip
+        frame = rows_to_frame(rows, {})
+        sink = TableSink(SqlSink(uri=pg.uri(), table="bench_scores"), dict(RESULT_SCHEMA))
+        sink.prepare()
+        result["upsert_5000_rows_s"] = {
+            "insert": round(_time(lambda: sink.upsert(frame)), 3),
+            "update": round(statistics.median(_time(lambda: sink.upsert(frame)) for _ in range(args.repeats)), 3),
+        }
         bad = {
             "adbc": pg.uri().replace("scorer@", "scorer:wrong@"),
             "connectorx": uris["connectorx"].replace(PASSWORD, "wrong"),

@@ -163,8 +163,17 @@ def run_chunks(
 
     def done(lane: int, batch: list[ChunkSpec], stats: ChunkStats) -> None:
         reporter.chunk_done(stats)
-        if sink is not None and not sink.deliver(batch[0]):
-            get_run_logger().warning("sink: %s (a rerun delivers it)", sink.failures[batch[0].index])
+        if sink is not None:
+            chunk, logger = batch[0], get_run_logger()
+
+            def delivered(future: Any) -> None:
+                if future.exception() is not None or not future.result():
+                    why = future.exception() or sink.failures.get(chunk.index)
+                    problem = f"sink: {chunk.name} not delivered, a rerun delivers it: {why}"
+                    logger.warning(problem)
+                    reporter.notes.append(problem)
+
+            sink.deliver_later(chunk).add_done_callback(delivered)
         if lanes[lane].in_flight == "auto" and stats.calibration:
             # Measured once per endpoint, on its first rows; its later chunks keep the chosen level.
             lanes[lane] = lanes[lane].model_copy(update={"in_flight": stats.in_flight})
@@ -241,6 +250,8 @@ def batch_inference(
                 else:
                     todo.append(chunk)
             run_chunks(settings, lanes, todo, reporter, sink)
+            if sink is not None:
+                sink.drain()
             if chunks is None:
                 logger.info("wrote %s", results := consolidate(out, plan.chunks, plan.total_rows))
                 wants_openai = settings.openai_output
@@ -256,6 +267,7 @@ def batch_inference(
             sampler.stop()
             manifest = build_manifest(settings, plan, fingerprint, started, failure)
             if sink is not None:
+                sink.drain()  # deliveries of chunks that finished before a failure still count
                 manifest["sink"] = sink.summary(plan.chunks)
             if chunks is not None:
                 manifest |= {"results": None, "host": label, "shard_chunks": chunks}

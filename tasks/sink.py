@@ -7,7 +7,9 @@ next chunk of this one) delivers it again; the upsert is by id, so delivering tw
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,10 @@ class ChunkSink:
         self.table = TableSink(settings.sink, {**RESULT_SCHEMA, **parsed_columns})
         self.failures: dict[int, str] = {}  # chunk index -> why its upsert failed in this run
         self.delivered_rows = 0
+        # One thread, so chunks reach the table in order while the next chunk already runs on the GPU.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink")
+        self._pending: list[tuple[ChunkSpec, Future[bool]]] = []
+        self._lock = threading.Lock()
 
     def marker(self, chunk: ChunkSpec) -> Path:
         return self.out / "sink" / self.table.key / f"{chunk.name}.done"
@@ -47,13 +53,30 @@ class ChunkSink:
             return True
         frame = pl.read_parquet(chunk_path(self.out, chunk))
         try:
-            self.delivered_rows += self.table.upsert(frame)
+            written = self.table.upsert(frame)
         except SqlError as exc:
-            self.failures[chunk.index] = str(exc)
+            with self._lock:
+                self.failures[chunk.index] = str(exc)
             return False
-        self.failures.pop(chunk.index, None)
+        with self._lock:
+            self.delivered_rows += written
+            self.failures.pop(chunk.index, None)
         write_json_atomic({"table": self.table.sink.table, "rows": frame.height, "at": time.time()}, self.marker(chunk))
         return True
+
+    def deliver_later(self, chunk: ChunkSpec) -> Future[bool]:
+        """Deliver in the background; `drain` waits for every delivery handed over so far."""
+        future = self._pool.submit(self.deliver, chunk)
+        self._pending.append((chunk, future))
+        return future
+
+    def drain(self) -> None:
+        for chunk, future in self._pending:
+            try:
+                future.result()
+            except Exception as exc:  # never mask the run's own outcome; the marker is missing, a rerun retries
+                self.failures[chunk.index] = f"{type(exc).__name__}: {exc}"
+        self._pending.clear()
 
     def summary(self, chunks: list[ChunkSpec]) -> dict[str, Any]:
         """For the manifest: what the sink holds of this job (no URI secrets: the URI never has them)."""
