@@ -1,6 +1,6 @@
 """Where a job's rows come from: a table file, an OpenAI batch file, or a SQL query.
 
-Files other than tables and queries are read once, at planning, into one validated Polars frame
+Queries and OpenAI batch files are read once, at planning, into one validated Polars frame
 and kept as a snapshot in the output directory (out/inputs/<digest>.parquet): every chunk reads
 its rows from there, so a query that would answer differently a minute later, or a file edited
 mid-run, cannot shift rows between chunks. The digest is of the rows themselves, so a rerun
