@@ -260,8 +260,8 @@ def batch_inference(
         key, report_dir = f"{settings.name}-{label}", out / "shards" / f"{label}-{plan.chunks[0].name}"
     # Pre-flight first: a refused directory or an unreachable backend leaves output_dir untouched.
     check_output_dir(out, fingerprint, record if chunks is None else None)
+    sink = check_sink(settings, plan)  # a refused sink sends nothing, not even to the backend
     lanes, left_out, servers = check_backend(settings)
-    sink = check_sink(settings, plan)
     hold = claim_output_dir(out, fingerprint, record) if chunks is None else join_output_dir(out, fingerprint)
     with hold:
         for lane in lanes:

@@ -87,10 +87,10 @@ def preflight(job_file: str | None, overrides: dict[str, Any]) -> None:
 
     job = plan_job(job_file, overrides, date.today(), validate=partial(validate_input, pin=False))
     check_output_dir(job.settings.output_dir, job.fingerprint, job.record)
-    check_backends(job.settings)
     sink = open_sink(job.settings, job.plan, create=False)  # reads only: a missing table is made by the run
     if sink is not None:
         sink.close()
+    check_backends(job.settings)
 
 
 def _die_with_parent() -> None:

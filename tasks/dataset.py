@@ -235,6 +235,7 @@ def plan_chunks(total_rows: int, chunk_size: int) -> list[ChunkSpec]:
 
 
 _COUNTED = "counted from 1, the header not counted; row_index in the results is one less"
+_COUNTED_ROWS = "counted from 1; row_index in the results is one less"  # a query's rows, a batch file's requests
 
 
 def _rows(indices: list[int]) -> str:
@@ -328,16 +329,17 @@ def validate_input(settings: JobSettings, *, pin: bool = True) -> JobPlan:
             raise InputError(f"input {settings.input_label}: response_format: {exc}") from None
     path = settings.input_label
     col = sources.id_column(settings)
+    counted = _COUNTED if kind == "table" else _COUNTED_ROWS
     ids = pl.scan_parquet(snapshot).select(pl.col("__id").alias(col)).with_row_index("row").collect()
     nulls = ids.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
     if nulls.height:
         rows = _rows(nulls["row"].head(5).to_list())
-        raise InputError(f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (data {rows}; {_COUNTED})")
+        raise InputError(f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (data {rows}; {counted})")
     dupes = ids.filter(pl.col(col).is_duplicated())
     if dupes.height:
         first = dupes.group_by(col, maintain_order=True).agg(pl.col("row")).head(3)
         shown = "; ".join(f"'{r[col]}' at data {_rows(r['row'])}" for r in first.iter_rows(named=True))
-        raise InputError(f"input {path}: duplicate ids in '{col}': {shown} ({_COUNTED}); ids must be unique")
+        raise InputError(f"input {path}: duplicate ids in '{col}': {shown} ({counted}); ids must be unique")
     if ids.height == 0:
         raise InputError(f"input {path} has no rows")
     notes = []

@@ -113,7 +113,10 @@ def test_per_line_sampling_settings_are_honoured(job: Any, emulator: OllamaEmula
         ),
         (line("a", "x", n=3), r"line 1: body.n=3: one answer per request only"),
         (line("a", "x", temperature=7), r"line 1: temperature Input should be less than or equal to 2"),
-        (line("a", "x") + line("a", "y"), r"duplicate ids in 'custom_id': 'a' at rows \[0, 1\]"),
+        (
+            line("a", "x") + line("a", "y"),
+            r"duplicate ids in 'custom_id': 'a' at data rows 1 and 2 \(counted from 1; row_index",
+        ),
         (line("a", "x") + "{not json\n", r"line 2: .*Invalid JSON"),
         (VLLM_EMBEDDINGS, r"line 1: url '/v1/embeddings' is not supported \(only /v1/chat/completions\)"),
         (

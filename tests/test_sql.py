@@ -94,6 +94,10 @@ def test_query_in_typed_upsert_out(job: Any, pg: PostgresServer, emulator: Ollam
     # No password in anything the run wrote.
     written = [p for p in Path(settings["output_dir"]).rglob("*") if p.is_file() and p.suffix in (".json", ".md")]
     assert written and not [p for p in written if PASSWORD in p.read_text()]
+    # The query's rows are pinned like a file's: one snapshot named by the digest of the rows.
+    out = Path(settings["output_dir"])
+    assert [p.name for p in out.glob("input-*.parquet")] == [f"input-{manifest['input_digest']}.parquet"]
+    assert not (out / "inputs").exists()
     assert manifest["sink"]["chunks_pending"] == [] and re.fullmatch(
         r"query 'SELECT .*' on postgresql://scorer@[^:]+:\d+/hr", manifest["input"]
     )
@@ -233,7 +237,12 @@ def test_sqlite_in_and_out(job: Any, emulator: OllamaEmulator, tmp_path: Path) -
     manifest = batch_inference(overrides=settings)
     assert manifest["complete"] and manifest["rows_ok"] == 10
     again = batch_inference(overrides=settings)  # a rerun writes nothing twice
-    assert again["complete"]
+    assert again["complete"] and again["sink"]["rows_upserted_this_run"] == 0
+    # A damaged chunk file is set aside and redone: the redone file is delivered again (its marker
+    # named the old file), the upsert by id keeps each row once.
+    (Path(settings["output_dir"]) / "chunks" / "chunk-00001.parquet").write_bytes(b"torn")
+    redone = batch_inference(overrides=settings)
+    assert redone["complete"] and redone["sink"]["rows_upserted_this_run"] == 4
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT id, status, truncated, finished_at FROM scores ORDER BY row_index").fetchall()
     assert [r[0] for r in rows] == [str(i) for i in range(10)] and {r[1] for r in rows} == {"ok"}
