@@ -19,6 +19,7 @@ import dataclasses
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,12 @@ from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.dispatch import Dispatcher, LaneFailed
 from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
 from tasks.job import Job, check_backends, plan_job
+from tasks.openai_batch import write_output as write_openai_output
 from tasks.progress import ArtifactSink, Progress, Throttled, terminal_sink
 from tasks.report import build_evidence, chunk_row, publish_artifacts, render_report
 from tasks.schema import ChunkStats
+from tasks.sink import ChunkSink, open_sink
+from tasks.sources import wants_openai_output
 from tasks.store import (
     build_manifest,
     check_chunk_files,
@@ -76,6 +80,12 @@ def check_backend(settings: JobSettings) -> tuple[list[JobSettings], list[str], 
     for problem in problems:
         get_run_logger().warning("endpoint left out of this run: %s", problem)
     return up, problems, servers
+
+
+@task(name="check-sink", cache_policy=NO_CACHE)
+def check_sink(settings: JobSettings, plan: JobPlan) -> ChunkSink | None:
+    """Before any request: the sink database answers and its table takes the result columns (created when missing)."""
+    return open_sink(settings, plan, create=True)
 
 
 def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
@@ -120,7 +130,7 @@ def run_chunks(
     chunks: list[ChunkSpec],
     progress: Progress,
     sampler: Sampler,
-    on_done: Any,
+    on_done: Callable[[ChunkSpec, ChunkStats], None],
     notes: list[str],
 ) -> None:
     """Each chunk on whichever endpoint is free, one chunk per endpoint at a time.
@@ -143,7 +153,7 @@ def run_chunks(
             raise LaneFailed(str(exc), retryable=exc.retryable) from exc
 
     def done(lane: int, batch: list[ChunkSpec], stats: ChunkStats) -> None:
-        on_done(stats)
+        on_done(batch[0], stats)
         if lanes[lane].in_flight == "auto" and stats.calibration:
             # Measured once per endpoint, on its first rows; its later chunks keep the chosen level.
             lanes[lane] = lanes[lane].model_copy(update={"in_flight": stats.in_flight})
@@ -253,6 +263,7 @@ def batch_inference(
         key, report_dir = f"{settings.name}-{label}", out / "shards" / f"{label}-{plan.chunks[0].name}"
     # Pre-flight first: a refused directory or an unreachable backend leaves output_dir untouched.
     check_output_dir(out, fingerprint, record if chunks is None else None)
+    sink = check_sink(settings, plan)  # a refused sink sends nothing, not even to the backend
     lanes, left_out, servers = check_backend(settings)
     hold = claim_output_dir(out, fingerprint, record) if chunks is None else join_output_dir(out, fingerprint)
     with hold:
@@ -292,11 +303,26 @@ def batch_inference(
         notes += [f"{time.strftime('%H:%M:%S')} {finding}" for finding in findings]
         ran: list[ChunkStats] = []
 
-        def chunk_done(st: ChunkStats) -> None:
+        def deliver(chunk: ChunkSpec) -> None:
+            """Hand a finished chunk to the sink's thread; a refusal is noted, and the next run delivers it."""
+            if sink is None:
+                return
+
+            def delivered(future: Any) -> None:
+                if future.exception() is not None or not future.result():
+                    problem = f"sink: {chunk.name} not delivered, a rerun delivers it: "
+                    problem += str(future.exception() or sink.failures.get(chunk.index))
+                    logger.warning(problem)
+                    notes.append(f"{time.strftime('%H:%M:%S')} {problem}")
+
+            sink.deliver_later(chunk).add_done_callback(delivered)
+
+        def chunk_done(chunk: ChunkSpec, st: ChunkStats) -> None:
             sampler.mark(f"chunk-{st.index:05d} end")
             stats[st.index] = st
             ran.append(st)
             progress.chunk_done(st.index, st.sent_rows, st.errors)
+            deliver(chunk)
 
         sampler.start()
         sampler.mark(f"attempt {len(history.get('attempts', [])) + 1} start")
@@ -307,11 +333,19 @@ def batch_inference(
             for chunk in plan.chunks:
                 if (finished := finished_chunk_stats(settings, chunk)) is None:
                     todo.append(chunk)
-                elif chunk.index not in stats:  # done by an earlier run whose figures are gone
+                    continue
+                if chunk.index not in stats:  # done by an earlier run whose figures are gone
                     stats[chunk.index] = finished
+                deliver(chunk)  # catches up what a sink that was down missed (none if it has it)
             run_chunks(settings, lanes, todo, progress, sampler, chunk_done, notes)
             if chunks is None:
-                logger.info("wrote %s", consolidate(out, plan.chunks, plan.total_rows))
+                logger.info("wrote %s", results := consolidate(out, plan.chunks, plan.total_rows))
+                if wants_openai_output(settings):
+                    target = out / "openai-output.jsonl"
+                    logger.info("wrote %s", write_openai_output(results, target, settings.model, fingerprint))
+            if sink is not None:
+                sink.drain()
+                sink.raise_if_behind(plan.chunks)
         except BaseException as exc:
             failure = exc
             raise
@@ -321,6 +355,9 @@ def batch_inference(
             for ollama in ollamas:
                 asyncio.run(ollama.close())
             manifest = build_manifest(settings, plan, fingerprint, started, failure)
+            if sink is not None:
+                sink.close()  # deliveries of chunks that finished before a failure still count
+                manifest["sink"] = sink.summary(plan.chunks)
             attempt = {
                 "started_at": started,
                 "finished_at": manifest["finished_at"],

@@ -4,7 +4,7 @@
     python -m flows.scale_out --config JOB.yaml --host QUEUE [--host QUEUE ...]
 
 Everything a user can get wrong (the job file, the input, the output directory, an unreachable
-backend) is checked here before Prefect is imported or a Prefect server started, and reported
+backend, a sink table that cannot take the results) is checked here before Prefect is imported or a Prefect server started, and reported
 as one message with a hint and its own exit code; `--debug` adds the traceback.
 """
 
@@ -24,15 +24,17 @@ from typing import Any, Literal
 import yaml
 
 # Exit codes: 1 the run itself failed (its manifest says why); 2 the command line (argparse).
-EXIT_SETTINGS, EXIT_INPUT, EXIT_OUTPUT_DIR, EXIT_BACKEND = 3, 4, 5, 6
+EXIT_SETTINGS, EXIT_INPUT, EXIT_OUTPUT_DIR, EXIT_BACKEND, EXIT_SINK = 3, 4, 5, 6, 7
 
 HINTS = {
     EXIT_SETTINGS: "check the job file against the field table in README.md (The job file)",
-    EXIT_INPUT: "fix the input file, or id_column / prompt_template in the job file",
+    EXIT_INPUT: "fix the input file or query, or id_column / prompt_template in the job file",
     EXIT_OUTPUT_DIR: "give this configuration its own directory, e.g. --set output_dir=out/<new name>, "
     "or delete the old one to start over",
     EXIT_BACKEND: "start the backend (`ollama serve`, `ollama pull <model>`) or point ollama_host / OLLAMA_HOST "
     "at it; nothing was sent and output_dir is untouched",
+    EXIT_SINK: "start the sink database, or alter, drop or rename the sink table; nothing was sent and output_dir "
+    "is untouched",
 }
 
 
@@ -60,6 +62,7 @@ def _exit_code(exc: BaseException) -> int | None:
     from tasks.config import SettingsError
     from tasks.dataset import InputError
     from tasks.job import BackendUnavailable
+    from tasks.sink import SinkRefused
     from tasks.store import OutputDirError
 
     for kind, code in (
@@ -67,6 +70,7 @@ def _exit_code(exc: BaseException) -> int | None:
         (InputError, EXIT_INPUT),
         (OutputDirError, EXIT_OUTPUT_DIR),
         (BackendUnavailable, EXIT_BACKEND),
+        (SinkRefused, EXIT_SINK),
     ):
         if isinstance(exc, kind):
             return code
@@ -75,13 +79,17 @@ def _exit_code(exc: BaseException) -> int | None:
 
 
 def preflight(job_file: str | None, overrides: dict[str, Any]) -> None:
-    """What the flow checks first, without Prefect: settings, input, output directory, backends."""
+    """What the flow checks first, without Prefect: settings, input, output directory, backends, sink."""
     from tasks.dataset import validate_input
     from tasks.job import check_backends, plan_job
+    from tasks.sink import open_sink
     from tasks.store import check_output_dir
 
     job = plan_job(job_file, overrides, date.today(), validate=partial(validate_input, pin=False))
     check_output_dir(job.settings.output_dir, job.fingerprint, job.record)
+    sink = open_sink(job.settings, job.plan, create=False)  # reads only: a missing table is made by the run
+    if sink is not None:
+        sink.close()
     check_backends(job.settings)
 
 
@@ -141,7 +149,7 @@ def _parser(kind: Literal["batch", "scale_out"]) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 done, 1 the run failed, 2 command line, 3 job settings, 4 input, "
-        "5 output directory, 6 backend unreachable or model missing",
+        "5 output directory, 6 backend unreachable or model missing, 7 sink database or table refused",
     )
     parser.add_argument("--config", type=Path, help="YAML job file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")

@@ -36,7 +36,9 @@ from tasks.chunk import finished_chunk_stats
 from tasks.config import merge_overrides
 from tasks.dataset import ChunkSpec
 from tasks.dispatch import Dispatcher, LaneFailed
+from tasks.openai_batch import write_output as write_openai_output
 from tasks.report import publish_artifacts, render_scale_out_report
+from tasks.sources import wants_openai_output
 from tasks.store import (
     build_manifest,
     check_output_dir,
@@ -149,7 +151,10 @@ def scale_out(
         failure: BaseException | None = None
         try:
             dispatcher(todo)
-            logger.info("wrote %s", consolidate(out, plan.chunks, plan.total_rows))
+            logger.info("wrote %s", results := consolidate(out, plan.chunks, plan.total_rows))
+            if wants_openai_output(settings):
+                target = out / "openai-output.jsonl"
+                logger.info("wrote %s", write_openai_output(results, target, settings.model, fingerprint))
         except BaseException as exc:
             failure = exc
             raise

@@ -45,6 +45,8 @@ class GenerationOptions(BaseModel):
     top_k: int | None = Field(None, ge=1, le=1000, description="Top-k sampling; backend default when unset.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling; backend default when unset.")
     stop: list[str] | None = Field(None, max_length=8, description="Stop sequences.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Presence penalty; unset: none.")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Frequency penalty; unset: none.")
 
     retry_temperature: float = Field(
         0.7,
@@ -100,6 +102,59 @@ class Endpoint(BaseModel):
         return re.sub(r"[^A-Za-z0-9_.-]", "-", f"gpu-{host}-{url.port or 11434}")[:64]
 
 
+_SECRET_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _uri_without_secrets(value: str) -> str:
+    """Refuse a database URI that carries a password: it would land in parameters, job.json and
+    the manifest. The password comes from the environment (PGPASSWORD, or a ${VAR} reference)."""
+    parsed = urlparse(value)
+    if parsed.scheme not in ("postgresql", "postgres", "sqlite"):
+        raise ValueError(f"database URI must start with postgresql:// or sqlite:///, not {parsed.scheme or value!r}")
+    password = parsed.password
+    query_password = re.search(r"(?:^|&)password=([^&]*)", parsed.query)
+    for found in (password, query_password.group(1) if query_password else None):
+        if found and not _SECRET_REF.fullmatch(found):
+            raise ValueError(
+                "the database URI holds a password: leave it out and set PGPASSWORD in the environment, "
+                "or write ${SOME_VAR} in its place"
+            )
+    return value
+
+
+class SqlInput(BaseModel):
+    """Rows from a database: a query, read once when the job is planned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str = Field(
+        description="postgresql://user@host:5432/db (password from PGPASSWORD or ${VAR}) or sqlite:///path/file.db."
+    )
+    query: str = Field(min_length=1, description="SELECT returning the id column and the prompt's columns.")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        return _uri_without_secrets(value)
+
+
+class SqlSink(BaseModel):
+    """A table every finished chunk is upserted into (by id), following the Parquet ledger."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str = Field(description="Database URI, as for input_sql (no password inside).")
+    table: str = Field(
+        pattern=r"^([A-Za-z_][A-Za-z0-9_]{0,62}\.)?[A-Za-z_][A-Za-z0-9_]{0,62}$",
+        description="Table name, optionally schema.table; created when missing.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        return _uri_without_secrets(value)
+
+
 class JobSettings(BaseModel):
     """Everything one batch job needs; unknown keys are an error."""
 
@@ -110,9 +165,24 @@ class JobSettings(BaseModel):
         pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
         description="Job name; Prefect artifact keys are derived from it so each job keeps its own history.",
     )
-    input_path: Path = Field(description="Input rows: .parquet, .csv or .jsonl/.ndjson.")
+    input_path: Path | None = Field(
+        None, description="Input rows: .parquet, .csv or .jsonl/.ndjson, or an OpenAI batch request file (.jsonl)."
+    )
+    input_format: Literal["auto", "table", "openai_batch"] = Field(
+        "auto",
+        description="'openai_batch': one OpenAI Batch API request per line (custom_id, body.messages); 'auto' "
+        "detects it from the first line of a .jsonl file; 'table': rows whose columns fill prompt_template.",
+    )
+    input_sql: SqlInput | None = Field(None, description="Read the rows from a database query instead of a file.")
+    sink: SqlSink | None = Field(None, description="Also upsert every finished chunk into this database table.")
+    openai_output: bool | None = Field(
+        None,
+        description="Write openai-output.jsonl (OpenAI/vLLM batch output lines); unset: when the input is an "
+        "OpenAI batch file.",
+    )
     id_column: str = Field("id", min_length=1, description="Column holding a unique, non-null id per row.")
-    prompt_template: str = Field(
+    prompt_template: str | None = Field(
+        None,
         min_length=1,
         description="User message with {column} fields filled from the row, e.g. 'Score this: {text}'.",
     )
@@ -229,8 +299,9 @@ class JobSettings(BaseModel):
 
     @field_validator("prompt_template")
     @classmethod
-    def _template_parses(cls, value: str) -> str:
-        template_fields(value)  # raises ValueError with the reason
+    def _template_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_fields(value)  # raises ValueError with the reason
         return value
 
     @field_validator("keep_alive")
@@ -248,6 +319,18 @@ class JobSettings(BaseModel):
 
     @model_validator(mode="after")
     def _backend_fields(self) -> JobSettings:
+        if (self.input_path is None) == (self.input_sql is None):
+            raise ValueError("set exactly one of input_path (a file) and input_sql (a database query)")
+        if self.input_sql is not None and self.input_format == "openai_batch":
+            raise ValueError("input_format 'openai_batch' reads a file: set input_path")
+        batch_possible = (
+            self.input_format != "table"
+            and self.input_path is not None
+            and (self.input_path.suffix.lower() in (".jsonl", ".ndjson"))
+        )
+        if self.prompt_template is None and not batch_possible:
+            # Only an OpenAI batch file brings its own messages; whether a .jsonl is one is seen when it is read.
+            raise ValueError("prompt_template is required: the user message, with {column} fields from the row")
         if self.trim_field is not None and self.trim_field not in self.template_fields:
             raise ValueError(f"trim_field '{self.trim_field}' is not a field of prompt_template")
         if self.backend == "llamacpp" and self.ollama_host is not None:
@@ -311,7 +394,15 @@ class JobSettings(BaseModel):
 
     @property
     def template_fields(self) -> list[str]:
-        return template_fields(self.prompt_template)
+        return template_fields(self.prompt_template) if self.prompt_template else []
+
+    @property
+    def input_label(self) -> str:
+        """Where the rows come from, for messages and the manifest (a URI never holds a password)."""
+        if self.input_sql is not None:
+            query = " ".join(self.input_sql.query.split())
+            return f"query '{query if len(query) <= 120 else query[:117] + '...'}' on {self.input_sql.uri}"
+        return str(self.input_path)
 
     def answer_fingerprint(self, input_digest: str, schema_json: str | None) -> str:
         """Hash of everything that changes the answers, so a rerun never mixes two configurations."""
@@ -432,10 +523,16 @@ def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] 
         return JobSettings.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(_describe(err) for err in exc.errors())
-        raise SettingsError(f"invalid job settings in {source}: {problems}") from exc
+        # `from None`: pydantic's own text repeats each input value, and a refused URI may hold a password.
+        raise SettingsError(f"invalid job settings in {source}: {problems}") from None
 
 
-_NESTED: dict[str, type[BaseModel]] = {"options": GenerationOptions, "endpoints": Endpoint}
+_NESTED: dict[str, type[BaseModel]] = {
+    "options": GenerationOptions,
+    "endpoints": Endpoint,
+    "input_sql": SqlInput,
+    "sink": SqlSink,
+}
 
 
 def _describe(err: Any) -> str:

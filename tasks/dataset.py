@@ -14,13 +14,15 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks import openai_batch, sources, sql
 from tasks.config import JobSettings
+from tasks.schema import output_columns
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "ndjson", ".ndjson": "ndjson"}
 
 
 class InputError(ValueError):
-    """The input file cannot be used; the message names the file, column or row."""
+    """The input cannot be used; the message names the file or query, column or row."""
 
 
 class ChunkSpec(BaseModel):
@@ -46,6 +48,9 @@ class JobPlan(BaseModel):
     input_digest: str
     chunks: list[ChunkSpec]
     snapshot: Path = Field(description="The validated rows, read once at planning; every chunk reads these.")
+    response_format: str | None = Field(
+        None, description="An OpenAI batch file's response_format (JSON), shared by its lines: the output model."
+    )
     notes: list[str] = Field(default_factory=list, description="What the input check wants the user to know.")
 
     def shard(self, indices: list[int]) -> JobPlan:
@@ -68,6 +73,7 @@ class PreparedRow(BaseModel):
     row_index: int
     id: str
     messages: list[dict[str, str]] | None = None
+    options: dict[str, Any] | None = None  # this row's own sampling settings (an OpenAI batch line's body)
     error: str | None = None
     trimmed: bool = False
 
@@ -89,6 +95,7 @@ def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
 
 
 def _render(settings: JobSettings, values: dict[str, str]) -> list[dict[str, str]]:
+    assert settings.prompt_template is not None  # checked when the input was validated
     messages = [{"role": "user", "content": settings.prompt_template.format(**values)}]
     if settings.system_prompt:
         messages.insert(0, {"role": "system", "content": settings.system_prompt})
@@ -180,10 +187,12 @@ def _bad_jsonl_line(path: Path, exc: Exception) -> InputError:
     return InputError(f"input {path} cannot be read: {exc}")
 
 
-def _write_snapshot(settings: JobSettings, scan: pl.LazyFrame, target: Path) -> None:
-    """The columns the prompt needs and the id as text, in input order: the run's pinned copy of the
-    input, so a file replaced or edited during the run cannot mix two inputs into one result."""
-    frame = scan.select(pl.col(settings.id_column).cast(pl.String).alias("__id"), *settings.template_fields)
+def _write_snapshot(settings: JobSettings, rows: pl.LazyFrame, target: Path) -> None:
+    """The id as text and the columns the prompts need (a batch file's messages and options), in input
+    order: the run's pinned copy of the input, so a file replaced or edited, or a table updated, during
+    the run cannot mix two inputs into one result."""
+    wanted = openai_batch.COLUMNS if openai_batch.MESSAGES in rows.collect_schema() else settings.template_fields
+    frame = rows.select(pl.col(sources.id_column(settings)).cast(pl.String).alias("__id"), *wanted)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
@@ -206,6 +215,18 @@ def pinned_snapshot(out: Path) -> Path | None:
     return snapshot_path(out, digest) if digest else None
 
 
+def job_snapshot(settings: JobSettings) -> Path:
+    """The snapshot a chunk reads: the owning run's, or (a chunk run on its own) one pinned now."""
+    return pinned_snapshot(settings.output_dir) or validate_input(settings).snapshot
+
+
+def snapshot_response_format(snapshot: Path) -> str | None:
+    """The response_format an OpenAI batch file's snapshot keeps (None for any other input)."""
+    if openai_batch.FORMAT not in pl.scan_parquet(snapshot).collect_schema():
+        return None
+    return pl.scan_parquet(snapshot).select(openai_batch.FORMAT).head(1).collect().item()
+
+
 def plan_chunks(total_rows: int, chunk_size: int) -> list[ChunkSpec]:
     return [
         ChunkSpec(index=i, offset=offset, length=min(chunk_size, total_rows - offset))
@@ -214,6 +235,7 @@ def plan_chunks(total_rows: int, chunk_size: int) -> list[ChunkSpec]:
 
 
 _COUNTED = "counted from 1, the header not counted; row_index in the results is one less"
+_COUNTED_ROWS = "counted from 1; row_index in the results is one less"  # a query's rows, a batch file's requests
 
 
 def _rows(indices: list[int]) -> str:
@@ -222,35 +244,32 @@ def _rows(indices: list[int]) -> str:
     return f"row {shown[0]}" if len(shown) == 1 else f"rows {', '.join(shown[:-1])} and {shown[-1]}"
 
 
-def validate_input(settings: JobSettings, *, pin: bool = True) -> JobPlan:
-    """Check every input row before any request (columns, record shapes, ids), and pin the input:
-    a snapshot of the rows the prompts need goes into the output directory, read by every chunk.
-
-    `pin=False` checks the same without touching the output directory (the command line's
-    pre-flight: a job refused there leaves the directory as it was).
-    """
-    if not pin:
-        with tempfile.TemporaryDirectory(prefix="preflight-") as scratch:
-            return validate_input(settings.model_copy(update={"output_dir": Path(scratch)}))
-    path = settings.input_path
-    scan = scan_input(path)
-    try:
-        columns = scan.collect_schema().names()
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise (
-            _bad_jsonl_line(path, exc)
-            if FORMATS[path.suffix.lower()] == "ndjson"
-            else InputError(f"input {path} cannot be read: {exc}")
-        ) from exc
-    if settings.id_column not in columns:
-        raise InputError(f"input {path}: id column '{settings.id_column}' not found (columns: {', '.join(columns)})")
+def _check_columns(settings: JobSettings, label: str, columns: list[str]) -> None:
+    col = sources.id_column(settings)
+    if col not in columns:
+        raise InputError(f"input {label}: id column '{col}' not found (columns: {', '.join(columns)})")
     missing = [f for f in settings.template_fields if f not in columns]
     if missing:
         raise InputError(
-            f"input {path}: prompt_template uses {', '.join(repr(m) for m in missing)} "
+            f"input {label}: prompt_template uses {', '.join(repr(m) for m in missing)} "
             f"which {'is not a column' if len(missing) == 1 else 'are not columns'} (columns: {', '.join(columns)})"
         )
+
+
+def _pin_file(settings: JobSettings) -> tuple[str, Path, pl.DataType]:
+    """Check a table file's columns and records, snapshot it (named by the file's digest): the
+    digest, the snapshot and the id column's type."""
+    path = settings.input_path
+    assert path is not None  # a table is a file
+    scan = scan_input(path)
     fmt = FORMATS[path.suffix.lower()]
+    try:
+        schema = scan.collect_schema()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise (
+            _bad_jsonl_line(path, exc) if fmt == "ndjson" else InputError(f"input {path} cannot be read: {exc}")
+        ) from exc
+    _check_columns(settings, str(path), schema.names())
     if fmt == "csv":
         _ragged_csv_lines(path)
     digest = file_digest(path)
@@ -265,21 +284,65 @@ def validate_input(settings: JobSettings, *, pin: bool = True) -> JobPlan:
         if file_digest(path) != digest:
             snapshot.unlink(missing_ok=True)
             raise InputError(f"input {path} changed while it was being read; start the job once it is complete")
-    col = settings.id_column
+    return digest, snapshot, schema[settings.id_column]
+
+
+def _pin_frame(settings: JobSettings) -> tuple[str, Path, pl.DataType, str | None]:
+    """Read a query or an OpenAI batch file whole, check its columns and snapshot it (named by the
+    digest of its rows: a rerun whose query returns other rows is refused like a changed file):
+    the digest, the snapshot, the id column's type and a batch file's response_format."""
+    frame = sources.read_frame(settings)
+    _check_columns(settings, settings.input_label, frame.columns)
+    digest = sources.frame_digest(frame)
+    snapshot = snapshot_path(settings.output_dir, digest)
+    if not snapshot.is_file():
+        _write_snapshot(settings, frame.lazy(), snapshot)
+    response_format = frame[openai_batch.FORMAT][0] if openai_batch.FORMAT in frame.columns and frame.height else None
+    return digest, snapshot, frame.schema[sources.id_column(settings)], response_format
+
+
+def validate_input(settings: JobSettings, *, pin: bool = True) -> JobPlan:
+    """Check every input row before any request (columns, record shapes, ids), and pin the input:
+    a snapshot of the rows the prompts need goes into the output directory, read by every chunk.
+
+    `pin=False` checks the same without touching the output directory (the command line's
+    pre-flight: a job refused there leaves the directory as it was).
+    """
+    if not pin:
+        with tempfile.TemporaryDirectory(prefix="preflight-") as scratch:
+            return validate_input(settings.model_copy(update={"output_dir": Path(scratch)}))
+    kind = sources.input_kind(settings)
+    try:
+        sources.check_template(settings, kind)
+        if kind == "table":
+            digest, snapshot, dtype = _pin_file(settings)
+            response_format = None
+        else:
+            digest, snapshot, dtype, response_format = _pin_frame(settings)
+            model = sources.output_model(settings, response_format)  # an output_schema as well is refused here
+    except (sql.SqlError, openai_batch.BatchFileError) as exc:
+        raise InputError(str(exc)) from None
+    if response_format and not settings.output_schema:
+        try:
+            output_columns(model)  # a response_format field named like a result column
+        except ValueError as exc:
+            raise InputError(f"input {settings.input_label}: response_format: {exc}") from None
+    path = settings.input_label
+    col = sources.id_column(settings)
+    counted = _COUNTED if kind == "table" else _COUNTED_ROWS
     ids = pl.scan_parquet(snapshot).select(pl.col("__id").alias(col)).with_row_index("row").collect()
     nulls = ids.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
     if nulls.height:
         rows = _rows(nulls["row"].head(5).to_list())
-        raise InputError(f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (data {rows}; {_COUNTED})")
+        raise InputError(f"input {path}: {nulls.height} row(s) have a null or empty '{col}' (data {rows}; {counted})")
     dupes = ids.filter(pl.col(col).is_duplicated())
     if dupes.height:
         first = dupes.group_by(col, maintain_order=True).agg(pl.col("row")).head(3)
         shown = "; ".join(f"'{r[col]}' at data {_rows(r['row'])}" for r in first.iter_rows(named=True))
-        raise InputError(f"input {path}: duplicate ids in '{col}': {shown} ({_COUNTED}); ids must be unique")
+        raise InputError(f"input {path}: duplicate ids in '{col}': {shown} ({counted}); ids must be unique")
     if ids.height == 0:
         raise InputError(f"input {path} has no rows")
     notes = []
-    dtype = scan.collect_schema()[col]
     if dtype != pl.String:
         example = ids[col][0]
         notes.append(
@@ -291,6 +354,7 @@ def validate_input(settings: JobSettings, *, pin: bool = True) -> JobPlan:
         input_digest=digest,
         chunks=plan_chunks(ids.height, settings.chunk_size),
         snapshot=snapshot,
+        response_format=response_format,
         notes=notes,
     )
 
@@ -319,17 +383,22 @@ def prepare_chunk(
     sent; they become error rows.
     """
     fields = settings.template_fields
-    snapshot = snapshot or pinned_snapshot(settings.output_dir) or validate_input(settings).snapshot
+    snapshot = snapshot or job_snapshot(settings)
     try:
         frame = pl.scan_parquet(snapshot).with_row_index("__row").slice(chunk.offset, chunk.length).collect()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(f"the input snapshot {snapshot} cannot be read ({exc}): delete it and rerun") from exc
     if frame.height != chunk.length:
         raise InputError(f"the input snapshot {snapshot} has no rows {chunk.offset}..{chunk.offset + chunk.length - 1}")
+    batch = openai_batch.MESSAGES in frame.columns  # an OpenAI batch file: each line brings its messages
     prepared = []
     for record in frame.iter_rows(named=True):
         row_index = record["__row"]
         if row_index in skip:
+            continue
+        if batch:
+            messages, options = sources.batch_row(record)
+            prepared.append(PreparedRow(row_index=row_index, id=record["__id"], messages=messages, options=options))
             continue
         values = {f: _text(record[f]) for f in fields}
         empty = [f for f, v in values.items() if v is None]

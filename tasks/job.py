@@ -16,6 +16,7 @@ from tasks.backends import BackendError, ServerInfo, make_backend
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import JobPlan, validate_input
 from tasks.schema import load_output_model, output_columns
+from tasks.sources import output_model as job_output_model
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,16 @@ def plan_job(
     """Settings (with `{date}` filled), output schema, validated input and the job's fingerprint."""
     settings = load_settings(job_file, overrides)
     settings = settings.for_run_date(settings.run_date or day)
-    output_model = load_output_model(settings.output_schema) if settings.output_schema else None
-    output_columns(output_model)  # a schema field colliding with a result column fails here, not mid-run
+    if settings.output_schema:
+        output_columns(load_output_model(settings.output_schema))  # a bad schema is a settings mistake: first
     plan = validate(settings)
+    # An OpenAI batch file's response_format, when it has one, is the output model.
+    output_model = job_output_model(settings, plan.response_format)
+    output_columns(output_model)  # a schema field colliding with a result column fails here, not mid-run
     schema_json = None if output_model is None else str(output_model.model_json_schema())
     record = {
         "settings": settings.model_dump(mode="json"),
+        "input": settings.input_label,
         "input_digest": plan.input_digest,
         "total_rows": plan.total_rows,
         "chunks": len(plan.chunks),

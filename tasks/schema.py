@@ -123,7 +123,7 @@ RESULT_SCHEMA: dict[str, PolarsType] = {
 _JSON_TYPES: dict[str, type] = {"string": str, "integer": int, "number": float, "boolean": bool}
 
 
-def _model_from_json_schema(schema: dict[str, Any], source: str) -> type[BaseModel]:
+def model_from_json_schema(schema: dict[str, Any], source: str) -> type[BaseModel]:
     """A pydantic model for a flat object JSON Schema, keeping bounds, enums and lengths.
 
     Flat objects map to typed Parquet columns; nested values are kept as JSON text.
@@ -169,7 +169,7 @@ def load_output_model(spec: str) -> type[BaseModel]:
             schema = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"output_schema file {path} is not valid JSON: {exc}") from exc
-        return _model_from_json_schema(schema, str(path))
+        return model_from_json_schema(schema, str(path))
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"output_schema {spec!r} must be a .json file or 'module:Class'")

@@ -342,7 +342,9 @@ def check_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any] | N
         return False
     differ = answer_differences(previous.get("settings", {}), (job_record or {}).get("settings", {}))
     if job_record is not None and previous.get("input_digest") not in (None, job_record.get("input_digest")):
-        differ.append(f"contents of the input file {job_record['settings'].get('input_path')}")
+        settings = job_record["settings"]
+        source = f"file {settings['input_path']}" if settings.get("input_path") else job_record.get("input", "query")
+        differ.append(f"contents of the input {source}")
     what = "; ".join(differ) or "the input file's or the output schema's contents"
     raise OutputDirError(
         f"output_dir {out} holds rows written with other answer-changing settings ({what}); "
@@ -479,7 +481,7 @@ def build_manifest(
         "error": error,
         "fingerprint": fingerprint,
         "results": str(out / "results.parquet") if complete else None,
-        "input": str(settings.input_path),
+        "input": settings.input_label,
         "input_digest": plan.input_digest,
         "backend": settings.backend,
         "model": settings.model,

@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 
 from tests.support.ollama_emulator import OllamaEmulator
+from tests.support.postgres_server import PostgresServer, binaries
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,15 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL (Debian's package; .ci/run installs it) on a temp data dir and a free port."""
+    if binaries() is None:
+        pytest.skip("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin (apt-get install postgresql)")
+    with PostgresServer() as server:
+        yield server
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -73,6 +74,26 @@ def test_user_errors_are_one_message_and_a_hint_before_any_server(
     assert [r for r in emulator.requests if r.path == "/api/chat"] == []
     debug = cli(job_file(tmp_path, settings), "--debug", api=False)
     assert debug.returncode == code and "Traceback" in debug.stderr
+
+
+def test_a_refused_sink_fails_the_preflight_with_its_own_code_and_changes_no_database(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
+    db = tmp_path / "hr.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE scores (id TEXT, status TEXT)")  # no primary key: no upsert by id
+    settings = {**job(5), "sink": {"uri": f"sqlite:///{db}", "table": "scores"}}
+    done = cli(job_file(tmp_path, settings), api=False)
+    assert done.returncode == 7, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and "sink table scores" in lines[0] and "column 'id' must be its primary key" in lines[0]
+    assert "temporary Prefect server" not in done.stderr and not Path(settings["output_dir"]).exists()
+    assert emulator.requests == []  # refused before the backend is even asked
+    # A missing table passes the pre-flight without being made there: the run makes it.
+    down = {**settings, "sink": {**settings["sink"], "table": "fresh"}, "ollama_host": "http://127.0.0.1:9"}
+    assert cli(job_file(tmp_path, down), api=False).returncode == 6
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'fresh'").fetchall() == []
 
 
 @pytest.mark.usefixtures("prefect_server")

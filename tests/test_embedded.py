@@ -78,3 +78,28 @@ def test_trimming_uses_the_models_own_tokenizer(tmp_path: Path) -> None:
     (row,) = prepare_chunk(settings, validate_input(settings).chunks[0], count_tokens=count)
     used = count(row.messages)
     assert row.trimmed and 300 < used <= 512 - 48  # cut to fit, not far below the budget
+
+
+def test_openai_batch_file_on_the_real_model_honours_each_lines_max_tokens(tmp_path: Path) -> None:
+    from openai.types.chat import ChatCompletion
+
+    from tests.test_openai_batch import line, output_lines
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(
+        line("short", "Count from one to twenty.", max_tokens=3) + line("long", "Say hello.", max_tokens=12)
+    )
+    settings = {
+        k: v
+        for k, v in embedded_job(tmp_path).items()
+        if k not in ("prompt_template", "system_prompt", "output_schema")
+    }
+    manifest = batch_inference(overrides={**settings, "input_path": str(requests)})
+    assert manifest["complete"]
+    results = pl.read_parquet(tmp_path / "out" / "results.parquet")
+    tokens = dict(zip(results["id"], results["completion_tokens"], strict=True))
+    assert tokens["short"] <= 3 and 0 < tokens["long"] <= 12
+    for out in output_lines({"output_dir": str(tmp_path / "out")}):
+        body = ChatCompletion.model_validate(out["response"]["body"])
+        assert body.choices[0].message.content is not None
+        assert body.usage is not None and body.usage.completion_tokens == tokens[out["custom_id"]]

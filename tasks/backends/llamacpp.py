@@ -111,6 +111,8 @@ class LlamaCppBackend:
                 top_k=options.get("top_k", 40),
                 top_p=options.get("top_p", 0.95),
                 stop=options.get("stop"),
+                presence_penalty=options.get("presence_penalty", 0.0),
+                frequency_penalty=options.get("frequency_penalty", 0.0),
             )
         except ValueError as exc:  # e.g. "Requested tokens (5000) exceed context window of 4096"
             raise BackendError("bad_request", "fatal_row", str(exc)) from exc

@@ -153,6 +153,8 @@ class OpenAIBackend:
                 seed=options["seed"],
                 top_p=options.get("top_p", openai.omit),
                 stop=options.get("stop", openai.omit),
+                presence_penalty=options.get("presence_penalty", openai.omit),
+                frequency_penalty=options.get("frequency_penalty", openai.omit),
                 response_format={"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
                 if schema
                 else openai.omit,

@@ -15,8 +15,9 @@ from tasks.backends import Backend, BackendError, Reply, token_counter
 from tasks.chunk.calibrate import Calibration
 from tasks.chunk.policy import ChunkPolicy, RowTries, Step
 from tasks.config import GenerationOptions, JobSettings
-from tasks.dataset import ChunkSpec, PreparedRow, prepare_chunk
-from tasks.schema import ChunkStats, ResultRow, load_output_model, output_columns
+from tasks.dataset import ChunkSpec, PreparedRow, job_snapshot, prepare_chunk, snapshot_response_format
+from tasks.schema import ChunkStats, ResultRow, output_columns
+from tasks.sources import output_model as job_output_model
 from tasks.store import ChunkWriter, chunk_path, claim_chunk, clean_finished_parts, finished_rows
 
 ProgressCallback = Callable[[int, int], None]  # (rows finished so far in this chunk, errors so far)
@@ -163,7 +164,7 @@ class _ChunkRun:
         except BackendError as err:  # the retry that follows reports what is wrong
             self.note(f"unload failed: {err}")
 
-    async def _ask(self, messages: list[dict[str, str]], resamples: int) -> Reply:
+    async def _ask(self, row: PreparedRow, resamples: int) -> Reply:
         """One request under a total deadline: httpx's timeout is per read, a slow trickle never trips it.
 
         It waits for a slot first: the in-flight limit counts requests, so a retry of a row already
@@ -174,9 +175,13 @@ class _ChunkRun:
             await self.changed.wait_for(lambda: self.sending < self.policy.limit)
             self.sending += 1
         try:
-            options = self.options.for_request(resamples)
+            # A row's own sampling settings (an OpenAI batch line) sit over the job's; none reloads the model.
+            options = (self.options.model_copy(update=row.options) if row.options else self.options).for_request(
+                resamples
+            )
+            assert row.messages is not None  # process() answers rows without messages itself
             return await asyncio.wait_for(
-                self.backend.chat(messages, options=options, schema=self.schema), self.settings.request_timeout_s
+                self.backend.chat(row.messages, options=options, schema=self.schema), self.settings.request_timeout_s
             )
         except TimeoutError as exc:
             raise BackendError(
@@ -198,7 +203,7 @@ class _ChunkRun:
             started = time.perf_counter()
             step: Step
             try:
-                reply = await self._ask(row.messages, tries.resamples)
+                reply = await self._ask(row, tries.resamples)
             except BackendError as err:
                 last_error = err
                 step = self.policy.failed(err, tries, time.monotonic())
@@ -381,12 +386,13 @@ def _run_claimed(
 ) -> ChunkStats:
     out = settings.output_dir
     started = time.time()
-    output_model = load_output_model(settings.output_schema) if settings.output_schema else None
+    snapshot = job_snapshot(settings)
+    output_model = job_output_model(settings, snapshot_response_format(snapshot))
     writer = ChunkWriter(
         out, chunk, output_columns(output_model), settings.checkpoint_rows, settings.checkpoint_every_s
     )
     done = finished_rows(out, chunk)  # after the writer turned a killed run's journal into parts
-    rows = prepare_chunk(settings, chunk, skip=done, count_tokens=token_counter(settings))
+    rows = prepare_chunk(settings, chunk, skip=done, count_tokens=token_counter(settings), snapshot=snapshot)
     run = _ChunkRun(settings, backend, chunk, writer, output_model, on_progress)
     try:
         asyncio.run(_run_async(run, rows))
