@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from tasks.backends import Backend, BackendError, Reply, token_counter
-from tasks.chunk.calibrate import Calibration
+from tasks.chunk.calibrate import MIN_WINDOW_S, Calibration
 from tasks.chunk.policy import ChunkPolicy, RowTries, Step
 from tasks.config import GenerationOptions, JobSettings
 from tasks.dataset import ChunkSpec, PreparedRow, job_snapshot, prepare_chunk, snapshot_response_format
@@ -278,7 +278,8 @@ class _ChunkRun:
         tokens, finished, started = self.completion_tokens, self.finished, time.monotonic()
 
         def over() -> bool:
-            return self.finished - finished >= rows or queue.empty() or self.policy.limit != level
+            enough = self.finished - finished >= rows and time.monotonic() - started >= MIN_WINDOW_S
+            return enough or queue.empty() or self.policy.limit != level
 
         async with self.changed:
             await self.changed.wait_for(over)
