@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class SettingsError(ValueError):
@@ -122,20 +122,18 @@ def _uri_without_secrets(value: str) -> str:
     return value
 
 
+DatabaseUri = Annotated[str, AfterValidator(_uri_without_secrets)]  # a URI with no password in it
+
+
 class SqlInput(BaseModel):
     """Rows from a database: a query, read once when the job is planned."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    uri: str = Field(
+    uri: DatabaseUri = Field(
         description="postgresql://user@host:5432/db (password from PGPASSWORD or ${VAR}) or sqlite:///path/file.db."
     )
     query: str = Field(min_length=1, description="SELECT returning the id column and the prompt's columns.")
-
-    @field_validator("uri")
-    @classmethod
-    def _no_password(cls, value: str) -> str:
-        return _uri_without_secrets(value)
 
 
 class SqlSink(BaseModel):
@@ -143,16 +141,11 @@ class SqlSink(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    uri: str = Field(description="Database URI, as for input_sql (no password inside).")
+    uri: DatabaseUri = Field(description="Database URI, as for input_sql (no password inside).")
     table: str = Field(
         pattern=r"^([A-Za-z_][A-Za-z0-9_]{0,62}\.)?[A-Za-z_][A-Za-z0-9_]{0,62}$",
         description="Table name, optionally schema.table; created when missing.",
     )
-
-    @field_validator("uri")
-    @classmethod
-    def _no_password(cls, value: str) -> str:
-        return _uri_without_secrets(value)
 
 
 class JobSettings(BaseModel):

@@ -19,6 +19,7 @@ import yaml
 from prefect.settings import PREFECT_API_URL
 
 from tests.support.ollama_emulator import Fault, OllamaEmulator
+from tests.support.processes import start_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,15 +182,7 @@ def test_a_sigkilled_run_leaves_no_temporary_prefect_server(job: Any, emulator: 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     log = tmp_path / "cli.log"
-    with log.open("w") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.batch_inference", "--config", str(path)],
-            cwd=ROOT,
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    proc = start_cli(path, log, env)  # only the CLI is killed below, not its process group
     try:
         deadline = time.monotonic() + 150
         while not any(r.path == "/api/chat" for r in emulator.requests):

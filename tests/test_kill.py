@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from tasks.dataset import ChunkSpec, validate_input
 from tasks.gpu_slot import GpuSlotTimeout, ensure_gpu_limit, gpu_slot
 from tasks.store import chunk_path, finished_rows
 from tests.support.ollama_emulator import OllamaEmulator
+from tests.support.processes import start_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -38,15 +38,7 @@ def start_flow(job_file: Path, log: Path, env: dict[str, str] | None = None) -> 
     `env`, to whatever that environment says: no API URL means a temporary server of its own)."""
     if env is None:
         env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
-    with log.open("ab") as handle:
-        return subprocess.Popen(
-            [sys.executable, "-m", "flows.batch_inference", "--config", str(job_file)],
-            cwd=ROOT,
-            env={**env, "PYTHONUNBUFFERED": "1"},
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # like `setsid`: the kill below takes a temporary server with it
-        )
+    return start_cli(job_file, log, env)
 
 
 def kill_when(proc: subprocess.Popen[bytes], log: Path, ready: Any, limit_s: float = 180) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,7 @@ from tasks.store import chunk_path, finished_rows
 from tests.conftest import make_rows, write_input
 from tests.support.llama_server import ALIAS
 from tests.support.ollama_emulator import Fault, OllamaEmulator
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.processes import start_cli
 
 
 class Fit(BaseModel):
@@ -272,16 +269,8 @@ def test_real_server_sigkill_mid_run_resumes_without_sending_a_finished_row_agai
     job_file.write_text(yaml.safe_dump(job))
     parsed = load_settings(job_file)
     chunks = validate_input(parsed).chunks
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "flow.log"
-    with log.open("wb") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.batch_inference", "--config", str(job_file)],
-            cwd=ROOT,
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_cli(job_file, log, {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())})
     deadline = time.monotonic() + 240
     while sum(len(finished_rows(parsed.output_dir, c)) for c in chunks) < 10:
         assert proc.poll() is None, f"the flow ended before it could be killed:\n{log.read_text()[-3000:]}"

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,3 +63,20 @@ def wait_for(check: Callable[[], T], timeout_s: float, what: str, interval_s: fl
             return result
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_cli(job_file: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The product's real command line on `job_file`, in its own process group (like `setsid`, so a
+    kill of the group takes a temporary Prefect server with it), its output appended to `log`."""
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.batch_inference", "--config", str(job_file)],
+            cwd=ROOT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
