@@ -1112,7 +1112,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     sweep, auto = args.engine_rows or ((24, 80) if args.quick else (40, 120))
     levels = tuple(int(n) for n in args.engine_levels.split(","))
-    engine = Engine(args.engine_url, args.engine_model, levels, sweep, auto, args.engine_copy, not args.engine_no_schema)
+    engine = Engine(
+        args.engine_url, args.engine_model, levels, sweep, auto, args.engine_copy, not args.engine_no_schema
+    )
     result = run_benchmark(QUICK if args.quick else FULL, only, args.keep, engine)
     text = json.dumps(result, indent=2)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -205,7 +205,8 @@ def test_lowered_num_ctx_carries_over_to_later_chunks(job: Any) -> None:
 
 def test_auto_in_flight_is_measured_once_and_reported(job: Any, emulator: OllamaEmulator) -> None:
     emulator.per_token_s = 0.002
-    state = batch_inference(overrides=job(80, name="autotest", chunk_size=40, in_flight="auto"), return_state=True)
+    # Each level is measured for at least 2 s: chunk 0 must hold enough rows for two levels.
+    state = batch_inference(overrides=job(600, name="autotest", chunk_size=300, in_flight="auto"), return_state=True)
     artifacts = artifacts_of(state)
     table = json.loads(artifacts["autotest-chunks"].data)
     assert table[0]["in_flight"] == table[1]["in_flight"] >= 2  # chunk 1 kept what chunk 0 measured

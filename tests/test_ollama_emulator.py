@@ -39,9 +39,25 @@ def emu() -> Iterator[OllamaEmulator]:
         yield e
 
 
+_clients: list[ollama.Client] = []
+
+
+def connect(host: str, timeout: float = 5) -> ollama.Client:
+    """A client closed after the test: an open one's socket warns at garbage collection."""
+    _clients.append(client := ollama.Client(host=host, timeout=timeout))
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 @pytest.fixture
 def client(emu: OllamaEmulator) -> ollama.Client:
-    return ollama.Client(host=emu.host, timeout=5)
+    return connect(emu.host)
 
 
 class Nested(BaseModel):
@@ -144,7 +160,7 @@ def test_unknown_model_is_404(client: ollama.Client) -> None:
 
 def test_ps_lists_used_models_and_cpu_spill() -> None:
     with OllamaEmulator([MODEL], spill_fraction=0.25, parallel=2) as emu:
-        client = ollama.Client(host=emu.host, timeout=5)
+        client = connect(emu.host, timeout=5)
         assert client.ps().models == []
         client.chat(MODEL, msgs("hi"), options={"num_ctx": 8192}, keep_alive=-1)
         (m,) = client.ps().models
@@ -156,7 +172,7 @@ def test_ps_lists_used_models_and_cpu_spill() -> None:
 
 def test_load_unload_and_reload_churn() -> None:
     with OllamaEmulator([MODEL], load_s=0.05) as emu:
-        client = ollama.Client(host=emu.host, timeout=5)
+        client = connect(emu.host, timeout=5)
         assert client.generate(MODEL).done_reason == "load"
         assert [m.model for m in client.ps().models] == [MODEL]
         assert client.generate(MODEL, keep_alive=0).done_reason == "unload"
@@ -204,8 +220,8 @@ def test_drop_is_remote_protocol_error(emu: OllamaEmulator, client: ollama.Clien
 def test_hang_is_read_timeout_and_holds_no_slot(emu: OllamaEmulator) -> None:
     emu.inject(Fault.hang())
     with pytest.raises(httpx.ReadTimeout):
-        ollama.Client(host=emu.host, timeout=0.5).chat(MODEL, msgs("hung"))
-    assert ollama.Client(host=emu.host, timeout=2).chat(MODEL, msgs("next")).done
+        connect(emu.host, timeout=0.5).chat(MODEL, msgs("hung"))
+    assert connect(emu.host, timeout=2).chat(MODEL, msgs("next")).done
     time.sleep(0.15)  # the emulator notices the client left and ends the hung handler
     hung = emu.requests[0]
     assert hung.fault == "hang" and hung.status is None and hung.t_end is not None
@@ -218,7 +234,7 @@ def test_stop_and_release_end_hangs_promptly() -> None:
 
     def call() -> None:
         try:
-            ollama.Client(host=emu.host, timeout=10).chat(MODEL, msgs("hung"))
+            connect(emu.host, timeout=10).chat(MODEL, msgs("hung"))
         except BaseException as exc:
             errors.append(exc)
 
@@ -272,7 +288,7 @@ def test_unlimited_fault_and_clear(emu: OllamaEmulator, client: ollama.Client) -
 def _fault_sequence(seed: int) -> list[str | None]:
     with OllamaEmulator([MODEL]) as emu:
         emu.random_faults(0.5, seed=seed, kinds=[Fault.oom(), Fault.busy(), Fault.invalid_json()])
-        client = ollama.Client(host=emu.host, timeout=5)
+        client = connect(emu.host, timeout=5)
         for i in range(30):
             with contextlib.suppress(ollama.ResponseError):
                 client.chat(MODEL, msgs(f"soak {i}"))
@@ -290,8 +306,8 @@ def test_parallel_slots_cap_in_flight() -> None:
     with OllamaEmulator([MODEL], parallel=2, latency_s=0.2) as emu:
 
         async def run() -> list[ollama.ChatResponse]:
-            client = ollama.AsyncClient(host=emu.host, timeout=5)
-            return await asyncio.gather(*(client.chat(MODEL, msgs(f"p{i}")) for i in range(6)))
+            async with ollama.AsyncClient(host=emu.host, timeout=5) as client:
+                return await asyncio.gather(*(client.chat(MODEL, msgs(f"p{i}")) for i in range(6)))
 
         t0 = time.monotonic()
         responses = asyncio.run(run())
@@ -307,7 +323,7 @@ def test_parallel_slots_cap_in_flight() -> None:
 def test_per_token_time_is_service_time() -> None:
     with OllamaEmulator([MODEL], per_token_s=0.01) as emu:
         t0 = time.monotonic()
-        resp = ollama.Client(host=emu.host, timeout=5).chat(MODEL, msgs("tokens"))
+        resp = connect(emu.host, timeout=5).chat(MODEL, msgs("tokens"))
         assert time.monotonic() - t0 >= resp.eval_count * 0.01
         assert resp.eval_duration == pytest.approx(resp.eval_count * 0.01e9)
 
@@ -324,8 +340,8 @@ def test_max_queue_gives_503() -> None:
                 return str(exc.status_code)
 
         async def run() -> list[str]:
-            client = ollama.AsyncClient(host=emu.host, timeout=5)
-            return await asyncio.gather(*(one(client, i) for i in range(4)))
+            async with ollama.AsyncClient(host=emu.host, timeout=5) as client:
+                return await asyncio.gather(*(one(client, i) for i in range(4)))
 
         assert sorted(asyncio.run(run())) == ["503", "503", "ok", "ok"]
         assert emu.peak_pending == 2
@@ -335,7 +351,7 @@ def test_max_queue_gives_503() -> None:
 def test_down_and_up_on_same_port() -> None:
     with OllamaEmulator([MODEL], latency_s=0.5) as emu:
         port = emu.port
-        client = ollama.Client(host=emu.host, timeout=5)
+        client = connect(emu.host, timeout=5)
         client.generate(MODEL)
         errors: list[BaseException] = []
 
@@ -352,7 +368,7 @@ def test_down_and_up_on_same_port() -> None:
         t.join(2)
         assert errors and isinstance(errors[0], (httpx.RemoteProtocolError, httpx.ReadError))
         with pytest.raises(ConnectionError):
-            ollama.Client(host=emu.host, timeout=1).chat(MODEL, msgs("refused"))
+            connect(emu.host, timeout=1).chat(MODEL, msgs("refused"))
         emu.up()
         assert emu.port == port
         assert client.ps().models == []  # a restarted Ollama has nothing loaded
@@ -361,7 +377,7 @@ def test_down_and_up_on_same_port() -> None:
 
 def test_records() -> None:
     with OllamaEmulator([MODEL]) as emu:
-        client = ollama.Client(host=emu.host, timeout=5)
+        client = connect(emu.host, timeout=5)
         client.chat(MODEL, msgs("one"), options={"temperature": 0, "seed": 1})
         client.list()
         (chat, tags) = emu.requests
