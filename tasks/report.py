@@ -238,8 +238,7 @@ def render_report(
             f"| requests/s | {rate:.2f} |",
             f"| generated tokens/s | {evidence.tokens_per_s:.1f} |",
             f"| **ETA for the {s.production_rows:,}-row production job** | "
-            f"**{eta_hours(s.production_rows, rate):.1f} h** at this rate"
-            + (f" ({scope}) |" if (scope := eta_scope(evidence)) else " |"),
+            f"**{eta_hours(s.production_rows, rate):.1f} h** at this rate |",
         ]
         if rate
         else ["| requests/s | no rows were sent in any attempt |"]
@@ -254,7 +253,7 @@ def render_report(
         f"{' (chosen by auto)' if s.in_flight == 'auto' else ''}"
         + (
             f", server {evidence.engine}"
-            + (f" with {evidence.parallel_slots} parallel slots" if evidence.parallel_slots else "")
+            + (f" ({evidence.parallel_slots} parallel slot(s))" if evidence.parallel_slots else "")
             if evidence.engine
             else ""
         )
@@ -276,6 +275,7 @@ def render_report(
         f"| host CPU mean | {_fmt(telemetry.get('cpu_mean_pct'), '.0f', ' %')} |",
         f"| peak RSS of the job | {_fmt(telemetry.get('rss_peak_mib'))} MiB |",
         "",
+        *([f"**{scope}**", ""] if rate and (scope := eta_scope(evidence)) else []),
         *_attempts_lines(attempts),
         *_endpoints_table(stats),
         *render_markdown(verdict),
