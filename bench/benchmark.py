@@ -713,6 +713,7 @@ def seed_like_rows(path: Path, rows: int) -> Path:
 
 def bench_engine(b: Bench) -> dict[str, Any]:
     """The product against a real llama.cpp server: in_flight 1, each fixed level, and auto, one run each."""
+    from tasks.chunk.calibrate import ROWS_PER_SLOT
     from tests.support.llama_server import LlamaServer
 
     e = b.engine
@@ -757,8 +758,9 @@ def bench_engine(b: Bench) -> dict[str, Any]:
             if sorted(results["id"].to_list()) != [f"c-{i:06d}" for i in range(rows)]:
                 raise RuntimeError(f"engine {label}: rows missing or twice")
             ends = results["finished_at"].dt.epoch("us").cast(pl.Float64).to_list()
-            # After calibration ('auto' measured 8 x level rows per level), the rate it settled on.
-            calibrated = 8 * sum(2**k for k in range(max(e.levels).bit_length())) if in_flight == "auto" else 0
+            # After calibration (at least ROWS_PER_SLOT x level rows per level tried), the rate it settled on.
+            levels_tried = range(max(e.levels).bit_length())
+            calibrated = ROWS_PER_SLOT * sum(2**k for k in levels_tried) if in_flight == "auto" else 0
             steady = ends[calibrated:] if len(ends) - calibrated > 10 else ends
             runs.append(
                 {
