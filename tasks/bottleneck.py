@@ -72,7 +72,13 @@ class KvGeometry(BaseModel):
 
 # Gemma 3 12B as its GGUF describes it: 48 layers, 8 KV heads x 256, a 1024-token window on 5 of
 # every 6 layers. ~0.72 GiB a slot at 4k, ~0.97 GiB at 8k.
-GEMMA3_12B = KvGeometry(layers=48, kv_heads=8, head_dim=256, sliding_window=1024, global_every=6, source="gemma3:12b")
+# One layer in N attends to the whole context; the others keep a sliding window (llama.cpp's
+# per-architecture pattern, which GGUF metadata does not carry).
+GLOBAL_EVERY = {"gemma3": 6, "gemma2": 2, "cohere2": 4}
+
+GEMMA3_12B = KvGeometry(
+    layers=48, kv_heads=8, head_dim=256, sliding_window=1024, global_every=GLOBAL_EVERY["gemma3"], source="gemma3:12b"
+)
 
 
 class TelemetrySummary(BaseModel):

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.backends.protocol import ServerInfo
 from tasks.bottleneck import (
+    GLOBAL_EVERY,
     KvGeometry,
     RunEvidence,
     TelemetrySummary,
@@ -84,11 +85,6 @@ def per_endpoint(stats: Iterable[ChunkStats]) -> dict[str, dict[str, float]]:
     return per
 
 
-# One layer in N attends to the whole context; the others keep a sliding window (llama.cpp's
-# per-architecture pattern, which GGUF metadata does not carry).
-_GLOBAL_EVERY = {"gemma3": 6, "gemma2": 2, "cohere2": 4}
-
-
 def kv_geometry(geometry: dict[str, Any] | None) -> KvGeometry | None:
     """The verdict's KV-cache shape from what the engine said (ServerInfo.geometry)."""
     if not geometry:
@@ -99,8 +95,8 @@ def kv_geometry(geometry: dict[str, Any] | None) -> KvGeometry | None:
         layers=geometry["layers"],
         kv_heads=geometry["kv_heads"],
         head_dim=geometry["head_dim"],
-        sliding_window=window if window and arch in _GLOBAL_EVERY else None,
-        global_every=_GLOBAL_EVERY.get(arch, 1),
+        sliding_window=window if window and arch in GLOBAL_EVERY else None,
+        global_every=GLOBAL_EVERY.get(arch, 1),
         source=f"{arch}: {geometry['layers']} layers, {geometry['kv_heads']} KV heads x {geometry['head_dim']}",
     )
 
