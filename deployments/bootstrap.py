@@ -85,8 +85,7 @@ def work_pools(config: dict[str, Any]) -> list[str]:
 def gpu_limits(config: dict[str, Any]) -> list[str]:
     """The global concurrency limits the deployed jobs acquire per chunk: each job's gpu_limit (or
     one per endpoint), and for a scale-out deployment one per host (`gpu-<queue>` unless set)."""
-    from flows.scale_out import Host
-    from tasks.config import load_settings, merge_overrides
+    from tasks.config import Host, load_settings, merge_overrides
 
     names: list[str] = []
     for deployment in config["deployments"]:

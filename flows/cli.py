@@ -74,8 +74,7 @@ def _exit_code(exc: BaseException) -> int | None:
     ):
         if isinstance(exc, kind):
             return code
-    # An output schema that cannot be imported or read is a job-file mistake too.
-    return EXIT_SETTINGS if isinstance(exc, (ValueError, OSError)) and "output_schema" in str(exc) else None
+    return None
 
 
 def preflight(job_file: str | None, overrides: dict[str, Any]) -> None:
@@ -161,20 +160,31 @@ def _parser(kind: Literal["batch", "scale_out"]) -> argparse.ArgumentParser:
     return parser
 
 
+def _hosts(args: argparse.Namespace) -> list[Any]:
+    """Scale-out hosts from --host and --hosts, checked with the job before anything starts."""
+    from pydantic import ValidationError
+
+    from tasks.config import Host, read_document
+
+    listed = read_document(args.hosts, "--hosts file") if args.hosts else []
+    try:
+        hosts = [Host(queue=q) for q in args.host] + [Host.model_validate(h) for h in listed or []]
+    except ValidationError as exc:
+        raise UsageError(f"hosts: {exc}") from None
+    if not hosts:
+        raise UsageError("name at least one host: --host QUEUE or --hosts FILE")
+    return hosts
+
+
 def _run(kind: Literal["batch", "scale_out"], args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     job_file = str(args.config) if args.config else None
     if kind == "batch":
         from flows.batch_inference import batch_inference
 
         return batch_inference(job_file=job_file, overrides=overrides)
-    from flows.scale_out import Host, scale_out
+    from flows.scale_out import scale_out
 
-    hosts = [Host(queue=q) for q in args.host]
-    if args.hosts:
-        hosts += [Host.model_validate(h) for h in yaml.safe_load(args.hosts.read_text(encoding="utf-8")) or []]
-    if not hosts:
-        raise UsageError("name at least one host: --host QUEUE or --hosts FILE")
-    return scale_out(hosts=hosts, job_file=job_file, overrides=overrides, chunks_per_run=args.chunks_per_run)
+    return scale_out(hosts=_hosts(args), job_file=job_file, overrides=overrides, chunks_per_run=args.chunks_per_run)
 
 
 def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> int:
@@ -182,6 +192,8 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> 
     try:
         overrides = parse_overrides(args.set)
         job_file = str(args.config) if args.config else None
+        if kind == "scale_out":
+            _hosts(args)
         preflight(job_file, overrides)
         _quiet_prefect()
         use_temporary_server()

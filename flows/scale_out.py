@@ -29,49 +29,19 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, State
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from flows.batch_inference import prepare_job
+from tasks import store
 from tasks.chunk import finished_chunk_stats
-from tasks.config import merge_overrides
+from tasks.config import Host, merge_overrides
 from tasks.dataset import ChunkSpec
 from tasks.dispatch import Dispatcher, LaneFailed
 from tasks.openai_batch import write_output as write_openai_output
 from tasks.report import publish_artifacts, render_scale_out_report
 from tasks.sources import wants_openai_output
-from tasks.store import (
-    build_manifest,
-    check_output_dir,
-    claim_output_dir,
-    consolidate,
-    read_shard_manifests,
-    write_atomic,
-    write_json_atomic,
-)
 
 POLL_S = 2.0
-
-
-class Host(BaseModel):
-    """One GPU host: the work queue its worker polls, and settings only it uses."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    queue: str = Field(
-        pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
-        description="Work queue of the host's worker (in the shard deployment's pool); names its artifacts and "
-        "its default GPU limit.",
-    )
-    overrides: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Job settings for this host only: ollama_host, endpoints (one per GPU), in_flight, gpu_limit. "
-        "Without gpu_limit or endpoints the host's chunks hold the limit 'gpu-<queue>'.",
-    )
-
-    def settings_overrides(self) -> dict[str, Any]:
-        if "gpu_limit" in self.overrides or "endpoints" in self.overrides:
-            return self.overrides
-        return {"gpu_limit": f"gpu-{self.queue}", **self.overrides}
 
 
 def _wait_for_shard(flow_run_id: Any, start_timeout_s: float) -> State:
@@ -107,11 +77,11 @@ def scale_out(
         raise ValueError("hosts: name at least one work queue")
     settings, plan, fingerprint, record = prepare_job(job_file, overrides)
     out = settings.output_dir
-    check_output_dir(out, fingerprint, record)  # refused before any shard starts or a file is written
+    store.check_output_dir(out, fingerprint, record)  # refused before any shard starts or a file is written
     # The children get the directory this run resolved, so a shard that starts after midnight
     # does not fill {date} with its own day.
     base = merge_overrides(overrides or {}, {"output_dir": str(out)})
-    with claim_output_dir(out, fingerprint, record):
+    with store.claim_output_dir(out, fingerprint, record):
         todo = [c for c in plan.chunks if finished_chunk_stats(settings, c) is None]
         logger.info(
             "%d rows in %d chunks, %d to do, over hosts %s",
@@ -151,7 +121,7 @@ def scale_out(
         failure: BaseException | None = None
         try:
             dispatcher(todo)
-            logger.info("wrote %s", results := consolidate(out, plan.chunks, plan.total_rows))
+            logger.info("wrote %s", results := store.consolidate(out, plan.chunks, plan.total_rows))
             if wants_openai_output(settings):
                 target = out / "openai-output.jsonl"
                 logger.info("wrote %s", write_openai_output(results, target, settings.model, fingerprint))
@@ -159,12 +129,12 @@ def scale_out(
             failure = exc
             raise
         finally:
-            manifest = build_manifest(settings, plan, fingerprint, started, failure)
+            manifest = store.build_manifest(settings, plan, fingerprint, started, failure)
             manifest["hosts"] = [h.queue for h in hosts]
-            write_json_atomic(manifest, out / "manifest.json")
+            store.write_json_atomic(manifest, out / "manifest.json")
             # This run's shards only: an earlier, interrupted run of the job left its own there.
-            shards = [m for m in read_shard_manifests(out) if m["started_at"] >= started]
+            shards = [m for m in store.read_shard_manifests(out) if m["started_at"] >= started]
             report = render_scale_out_report(settings, manifest, shards, dispatcher.events)
-            write_atomic(out / "report.md", lambda tmp: tmp.write_text(report, encoding="utf-8"))
+            store.write_atomic(out / "report.md", lambda tmp: tmp.write_text(report, encoding="utf-8"))
             publish_artifacts(settings.name, report, f"{settings.name} over hosts")
     return manifest

@@ -199,9 +199,7 @@ class JobSettings(BaseModel):
         None, description="Ollama base URL; unset means $OLLAMA_HOST, then http://127.0.0.1:11434."
     )
     base_url: str | None = Field(
-        None,
-        description="Backend 'openai': the server's OpenAI API base URL, e.g. http://127.0.0.1:8000/v1. "
-        "The key, if the server wants one, comes from $OPENAI_API_KEY only.",
+        None, description="Backend 'openai': the API root, e.g. http://127.0.0.1:8000/v1 (key: $OPENAI_API_KEY only)."
     )
     server_slots: int | None = Field(
         None,
@@ -490,6 +488,40 @@ def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, An
     return merged
 
 
+class Host(BaseModel):
+    """One GPU host: the work queue its worker polls, and settings only it uses."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queue: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
+        description="Work queue of the host's worker (in the shard deployment's pool); names its artifacts and "
+        "its default GPU limit.",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Job settings for this host only: ollama_host, endpoints (one per GPU), in_flight, gpu_limit. "
+        "Without gpu_limit or endpoints the host's chunks hold the limit 'gpu-<queue>'.",
+    )
+
+    def settings_overrides(self) -> dict[str, Any]:
+        if "gpu_limit" in self.overrides or "endpoints" in self.overrides:
+            return self.overrides
+        return {"gpu_limit": f"gpu-{self.queue}", **self.overrides}
+
+
+def read_document(path: Path, what: str) -> Any:
+    """Parse a file the user named, JSON (.json) or YAML; a failure is one message naming `what` and the file."""
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    if not path.is_file():
+        raise SettingsError(f"{what} {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(f"{what} {path} is not valid {kind}: {exc}") from exc
+
+
 def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobSettings:
     """Read a YAML job file, apply overrides (nested dicts merge), validate.
 
@@ -500,13 +532,7 @@ def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] 
     source = "overrides"
     if job_file is not None:
         path = Path(job_file)
-        source = str(path)
-        if not path.is_file():
-            raise SettingsError(f"job file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"job file {path} is not valid YAML: {exc}") from exc
+        loaded = read_document(path, "job file")
         if loaded is not None and not isinstance(loaded, dict):
             raise SettingsError(f"job file {path} must hold a mapping of settings, not {type(loaded).__name__}")
         data = loaded or {}

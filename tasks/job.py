@@ -13,7 +13,7 @@ from datetime import date
 from typing import Any, NamedTuple
 
 from tasks.backends import BackendError, ServerInfo, make_backend
-from tasks.config import JobSettings, load_settings
+from tasks.config import JobSettings, SettingsError, load_settings
 from tasks.dataset import JobPlan, validate_input
 from tasks.schema import load_output_model, output_columns
 from tasks.sources import output_model as job_output_model
@@ -41,8 +41,11 @@ def plan_job(
     """Settings (with `{date}` filled), output schema, validated input and the job's fingerprint."""
     settings = load_settings(job_file, overrides)
     settings = settings.for_run_date(settings.run_date or day)
-    if settings.output_schema:
-        output_columns(load_output_model(settings.output_schema))  # a bad schema is a settings mistake: first
+    if settings.output_schema:  # a bad schema is a settings mistake: said first, as one
+        try:
+            output_columns(load_output_model(settings.output_schema))
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     plan = validate(settings)
     # An OpenAI batch file's response_format, when it has one, is the output model.
     output_model = job_output_model(settings, plan.response_format)

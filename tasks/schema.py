@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from tasks.config import read_document
+
 # Kinds of error a row can end with; the report groups errors by these.
 ErrorKind = Literal[
     "empty_field",  # a template field was null/empty: nothing was sent
@@ -162,14 +164,7 @@ def model_from_json_schema(schema: dict[str, Any], source: str) -> type[BaseMode
 def load_output_model(spec: str) -> type[BaseModel]:
     """Resolve `output_schema`: a JSON Schema file or 'module:Class' naming a pydantic model."""
     if spec.endswith(".json"):
-        path = Path(spec)
-        if not path.is_file():
-            raise ValueError(f"output_schema file {path} does not exist")
-        try:
-            schema = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"output_schema file {path} is not valid JSON: {exc}") from exc
-        return model_from_json_schema(schema, str(path))
+        return model_from_json_schema(read_document(Path(spec), "output_schema file"), f"output_schema {spec}")
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"output_schema {spec!r} must be a .json file or 'module:Class'")

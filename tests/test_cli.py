@@ -24,14 +24,16 @@ from tests.support.processes import start_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(job_file: Path, *args: str, api: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """Run the CLI to its end; with `api`, against this session's Prefect server."""
+def cli(
+    job_file: Path, *args: str, api: bool = True, timeout: float = 180, flow: str = "batch_inference"
+) -> subprocess.CompletedProcess[str]:
+    """Run a flow's CLI to its end; with `api`, against this session's Prefect server."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)
     if api:
         env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
     return subprocess.run(
-        [sys.executable, "-m", "flows.batch_inference", "--config", str(job_file), *args],
+        [sys.executable, "-m", f"flows.{flow}", "--config", str(job_file), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -59,6 +61,8 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
         ({"prompt_template": "Role: {role} {missing}"}, 4, "'missing' which is not a column"),
         ({"ollama_host": "http://127.0.0.1:9"}, 6, "cannot reach Ollama at http://127.0.0.1:9"),
         ({"model": "llama9:999b"}, 6, "ollama pull llama9:999b"),
+        ({"output_schema": "nowhere/schema.json"}, 3, "output_schema file nowhere/schema.json does not exist"),
+        ({"output_schema": "tasks.schema:ResultRow"}, 3, "output schema field 'row_index' collides with a result column"),
     ],
 )
 def test_user_errors_are_one_message_and_a_hint_before_any_server(
@@ -75,6 +79,21 @@ def test_user_errors_are_one_message_and_a_hint_before_any_server(
     assert [r for r in emulator.requests if r.path == "/api/chat"] == []
     debug = cli(job_file(tmp_path, settings), "--debug", api=False)
     assert debug.returncode == code and "Traceback" in debug.stderr
+
+
+def test_scale_out_hosts_are_checked_with_the_job_before_any_request(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
+    settings = job(5)
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("- queue: host-a\n- queue: Host_B\n")  # upper case and '_': not a work queue name
+    bad = cli(job_file(tmp_path, settings), "--hosts", str(hosts), api=False, flow="scale_out")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: hosts:") and "queue" in bad.stderr, bad.stderr
+    missing = cli(job_file(tmp_path, settings), "--hosts", str(tmp_path / "no.yaml"), api=False, flow="scale_out")
+    assert missing.returncode == 3 and f"--hosts file {tmp_path / 'no.yaml'} does not exist" in missing.stderr
+    for done in (bad, missing):
+        assert "Traceback" not in done.stderr and "temporary Prefect server" not in done.stderr
+    assert emulator.requests == [] and not Path(settings["output_dir"]).exists()
 
 
 def test_a_refused_sink_fails_the_preflight_with_its_own_code_and_changes_no_database(
