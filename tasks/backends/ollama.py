@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import ollama
 
-from tasks.backends.protocol import Action, BackendError, Reply, ServerInfo, model_geometry
+from tasks.backends.protocol import Action, BackendError, HttpBackend, Reply, ServerInfo, model_geometry
 
 # Texts Ollama puts in a 500 when the GPU runs out of memory (ollama's llm/status.go).
 _OOM_MARKERS = (
@@ -62,7 +62,7 @@ def classify(exc: BaseException, model: str, host: str) -> BackendError:
     raise exc
 
 
-class OllamaBackend:
+class OllamaBackend(HttpBackend[ollama.AsyncClient]):
     """One Ollama server and model; options stay identical across a job so nothing reloads."""
 
     def __init__(self, host: str, model: str, timeout_s: float, keep_alive: int | str) -> None:
@@ -70,19 +70,12 @@ class OllamaBackend:
         self.model = model
         self.keep_alive = keep_alive
         self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
-        self._client: ollama.AsyncClient | None = None
         self._ps_client: ollama.Client | None = None
 
-    async def open(self) -> None:
+    def _connect(self) -> ollama.AsyncClient:
         # Credentials for a remote/proxied Ollama come from the environment only (the client sends
         # OLLAMA_API_KEY as a Bearer token), so they never travel through parameters, artifacts or files.
-        self._client = ollama.AsyncClient(host=self.host, timeout=self._timeout)
-
-    @property
-    def client(self) -> ollama.AsyncClient:
-        if self._client is None:
-            raise RuntimeError("OllamaBackend.open() was not called")
-        return self._client
+        return ollama.AsyncClient(host=self.host, timeout=self._timeout)
 
     async def check(self) -> None:
         try:
@@ -145,9 +138,7 @@ class OllamaBackend:
         return size / MIB, vram / MIB
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        await super().close()
         if self._ps_client is not None:
             self._ps_client.close()
             self._ps_client = None

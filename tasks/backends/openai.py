@@ -11,7 +11,7 @@ import httpx
 import httpx2
 import openai
 
-from tasks.backends.protocol import Action, BackendError, Reply, ServerInfo
+from tasks.backends.protocol import Action, BackendError, HttpBackend, Reply, ServerInfo
 
 # What the engines put in a 400 for a prompt longer than a sequence's context:
 # llama.cpp "request (N tokens) exceeds the available context size (M tokens)" / "is larger than
@@ -86,7 +86,7 @@ def classify(exc: BaseException, model: str, base_url: str) -> BackendError:
     raise exc
 
 
-class OpenAIBackend:
+class OpenAIBackend(HttpBackend[openai.AsyncOpenAI]):
     """One OpenAI-compatible server and model. The client's own retries are off: the chunk runner's
     policy (back-off, outage budget, OOM adaptation) is the only one, and it sees every failure."""
 
@@ -94,18 +94,9 @@ class OpenAIBackend:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.timeout_s = timeout_s
-        self._client: openai.AsyncOpenAI | None = None
 
-    async def open(self) -> None:
-        self._client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=_api_key(), max_retries=0, timeout=self.timeout_s
-        )
-
-    @property
-    def client(self) -> openai.AsyncOpenAI:
-        if self._client is None:
-            raise RuntimeError("OpenAIBackend.open() was not called")
-        return self._client
+    def _connect(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=_api_key(), max_retries=0, timeout=self.timeout_s)
 
     async def check(self) -> None:
         try:
@@ -173,11 +164,6 @@ class OpenAIBackend:
 
     async def unload(self) -> None:
         pass  # an OpenAI-compatible server keeps its model for its whole life; nothing to ask
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
 
 
 def _auth_headers() -> dict[str, str]:

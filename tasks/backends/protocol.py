@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 # What the chunk runner does with each failure (the README's failure table):
 #   retry        - transient: dropped connection, timeout, runner crash, server error
@@ -91,3 +91,34 @@ class Backend(Protocol):
         """Free the GPU memory the model holds; the next request loads it again (no-op if in-process)."""
 
     async def close(self) -> None: ...
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+ClientT = TypeVar("ClientT", bound=_Closable)
+
+
+class HttpBackend(Generic[ClientT]):
+    """The client an HTTP backend holds: made by `open` inside the event loop that uses it (an async
+    connection pool cannot move between loops), closed by `close`."""
+
+    _client: ClientT | None = None
+
+    def _connect(self) -> ClientT:
+        raise NotImplementedError
+
+    async def open(self) -> None:
+        self._client = self._connect()
+
+    @property
+    def client(self) -> ClientT:
+        if self._client is None:
+            raise RuntimeError(f"{type(self).__name__}.open() was not called")
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None

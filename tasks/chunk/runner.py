@@ -43,15 +43,12 @@ class _ChunkRun:
         self,
         settings: JobSettings,
         backend: Backend,
-        chunk: ChunkSpec,
         writer: ChunkWriter,
         output_model: type[BaseModel] | None,
         on_progress: ProgressCallback | None,
     ) -> None:
-        self.settings = settings
-        self.backend = backend
-        self.chunk = chunk
-        self.writer = writer
+        self.settings, self.backend, self.writer = settings, backend, writer
+        self.chunk = writer.chunk
         self.output_model = output_model
         self.schema = output_model.model_json_schema() if output_model else None
         self.on_progress = on_progress
@@ -394,7 +391,7 @@ def _run_claimed(
     )
     done = finished_rows(out, chunk)  # after the writer turned a killed run's journal into parts
     rows = prepare_chunk(settings, chunk, skip=done, count_tokens=token_counter(settings), snapshot=snapshot)
-    run = _ChunkRun(settings, backend, chunk, writer, output_model, on_progress)
+    run = _ChunkRun(settings, backend, writer, output_model, on_progress)
     try:
         asyncio.run(_run_async(run, rows))
     finally:
