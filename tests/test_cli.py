@@ -62,7 +62,11 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
         ({"ollama_host": "http://127.0.0.1:9"}, 6, "cannot reach Ollama at http://127.0.0.1:9"),
         ({"model": "llama9:999b"}, 6, "ollama pull llama9:999b"),
         ({"output_schema": "nowhere/schema.json"}, 3, "output_schema file nowhere/schema.json does not exist"),
-        ({"output_schema": "tasks.schema:ResultRow"}, 3, "output schema field 'row_index' collides with a result column"),
+        (
+            {"output_schema": "tasks.schema:ResultRow"},
+            3,
+            "output schema field 'row_index' collides with a result column",
+        ),
     ],
 )
 def test_user_errors_are_one_message_and_a_hint_before_any_server(
