@@ -35,6 +35,7 @@ RAM_AVAILABLE_MIN = 0.05  # below 5 % available the host swaps or the OOM killer
 IDLE_FRACTION_MAX = 0.20  # GPU util < 10 % in more than a fifth of samples: nobody fed it
 IDLE_UTIL_PCT = 10.0
 FLAT_GAIN = 0.05  # doubling in-flight for < 5 % more tokens/s: the engine is saturated
+NEAR_BEST = 0.97  # in-flight levels within 3 % of the best tokens/s count as the best: more only adds latency
 CPU_SATURATED_PCT = 85.0
 VRAM_MARGIN_GIB = 0.5  # room left for compute buffers and fragmentation when adding KV slots
 HOST_BOUND_UTIL_PCT = 50.0  # more in flight stopped helping while kernels ran under half the time
@@ -156,14 +157,21 @@ def slots_that_fit(headroom_mib: float, num_ctx: int, geometry: KvGeometry = GEM
     return max(0, math.floor(usable / geometry.gib_per_slot(num_ctx)))
 
 
+def best_in_flight(curve: dict[int, float]) -> int:
+    """The in-flight level to keep: the smallest within NEAR_BEST of the best calibrated throughput.
+    `in_flight: auto` keeps this one, and the report advises it, so the two never disagree."""
+    top = max(curve.values())
+    return min(n for n, v in curve.items() if v >= NEAR_BEST * top)
+
+
 def calibration_knee(curve: dict[int, float]) -> int | None:
-    """Smallest in-flight n where going to >= 2n raised tokens/s by < 5 %; None if still scaling."""
-    points = sorted(curve)
-    for n in points:
-        doubled = [m for m in points if m >= 2 * n]
-        if doubled and curve[n] > 0 and curve[doubled[0]] < curve[n] * (1 + FLAT_GAIN):
-            return n
-    return None
+    """The level to keep when a higher level was measured and did not beat it (the engine is saturated
+    there); None while the highest level measured is the best (still scaling). A dip at one level
+    does not make a knee: on a real server a low reading at 2 in flight preceded +117 % at 8."""
+    if not curve:
+        return None
+    knee = best_in_flight(curve)
+    return knee if knee < max(curve) else None
 
 
 def eta_hours(rows_total: int, rows_per_s: float) -> float:
@@ -423,7 +431,7 @@ def _calibration(e: RunEvidence) -> Verdict | None:
     curve = e.calibration
     knee = calibration_knee(curve)
     if knee is not None and e.in_flight >= knee:
-        doubled = min(m for m in curve if m >= 2 * knee)
+        doubled = min(m for m in curve if m > knee)
         gain = curve[doubled] / curve[knee] - 1
         return Verdict(
             kind="gpu-bound",
@@ -550,8 +558,7 @@ def _better_in_flight(e: RunEvidence) -> tuple[int, float] | None:
         now = curve[max(below)] if below else None
     if not now:
         return None
-    knee = calibration_knee(curve)
-    target = knee if knee is not None else max(curve, key=lambda n: curve[n])
+    target = best_in_flight(curve)
     gain = curve[target] / now - 1
     return (target, gain) if target > e.in_flight and gain >= FLAT_GAIN else None
 

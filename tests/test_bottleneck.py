@@ -14,6 +14,7 @@ from tasks.bottleneck import (
     RunEvidence,
     TelemetrySummary,
     Verdict,
+    best_in_flight,
     calibration_knee,
     eta_hours,
     eta_scope,
@@ -22,6 +23,7 @@ from tasks.bottleneck import (
     render_markdown,
     slots_that_fit,
 )
+from tasks.chunk.calibrate import Calibration
 from tasks.telemetry import SCHEMA, summarize
 
 GIB_MIB = 1024.0
@@ -204,10 +206,24 @@ def test_slots_that_fit() -> None:
     assert slots_that_fit(-100.0, 4096) == 0
 
 
+# llama-server on an H200 (Gemma 3 270M, 16 slots): tokens/s by level from one `in_flight: auto` run.
+H200_AUTO_CURVE = {1: 485.5, 2: 315.4, 4: 547.7, 8: 1018.0}
+
+
 def test_calibration_knee() -> None:
     assert calibration_knee({1: 100.0, 2: 180.0, 4: 300.0}) is None
     assert calibration_knee({1: 100.0, 2: 102.0, 4: 103.0}) == 1
-    assert calibration_knee({1: 100.0, 4: 300.0, 8: 310.0}) == 4
+    assert calibration_knee({1: 100.0, 4: 300.0, 8: 305.0}) == 4
+    assert calibration_knee({1: 100.0, 4: 300.0, 8: 310.0}) is None  # 8 is 3.3 % up: auto keeps 8
+    # A real H200 run: a low window at 2 in flight, then +117 % at 8. Still scaling: no knee at 1.
+    assert calibration_knee(H200_AUTO_CURVE) is None
+    assert best_in_flight(H200_AUTO_CURVE) == Calibration(ceiling=8, curve=H200_AUTO_CURVE).choice() == 8
+
+
+def test_the_report_advises_the_level_auto_kept() -> None:
+    e = evidence(samples(util=25.0), backend="openai", in_flight=8, parallel_slots=16, calibration=H200_AUTO_CURVE)
+    v = judge(e)
+    assert v.kind != "host-bound" and not any("Keep in-flight requests at 1" in a for a in v.advice), v
 
 
 def test_eta_hours() -> None:

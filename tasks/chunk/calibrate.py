@@ -2,8 +2,8 @@
 
 Levels 1, 2, 4 ... are tried until two levels in a row fail to beat the best so far by 5 %; each
 is measured over ROWS_PER_SLOT x level rows of the real work, and at least MIN_WINDOW_S (nothing is
-wasted). The smallest level within 3 % of the best one wins: more in flight only adds latency (and
-KV cache) once the backend's slots are full.
+wasted). The smallest level within 3 % of the best one wins (bottleneck.best_in_flight, which the
+report's advice uses too): more in flight only adds latency (and KV cache) once the slots are full.
 
 Two misses, not one: on a real llama.cpp server on an H200 one short window at 2 in flight measured
 no gain over 1 where whole runs gave +49 % at 2 and +117 % at 8, so one noisy step ended the search.
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tasks.bottleneck import best_in_flight
+
 ROWS_PER_SLOT = 8
 MIN_WINDOW_S = 2.0  # a level's window lasts at least this long: a second of requests is mostly noise
 MISSES = 2  # levels in a row without GROWTH over the best before the search stops
 GROWTH = 1.05  # a level must beat the one before by this much for the search to go on
-NEAR_BEST = 0.97  # levels within this share of the best count as the best
 
 
 @dataclass
@@ -42,10 +43,7 @@ class Calibration:
 
     def choice(self) -> int | None:
         """The level to keep; None when not even one level could be measured."""
-        if not self.curve:
-            return None
-        best = max(self.curve.values())
-        return min(n for n, v in self.curve.items() if v >= NEAR_BEST * best)
+        return best_in_flight(self.curve) if self.curve else None
 
     def summary(self, unit: str) -> str:
         shown = ", ".join(f"{n}: {v:.1f}" for n, v in self.curve.items())
