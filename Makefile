@@ -31,8 +31,12 @@ demo: install
 	$(BIN)/python -m flows.batch_inference --config jobs/demo.yaml
 
 # Set up, then run the whole test suite. pytest's exit 5 (no tests collected) is not a failure.
+# Four workers (pytest-xdist), each taking whole test files: most tests wait on child processes, so
+# four overlap well even on 2 cores. Whole files keep the llama-server and PostgreSQL fixtures to one
+# worker each; every worker starts its own Prefect test server. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 4
 test: install $(BIN)/.server-installed
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # Everything except the tests that load the real model or start a real Prefect server.
