@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,20 @@ def make_rows(n: int, *, start: int = 0) -> pl.DataFrame:
             "role": ["data engineer"] * n,
         }
     )
+
+
+def when(condition: Any, then: Any, limit_s: float = 60) -> threading.Thread:
+    """Run `then()` in a thread as soon as `condition()` holds."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + limit_s
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        then()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def write_input(path: Path, frame: pl.DataFrame) -> Path:

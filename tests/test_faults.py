@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,24 +13,10 @@ import pytest
 from flows.batch_inference import batch_inference
 from tasks.dataset import ChunkSpec
 from tasks.store import OutputDirError, chunk_path
-from tests.conftest import make_rows, write_input
+from tests.conftest import make_rows, when, write_input
 from tests.support.ollama_emulator import OllamaEmulator, answer_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def when(condition: Any, then: Any, limit_s: float = 60) -> threading.Thread:
-    """Run `then()` in a thread as soon as `condition()` holds."""
-
-    def watch() -> None:
-        deadline = time.monotonic() + limit_s
-        while not condition() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        then()
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_an_input_replaced_during_the_run_changes_nothing_and_a_rerun_is_refused(
