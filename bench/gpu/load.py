@@ -1,0 +1,245 @@
+"""A bare async client against an OpenAI-compatible server: the engine's curve without the product.
+
+Keeps C chat requests in flight (a closed loop: each finished request is replaced at once), one
+level after another, and samples the GPU with NVML every 0.1 s. Needs only httpx (and nvidia-ml-py
+for the GPU figures), so it runs on a GPU machine before anything else is installed.
+
+    python -m bench.gpu.load --url http://127.0.0.1:8080 --levels 1,2,4,8 --max-tokens 16 --out short.json
+    python -m bench.gpu.load --levels 32 --max-tokens 128 --rows 300     # a whole job, as the product runs it
+
+A level's figures come from requests that *finished while the pool was full*: it keeps C in flight
+until at least max(1.5 C, 12) requests finished and 6 s passed (60 s at most), then cancels what
+is left. rows/s is Little's law, C / mean latency of those requests: equal-length requests finish
+in bursts of C, so counting completions in a short window over- or under-counts by a whole burst,
+while the mean latency of a full pool does not depend on where the window falls.
+
+With --rows N it sends exactly rows 0..N-1 instead, and rows/s is N over the time from the first
+request to the last answer (fill and drain included): the product's own job, without the product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.gpu.rows import SYSTEM_PROMPT, candidate_records
+
+try:  # the GPU figures are optional: without a driver the curve is still measured
+    import pynvml
+except ImportError:  # pragma: no cover - nvidia-ml-py is a dependency of the product
+    pynvml = None
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 10}, "reason": {"type": "string"}},
+    "required": ["score", "reason"],
+}
+
+
+class Gpu:
+    """NVML utilisation and power every `interval_s` on a thread; `window(t0, t1)` averages them."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.samples: list[tuple[float, float, float, float]] = []  # (t, util %, power W, used MiB)
+        self.interval_s = interval_s
+        self.stop = threading.Event()
+        self.handle: Any = None
+        if pynvml is not None:
+            try:
+                pynvml.nvmlInit()
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            except pynvml.NVMLError:
+                self.handle = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def name(self) -> str | None:
+        return str(pynvml.nvmlDeviceGetName(self.handle)) if self.handle is not None else None
+
+    def _run(self) -> None:
+        while self.handle is not None and not self.stop.wait(self.interval_s):
+            util = pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            power = pynvml.nvmlDeviceGetPowerUsage(self.handle) / 1000
+            used = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**20
+            self.samples.append((time.monotonic(), util, power, used))
+
+    def window(self, t0: float, t1: float) -> dict[str, float | None]:
+        picked = [s for s in self.samples if t0 <= s[0] <= t1]
+        if not picked:
+            return {"gpu_util_pct": None, "power_w": None, "vram_mib": None}
+        return {
+            "gpu_util_pct": round(statistics.fmean(s[1] for s in picked), 1),
+            "power_w": round(statistics.fmean(s[2] for s in picked), 1),
+            "vram_mib": round(max(s[3] for s in picked)),
+        }
+
+
+@dataclass
+class Level:
+    """One level's finished requests: (start, end, completion tokens)."""
+
+    in_flight: int
+    done: list[tuple[float, float, int]] = field(default_factory=list)
+    failed: int = 0
+
+
+async def run_level(
+    client: httpx.AsyncClient, body: dict[str, Any], prompts: list[str], level: Level, max_s: float
+) -> tuple[float, float]:
+    """Keep level.in_flight requests out until enough finished; returns the measured (t0, t1)."""
+    enough = asyncio.Event()
+    need = max(int(1.5 * level.in_flight), 12)
+    t0 = time.monotonic()
+    counter = iter(range(10**9))
+
+    async def one() -> None:
+        while not enough.is_set():
+            prompt = prompts[next(counter) % len(prompts)]
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+            started = time.monotonic()
+            try:
+                resp = await client.post("/v1/chat/completions", json={**body, "messages": messages})
+                resp.raise_for_status()
+                tokens = int(resp.json()["usage"]["completion_tokens"])
+            except (httpx.HTTPError, KeyError, ValueError):
+                level.failed += 1
+                continue
+            if not enough.is_set():
+                level.done.append((started, time.monotonic(), tokens))
+                if len(level.done) >= need and time.monotonic() - t0 >= 6.0:
+                    enough.set()
+
+    workers = [asyncio.create_task(one()) for _ in range(level.in_flight)]
+    with contextlib.suppress(TimeoutError):  # a slow level ends at max_s with what finished
+        await asyncio.wait_for(enough.wait(), max_s)
+    t1 = time.monotonic()
+    for worker in workers:
+        worker.cancel()  # the server cancels a request whose connection closes
+    await asyncio.gather(*workers, return_exceptions=True)
+    return t0, t1
+
+
+async def run_rows(
+    client: httpx.AsyncClient, body: dict[str, Any], prompts: list[str], level: Level
+) -> tuple[float, float]:
+    """Send every prompt once with level.in_flight out at a time; returns (first send, last answer)."""
+    todo = iter(prompts)
+
+    async def one() -> None:
+        for prompt in todo:
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+            started = time.monotonic()
+            try:
+                resp = await client.post("/v1/chat/completions", json={**body, "messages": messages})
+                resp.raise_for_status()
+                level.done.append((started, time.monotonic(), int(resp.json()["usage"]["completion_tokens"])))
+            except (httpx.HTTPError, KeyError, ValueError):
+                level.failed += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(level.in_flight)))
+    return t0, time.monotonic()
+
+
+def job_figures(level: Level, t0: float, t1: float, gpu: Gpu) -> dict[str, Any]:
+    latencies = [end - start for start, end, _ in level.done]
+    tokens = sum(n for _, _, n in level.done)
+    return {
+        "in_flight": level.in_flight,
+        "rows": len(latencies),
+        "failed": level.failed,
+        "seconds": round(t1 - t0, 2),
+        "rows_per_s": round(len(latencies) / (t1 - t0), 3),
+        "gen_tokens_per_s": round(tokens / (t1 - t0), 1),
+        "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        **gpu.window(t0, t1),
+    }
+
+
+def figures(level: Level, t0: float, t1: float, gpu: Gpu) -> dict[str, Any]:
+    latencies = [end - start for start, end, _ in level.done]
+    tokens = [n for _, _, n in level.done]
+    if not latencies:
+        return {"in_flight": level.in_flight, "finished": 0, "failed": level.failed}
+    mean_latency = statistics.fmean(latencies)
+    rows_per_s = level.in_flight / mean_latency  # Little's law on a full pool
+    return {
+        "in_flight": level.in_flight,
+        "finished": len(latencies),
+        "failed": level.failed,
+        "seconds": round(t1 - t0, 1),
+        "rows_per_s": round(rows_per_s, 3),
+        "gen_tokens_per_s": round(rows_per_s * statistics.fmean(tokens), 1),
+        "rows_per_s_counted": round(len(latencies) / (t1 - t0), 3),
+        "latency_p50_s": round(statistics.median(latencies), 3),
+        "completion_tokens_mean": round(statistics.fmean(tokens), 1),
+        **gpu.window(t0, t1),
+    }
+
+
+async def sweep(args: argparse.Namespace) -> dict[str, Any]:
+    prompts = candidate_records(max(args.prompts, args.rows or 0))
+    body: dict[str, Any] = {"model": args.model, "max_tokens": args.max_tokens, "temperature": 0.0, "seed": 7}
+    if args.schema:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": SCHEMA}}
+    if args.backend_sampling:
+        body["backend_sampling"] = True
+    gpu = Gpu()
+    gpu.thread.start()
+    levels = [int(n) for n in args.levels.split(",")]
+    results = []
+    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
+    async with httpx.AsyncClient(base_url=args.url, timeout=httpx.Timeout(600.0), limits=limits) as client:
+        await run_level(client, body, prompts, Level(min(levels[0], 4)), 8.0)  # warm-up, not kept
+        for n in levels:
+            level = Level(n)
+            if args.rows:
+                t0, t1 = await run_rows(client, body, prompts[: args.rows], level)
+                results.append(job_figures(level, t0, t1, gpu))
+            else:
+                t0, t1 = await run_level(client, body, prompts, level, args.max_level_s)
+                results.append(figures(level, t0, t1, gpu))
+            print(json.dumps(results[-1]), flush=True)
+            await asyncio.sleep(1.0)  # let cancelled requests leave the server's slots
+    gpu.stop.set()
+    return {
+        "what": f"bare httpx client, rows 0..{args.rows - 1} at each level, rows/s = rows / wall"
+        if args.rows
+        else "bare httpx client, closed loop at each in-flight level; rows/s = in_flight / mean latency",
+        "card": gpu.name(),
+        "request": {k: v for k, v in body.items() if k != "messages"},
+        "levels": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8080")
+    parser.add_argument("--model", default="gemma3-12b-shape")
+    parser.add_argument("--levels", default="1,2,4,8,16,32,64")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=512, help="distinct candidate records to cycle through")
+    parser.add_argument("--schema", action="store_true", help="ask for a JSON-schema grammar (response_format)")
+    parser.add_argument("--backend-sampling", action="store_true", help="llama.cpp: sample on the GPU")
+    parser.add_argument("--max-level-s", type=float, default=60.0)
+    parser.add_argument("--rows", type=int, help="send exactly these rows at each level (a whole job)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    result = asyncio.run(sweep(args))
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

