@@ -21,6 +21,8 @@ ErrorKind = Literal[
     "bad_request",  # the backend refused the request (HTTP 400)
     "context_length",  # the prompt does not fit the server's context (an OpenAI-compatible server's 400)
     "invalid_output",  # the answer never validated against the output schema
+    "bad_response",  # the answer was no answer (empty, a proxy's HTML page, an error object with 200)
+    "unexpected",  # the backend failed in a way it does not classify (the error names the exception)
     "timeout",
     "dropped",
     "busy",
