@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from tasks.config import read_document
 
@@ -21,6 +21,8 @@ ErrorKind = Literal[
     "bad_request",  # the backend refused the request (HTTP 400)
     "context_length",  # the prompt does not fit the server's context (an OpenAI-compatible server's 400)
     "invalid_output",  # the answer never validated against the output schema
+    "bad_response",  # the answer was no answer (empty, a proxy's HTML page, an error object with 200)
+    "unexpected",  # the backend failed in a way it does not classify (the error names the exception)
     "timeout",
     "dropped",
     "busy",
@@ -31,6 +33,22 @@ ErrorKind = Literal[
     "model_missing",
     "unreachable",
 ]
+
+
+def encodable(value: Any) -> Any:
+    """`value` with text UTF-8 cannot hold escaped: a lone surrogate such as '\\ud83d' (JSON allows
+    one, some engines send one) becomes the six characters `\\ud83d`. Lists and dicts are walked."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {encodable(k): encodable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [encodable(v) for v in value]
+    return value
 
 
 class ResultRow(BaseModel):
@@ -62,6 +80,13 @@ class ResultRow(BaseModel):
     model: str
     finished_at: datetime
     parsed: dict[str, Any] | None = Field(None, description="Validated structured output, flattened into columns.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _encodable(cls, value: Any) -> Any:
+        # Every row is written as a UTF-8 journal line and to Parquet: text neither can encode is
+        # stored escaped rather than failing the write (and with it the chunk), answers that came back ok too.
+        return encodable(value)
 
 
 class ChunkStats(BaseModel):

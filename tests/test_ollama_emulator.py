@@ -261,6 +261,22 @@ def test_invalid_json_fault(emu: OllamaEmulator, client: ollama.Client) -> None:
         Review.model_validate_json(resp.message.content)
 
 
+@pytest.mark.parametrize("fault", [Fault.empty_body(), Fault.html(), Fault.error_200(), Fault.no_message()])
+def test_malformed_answers_are_a_200_the_client_cannot_parse(
+    emu: OllamaEmulator, client: ollama.Client, fault: Fault
+) -> None:
+    emu.inject(fault)
+    with pytest.raises(ValueError):  # json's JSONDecodeError or pydantic's ValidationError for ChatResponse
+        client.chat(MODEL, msgs("x"))
+    assert client.chat(MODEL, msgs("x")).done
+    assert [(r.status, r.fault) for r in emu.requests] == [(200, fault.name), (200, None)]
+
+
+def test_lone_surrogate_fault(emu: OllamaEmulator, client: ollama.Client) -> None:
+    emu.inject(Fault.lone_surrogate())
+    assert client.chat(MODEL, msgs("x")).message.content == answer_for(msgs("x")) + "\ud83d"
+
+
 def test_match_targeted_faults_are_fifo(emu: OllamaEmulator, client: ollama.Client) -> None:
     emu.inject(Fault.oom(), times=2, match="row-7")
     emu.inject(Fault.runner_crash(), match="row-7")

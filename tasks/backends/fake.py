@@ -22,7 +22,7 @@ class _Hang:
 
 HANG: Final = _Hang()  # an outcome: the request never answers (until the runner gives up on it)
 
-Outcome = str | Reply | BackendError | _Hang
+Outcome = str | Reply | BackendError | Exception | _Hang  # any other exception: a failure no backend classified
 Answer = Callable[[list[dict[str, str]], dict[str, Any] | None], str]
 
 
@@ -107,7 +107,10 @@ class FakeBackend:
                 await asyncio.Event().wait()
             if isinstance(outcome, BackendError):
                 request.outcome = outcome.kind
-                raise BackendError(outcome.kind, outcome.action, str(outcome))  # a fresh one per raise
+                raise BackendError(outcome.kind, outcome.action, str(outcome), outcome.raw)  # a fresh one per raise
+            if isinstance(outcome, Exception):
+                request.outcome = type(outcome).__name__
+                raise type(outcome)(*outcome.args)
             if isinstance(outcome, Reply):
                 reply = outcome
             else:

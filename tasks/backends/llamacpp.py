@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.backends.protocol import BackendError, Reply, ServerInfo, model_geometry
+from tasks.backends.protocol import BackendError, Reply, ServerInfo, bad_response, model_geometry
 
 # Load and decode on one long-lived thread: each chunk's event loop would otherwise call
 # llama.cpp from fresh executor threads, and its OpenMP thread teams (one per calling
@@ -116,15 +116,21 @@ class LlamaCppBackend:
             )
         except ValueError as exc:  # e.g. "Requested tokens (5000) exceed context window of 4096"
             raise BackendError("bad_request", "fatal_row", str(exc)) from exc
-        choice = out["choices"][0]
-        usage = out.get("usage") or {}
-        return Reply(
-            content=choice["message"].get("content") or "",
-            done_reason=choice.get("finish_reason"),
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            total_ms=(time.perf_counter() - started) * 1000,
-        )
+        try:
+            choice = out["choices"][0]
+            content = choice["message"].get("content") or ""
+            if not isinstance(content, str):
+                raise TypeError(f"message content is {type(content).__name__}, not text")
+            usage = out.get("usage") or {}
+            return Reply(
+                content=content,
+                done_reason=choice.get("finish_reason"),
+                prompt_tokens=usage.get("prompt_tokens"),
+                completion_tokens=usage.get("completion_tokens"),
+                total_ms=(time.perf_counter() - started) * 1000,
+            )
+        except (LookupError, TypeError, AttributeError) as exc:  # not a chat completion: keep what it was
+            raise bad_response(repr(out), exc) from exc
 
     async def chat(
         self, messages: list[dict[str, str]], *, options: dict[str, Any], schema: dict[str, Any] | None

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 import httpx
 import ollama
 
-from tasks.backends.protocol import Action, BackendError, HttpBackend, Reply, ServerInfo, model_geometry
+from tasks.backends.protocol import Action, BackendError, HttpBackend, Reply, ServerInfo, bad_response, model_geometry
 
 # Texts Ollama puts in a 500 when the GPU runs out of memory (ollama's llm/status.go).
 _OOM_MARKERS = (
@@ -22,12 +23,25 @@ PS_TIMEOUT_S = 1.0  # /api/ps is for telemetry: a busy server must not hold the 
 MIB = 1024 * 1024
 
 
+# The last HTTP answer the current asyncio task got, for a malformed answer's error row: the client
+# parses the body itself, and its errors (json's "Expecting value", pydantic's ValidationError for
+# ChatResponse) do not carry it. Requests in flight together run in separate tasks, each with its
+# own context, so none sees another's answer.
+_answer: ContextVar[httpx.Response | None] = ContextVar("ollama_answer", default=None)
+
+
+async def _keep_answer(response: httpx.Response) -> None:
+    """httpx response hook: runs before the body is read; the client reads it right after."""
+    _answer.set(response)
+
+
 def _ms(ns: int | None) -> float | None:
     return ns / 1e6 if ns else None
 
 
-def classify(exc: BaseException, model: str, host: str) -> BackendError:
-    """Map a client exception to a kind and the action the README's failure table prescribes."""
+def classify(exc: BaseException, model: str, host: str, answer: httpx.Response | None = None) -> BackendError:
+    """Map a client exception to a kind and the action the README's failure table prescribes;
+    `answer`: the HTTP answer the failed call got, if any."""
     if isinstance(exc, ollama.ResponseError):
         text = exc.error or ""
         lowered = text.lower()
@@ -59,6 +73,8 @@ def classify(exc: BaseException, model: str, host: str) -> BackendError:
         return BackendError("timeout", "retry", f"no answer in time ({type(exc).__name__})")
     if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
         return BackendError("dropped", "retry", f"connection dropped ({type(exc).__name__}: {exc})")
+    if answer is not None and answer.is_success:  # a 2xx the client could not make an answer of
+        return bad_response(answer.content, exc)
     raise exc
 
 
@@ -75,7 +91,7 @@ class OllamaBackend(HttpBackend[ollama.AsyncClient]):
     def _connect(self) -> ollama.AsyncClient:
         # Credentials for a remote/proxied Ollama come from the environment only (the client sends
         # OLLAMA_API_KEY as a Bearer token), so they never travel through parameters, artifacts or files.
-        return ollama.AsyncClient(host=self.host, timeout=self._timeout)
+        return ollama.AsyncClient(host=self.host, timeout=self._timeout, event_hooks={"response": [_keep_answer]})
 
     async def check(self) -> None:
         try:
@@ -95,6 +111,7 @@ class OllamaBackend(HttpBackend[ollama.AsyncClient]):
     async def chat(
         self, messages: list[dict[str, str]], *, options: dict[str, Any], schema: dict[str, Any] | None
     ) -> Reply:
+        _answer.set(None)
         try:
             resp = await self.client.chat(
                 model=self.model,
@@ -105,7 +122,7 @@ class OllamaBackend(HttpBackend[ollama.AsyncClient]):
                 stream=False,
             )
         except Exception as exc:
-            raise classify(exc, self.model, self.host) from exc
+            raise classify(exc, self.model, self.host, _answer.get()) from exc
         return Reply(
             content=resp.message.content or "",
             done_reason=resp.done_reason,

@@ -11,7 +11,7 @@ import httpx
 import httpx2
 import openai
 
-from tasks.backends.protocol import Action, BackendError, HttpBackend, Reply, ServerInfo
+from tasks.backends.protocol import Action, BackendError, HttpBackend, Reply, ServerInfo, bad_response
 
 # What the engines put in a 400 for a prompt longer than a sequence's context:
 # llama.cpp "request (N tokens) exceeds the available context size (M tokens)" / "is larger than
@@ -136,7 +136,9 @@ class OpenAIBackend(HttpBackend[openai.AsyncOpenAI]):
         if "top_k" in options:
             extra["top_k"] = options["top_k"]  # not in OpenAI's API; vLLM, SGLang and llama.cpp take it
         try:
-            resp = await self.client.chat.completions.create(
+            # The raw answer, parsed below: the client returns a proxy's HTML page as a string and an
+            # error object as a ChatCompletion without choices, and the row must keep what came back.
+            raw = await self.client.chat.completions.with_raw_response.create(
                 model=self.model,
                 messages=messages,  # type: ignore[arg-type]
                 max_tokens=options["num_predict"],
@@ -153,14 +155,21 @@ class OpenAIBackend(HttpBackend[openai.AsyncOpenAI]):
             )
         except Exception as exc:
             raise classify(exc, self.model, self.base_url) from exc
-        choice = resp.choices[0]
-        usage = resp.usage
-        return Reply(
-            content=choice.message.content or "",
-            done_reason=choice.finish_reason,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-        )
+        try:
+            resp = raw.parse()
+            choice = resp.choices[0]
+            content = choice.message.content or ""
+            if not isinstance(content, str):  # the client builds its models without validating them
+                raise TypeError(f"message content is {type(content).__name__}, not text")
+            usage = resp.usage
+            return Reply(
+                content=content,
+                done_reason=choice.finish_reason,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+            )
+        except Exception as exc:  # an HTTP 200 that is not a chat completion
+            raise bad_response(raw.http_response.content, exc) from exc
 
     async def unload(self) -> None:
         pass  # an OpenAI-compatible server keeps its model for its whole life; nothing to ask

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 # What the chunk runner does with each failure (the README's failure table):
-#   retry        - transient: dropped connection, timeout, runner crash, server error
+#   retry        - transient: dropped connection, timeout, runner crash, server error, malformed answer
 #   backoff      - the server asked us to slow down (503 queue full)
 #   oom          - out of memory: back off, lower in-flight, retry
 #   unreachable  - server down: wait within the outage budget, then fail the chunk
@@ -16,12 +16,27 @@ Action = Literal["retry", "backoff", "oom", "unreachable", "fatal_row", "fatal_j
 
 
 class BackendError(Exception):
-    """A failed request, classified so the runner can pick its action."""
+    """A failed request, classified so the runner can pick its action; `raw`: what came back, if
+    anything, for the error row's `response`."""
 
-    def __init__(self, kind: str, action: Action, message: str) -> None:
+    def __init__(self, kind: str, action: Action, message: str, raw: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.action = action
+        self.raw = raw
+
+
+RAW_KEPT = 2000  # characters of a malformed answer an error row keeps: enough to tell a proxy's page
+
+
+def bad_response(body: bytes | str, why: BaseException) -> BackendError:
+    """An HTTP 200 (or an engine's return) that is no answer: empty, a proxy's HTML page, an error
+    object, an answer without its message. Retried like a failed request: a proxy's hiccup passes,
+    and a row that always gets one ends as an error row that keeps the start of the body."""
+    text = body.decode("utf-8", "backslashreplace") if isinstance(body, bytes) else body
+    kept = text if len(text) <= RAW_KEPT else f"{text[:RAW_KEPT]}... ({len(text) - RAW_KEPT} more characters)"
+    reason = " ".join(str(why).split())[:300]  # pydantic's message runs over several lines
+    return BackendError("bad_response", "retry", f"malformed answer ({type(why).__name__}: {reason})", raw=kept)
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,7 +137,8 @@ class _ChunkRun:
             error_kind=err.kind,
             error=str(err),
             attempts=attempts,
-            response=reply.content if reply else None,  # the raw text of a schema-invalid answer is kept
+            # What came back is kept: a malformed answer's body, a schema-invalid answer's text.
+            response=err.raw if err.raw is not None else reply.content if reply else None,
             done_reason=reply.done_reason if reply else None,
             prompt_tokens=reply.prompt_tokens if reply else None,
             completion_tokens=reply.completion_tokens if reply else None,
@@ -184,6 +185,13 @@ class _ChunkRun:
             raise BackendError(
                 "timeout", "retry", f"no answer within request_timeout_s={self.settings.request_timeout_s:.0f}"
             ) from exc
+        except BackendError:
+            raise
+        except Exception as exc:
+            # A failure the backend does not classify (a client's or an engine's surprise) is this
+            # row's problem: retried, then an error row, never the end of the chunk. Engine-wide
+            # conditions reach here as BackendErrors (unreachable, fatal_job) and still stop it.
+            raise BackendError("unexpected", "retry", f"{type(exc).__name__}: {exc}") from exc
         finally:
             self.sending -= 1
 

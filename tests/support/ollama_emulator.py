@@ -13,8 +13,10 @@ Semantics a test can rely on:
 - `stream: true` is answered as NDJSON (word chunks, then the done line) in one body.
 - Faults apply to /api/chat and /api/generate only, load requests (no prompt) included,
   as Ollama can run out of memory while loading; use `match=` to target rows. They are
-  taken on arrival, before queueing (a hung request holds no slot); `invalid_json` is
-  served normally, with broken content.
+  taken on arrival, before queueing (a hung request holds no slot); `invalid_json` and
+  `lone_surrogate` are served normally, with broken content. The malformed answers
+  (`empty_body`, `html`, `error_200`, `no_message`) are a 200 whose body is no answer, as a
+  proxy in front of Ollama or a broken server sends one, on /v1 in its OpenAI shape.
 - `vram_bytes`: a request whose model load would need more (weights + KV cache for num_ctx x
   `parallel` slots, as Ollama allocates it) fails with Ollama's out-of-memory 500.
 - `think: true` -> 400 "... does not support thinking" (emulated models are gemma3-like).
@@ -50,6 +52,7 @@ CRASH = (
     "internal error, check ollama server logs for details"
 )
 INFER_PATHS = ("/api/chat", "/api/generate")
+PROXY_PAGE = "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>\n"
 METRICS = (
     "total_duration",
     "load_duration",
@@ -238,6 +241,29 @@ class Fault:
     @staticmethod
     def invalid_json() -> Fault:  # 200, content is truncated JSON with a wrong-typed value
         return Fault("invalid_json")
+
+    @staticmethod
+    def empty_body() -> Fault:  # 200 with no body at all
+        return Fault("empty_body")
+
+    @staticmethod
+    def html() -> Fault:  # 200 with a proxy's HTML error page (PROXY_PAGE)
+        return Fault("html")
+
+    @staticmethod
+    def error_200(error: str = "upstream model runner failed") -> Fault:  # 200 with an error object
+        return Fault("error_200", error=error)
+
+    @staticmethod
+    def no_message() -> Fault:  # 200, a done answer without its message (on /v1: a choice without one)
+        return Fault("no_message")
+
+    @staticmethod
+    def lone_surrogate() -> Fault:  # 200, the answer ends in half an emoji: the JSON escape "\ud83d" alone
+        return Fault("lone_surrogate")
+
+
+MALFORMED = ("empty_body", "html", "error_200", "no_message")  # faults answered at once with a 200 that is no answer
 
 
 @dataclass
@@ -543,6 +569,24 @@ class OllamaEmulator:
             obj = _openai_shape(status, obj)
         h.send(status, json.dumps(obj).encode())
 
+    def _malformed(self, h: _Handler, rec: RequestRecord, fault: Fault, model: str) -> None:
+        """A 200 whose body is no answer: what the client gets from a proxy or a broken server."""
+        rec.status = 200
+        openai = rec.path == "/v1/chat/completions"
+        if fault.name == "empty_body":
+            return h.send(200, b"")
+        if fault.name == "html":
+            return h.send(200, PROXY_PAGE.encode(), "text/html")
+        obj: dict[str, Any]
+        if fault.name == "error_200":
+            obj = {"error": {"message": fault.error, "type": "api_error"}} if openai else {"error": fault.error}
+        elif openai:
+            obj = {"id": "chatcmpl-0", "object": "chat.completion", "created": int(time.time()), "model": model}
+            obj["choices"] = [{"index": 0, "finish_reason": "stop"}]
+        else:
+            obj = {"model": model, "created_at": _now_iso(), "done": True, "done_reason": "stop"}
+        return h.send(200, json.dumps(obj).encode())
+
     def _route(self, h: _Handler, rec: RequestRecord, raw: bytes) -> None:
         if rec.path == "/" and h.command in ("GET", "HEAD"):
             rec.status = 200
@@ -620,6 +664,8 @@ class OllamaEmulator:
                     pass
                 h.close_connection = True  # closing without a status line
                 return None
+            if fault.name in MALFORMED:
+                return self._malformed(h, rec, fault, model)
         if not model:
             return self._reply(h, rec, 400, {"error": "model is required"})
         if _norm(model) not in self.models:
@@ -699,6 +745,8 @@ class OllamaEmulator:
         if fault is not None and fault.name == "invalid_json":
             props = list(fmt.get("properties", {})) if isinstance(fmt, dict) else []
             content = f'{{"{props[0] if props else "answer"}": "not a number"'
+        if fault is not None and fault.name == "lone_surrogate":
+            content += "\ud83d"  # json.dumps writes it as the escape \ud83d, which JSON parsers accept
         final = {
             "model": model,
             "created_at": _now_iso(),
