@@ -251,30 +251,28 @@ def test_auto_in_flight_with_too_few_rows_to_judge_a_level_keeps_its_start(offli
     assert stats.auto is not None and stats.auto["rows"] == 6 and not stats.auto["settled"]
 
 
-def engine(rows_per_s: dict[int, float]) -> Callable[[int], float]:
-    """A request's time at c in flight, when c in flight finish rows_per_s[c] a second (Little's law)."""
-    return lambda c: c / rows_per_s[min(rows_per_s, key=lambda n: abs(n - c))]
-
-
-# Best at 4; flat to 8; 16 is clearly worse; requests take 10-64 ms.
-PEAK_AT_4 = {1: 100.0, 2: 180.0, 4: 300.0, 8: 300.0, 16: 250.0}
+def past_8_slots(in_flight: int) -> float:
+    """An engine with 8 slots: a request takes 10 ms, or 100 ms when it arrives with more than 8 out."""
+    return 0.01 if in_flight <= 8 else 0.1
 
 
 def test_auto_in_flight_searches_levels_on_the_real_rows_and_keeps_the_advised_one(offline_job: Any) -> None:
-    fake = FakeBackend(delay=engine(PEAK_AT_4))
+    fake = FakeBackend(delay=past_8_slots)
     frame, stats = run(settings_for(offline_job, 240, in_flight="auto", max_in_flight=16), fake)
     assert stats.ok == 240 and sorted(frame["row_index"].to_list()) == list(range(240))
     assert sorted(r.prompt for r in fake.history) == sorted(prompt(i) for i in range(240))  # every row once
     curve = stats.calibration
-    assert curve is not None and {2, 4, 8, 16} <= set(curve), curve  # up past the flat 8, then down
-    assert stats.auto is not None and stats.in_flight == best_in_flight(curve) == stats.auto["level"]
-    assert fake.peak_in_flight <= 16 and curve[16] < curve[4]
+    # The readings of a fake whose delay is fixed on arrival are rough (test_auto_in_flight.py simulates
+    # an engine exactly); here, the wiring: cold at 4 (a quarter of 16), then up, each change an event.
+    assert curve is not None and {4, 8} <= set(curve), curve
     probes = [e.rsplit(": ", 1)[1] for e in stats.events if e.endswith(" in flight (probe)")]
-    assert probes[:3] == ["8 in flight (probe)", "16 in flight (probe)", "2 in flight (probe)"]
+    assert probes[0] == "8 in flight (probe)" and fake.peak_in_flight <= 16
+    assert stats.auto is not None and stats.in_flight == best_in_flight(curve) == stats.auto["level"]
+    assert any("auto in-flight: tokens/s by level {" in e for e in stats.events)
 
 
 def test_auto_in_flight_respects_a_limit_lowered_by_out_of_memory(offline_job: Any) -> None:
-    fake = FakeBackend(delay=engine(PEAK_AT_4))
+    fake = FakeBackend(delay=past_8_slots)
     fake.enqueue(OOM)
     frame, stats = run(settings_for(offline_job, 120, in_flight="auto", max_in_flight=16, oom_backoff_s=0), fake)
     assert frame["status"].to_list() == ["ok"] * 120
@@ -288,8 +286,8 @@ def test_auto_in_flight_respects_a_limit_lowered_by_out_of_memory(offline_job: A
 def test_auto_in_flight_carries_on_in_the_next_chunk(offline_job: Any) -> None:
     settings = load_settings(None, offline_job(240, chunk_size=120, in_flight="auto", max_in_flight=16))
     first, second = validate_input(settings).chunks
-    one = run_chunk(settings, first, FakeBackend(delay=engine(PEAK_AT_4)))
-    two = run_chunk(settings, second, FakeBackend(delay=engine(PEAK_AT_4)), auto=one.auto)
+    one = run_chunk(settings, first, FakeBackend(delay=past_8_slots))
+    two = run_chunk(settings, second, FakeBackend(delay=past_8_slots), auto=one.auto)
     assert one.auto is not None and two.auto is not None
     assert two.auto["rows"] == one.auto["rows"] + 120  # one controller over the run, not one per chunk
     assert set(one.calibration or {}) <= set(two.calibration or {})

@@ -186,11 +186,12 @@ class InFlightAuto:
         if w is None or not w.probe or not w.out:
             return
         reference = self._reference()
-        if reference is None or not self._rows:  # no answer yet to say how many tokens a row has
+        by_tokens = self.state.unit == "tokens/s"
+        if reference is None or (by_tokens and not self._tokens):  # no answer yet says how long a row's is
             return
         # Even if every member came back now, latencies only grow: an upper bound on the reading.
         waited = w.latency_s + sum(now - s for s in w.out.values())
-        per_row = self._tokens / self._rows if self._rows and self.state.unit == "tokens/s" else 1.0
+        per_row = self._tokens / self._rows if by_tokens else 1.0
         bound = w.level * per_row * w.size / waited
         if bound < FLAT * reference:
             self.notes.append(f"auto in-flight: {w.level} in flight cannot reach {FLAT:.0%} of {reference:.1f}")

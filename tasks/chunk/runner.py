@@ -102,7 +102,7 @@ class _ChunkRun:
         """Out of memory wins: a limit the policy lowered caps the controller; else the policy keeps its level."""
         if self.auto is None:
             return
-        if self.policy.limit < self.auto.level:
+        if self.policy.limit < self.policy.ceiling:  # below the level last set: out of memory lowered it
             self.auto.capped(self.policy.limit, time.monotonic())
         for text in self.auto.notes:
             self.note(text)
