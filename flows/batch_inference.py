@@ -46,6 +46,7 @@ from tasks.schema import ChunkStats
 from tasks.sink import ChunkSink, open_sink
 from tasks.sources import wants_openai_output
 from tasks.store import (
+    auto_memory_path,
     build_manifest,
     check_chunk_files,
     check_output_dir,
@@ -57,12 +58,11 @@ from tasks.store import (
     join_output_dir,
     previous_manifest,
     read_parquet_or_none,
+    remember_level,
+    remembered_level,
     write_atomic,
     write_json_atomic,
     write_parquet_atomic,
-    auto_memory_path,
-    remember_level,
-    remembered_level,
 )
 from tasks.telemetry import Sampler, summarize
 

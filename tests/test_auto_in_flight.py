@@ -59,8 +59,11 @@ def test_auto_follows_a_best_level_that_moves_mid_run() -> None:
 
 
 def test_the_level_kept_is_the_one_the_report_advises() -> None:
-    state = simulate(600, *H200_270M).states[-1]
-    assert state.level == best_in_flight(state.curve) == 8
+    assert simulate(600, *H200_270M).states[-1].level == 8
+    later = {1: 2.0, 2: 3.5, 4: 5.0, 8: 6.0, 16: 8.0, 32: 11.0, 64: 10.0}
+    run = simulate(1500, *H200_270M, later_curve=later, chunk_rows=150, spread=0.3)
+    # At every chunk's end, what the report shows (and advises from) agrees with the level kept.
+    assert all(best_in_flight(state.shown) == state.level for state in run.states if state.shown)
 
 
 # --- the rules, event by event ---------------------------------------------------------------

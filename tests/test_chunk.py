@@ -7,7 +7,6 @@ tested in test_auto_in_flight.py). End-to-end runs over HTTP are in test_inferen
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -15,8 +14,8 @@ import pytest
 
 from tasks.backends import BackendError
 from tasks.backends.fake import HANG, FakeBackend
-from tasks.chunk import ChunkAborted, run_chunk
 from tasks.bottleneck import best_in_flight
+from tasks.chunk import ChunkAborted, run_chunk
 from tasks.chunk.policy import OOM_STREAK_LIMIT, RAISE_AFTER, ChunkPolicy, RowTries, Step
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import validate_input

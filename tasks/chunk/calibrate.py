@@ -42,6 +42,7 @@ MIN_COHORT = 8  # completions a window holds at least: fewer and one slow prompt
 FLAT = 0.92  # a level at or above FLAT x the best is "flat", not worse: the search goes on past it
 PROBE_GAP = 10.0  # seconds at the kept level per second a probe costs: probing takes ~1/11 of the time at most
 MIN_GAP_S = 30.0  # never probe more often than this
+SMOOTHING = 0.5  # weight of a new window in the kept level's reading
 
 
 def cohort_size(level: int) -> int:
@@ -77,6 +78,9 @@ class AutoState(BaseModel):
     direction: Literal[1, -1] = Field(1, description="Which neighbour the next probe tries: up (1) or down (-1).")
     rows: int = Field(0, description="Rows that came back under auto in this run.")
     search_rows: int | None = Field(None, description="Rows that came back before the search was over.")
+    shown: dict[int, float] = Field(
+        default_factory=dict, description="The readings when the level kept was last their best: what the report shows."
+    )
 
     def gap_s(self) -> float:
         """Seconds at the kept level before the next probe: a probe costs about its own time, or two of
@@ -120,6 +124,7 @@ class InFlightAuto:
             state = previous.model_copy(deep=True)
             state.ceiling = min(state.ceiling, ceiling)  # out of memory lowered it in an earlier chunk
             state.curve = {n: v for n, v in state.curve.items() if n <= state.ceiling}
+            state.shown = {n: v for n, v in state.shown.items() if n <= state.ceiling}
             state.level = min(state.level, state.ceiling)
             auto = cls(state, now)
         else:
@@ -141,7 +146,9 @@ class InFlightAuto:
         return self._window.level if self._window else self.state.level
 
     def curve(self) -> dict[int, float]:
-        return dict(sorted(self.state.curve.items()))
+        """Level -> reading, as of the last time the level kept was their best_in_flight (so the report,
+        which advises that, agrees with what auto keeps)."""
+        return dict(sorted(self.state.shown.items()))
 
     # --- events -------------------------------------------------------------------------------
 
@@ -204,6 +211,7 @@ class InFlightAuto:
             return
         self.state.ceiling = limit
         self.state.curve = {n: v for n, v in self.state.curve.items() if n <= limit}
+        self.state.shown = {n: v for n, v in self.state.shown.items() if n <= limit}
         self.state.level = min(self.state.level, limit)
         self.notes.append(f"auto in-flight: out of memory, {limit} in flight is the ceiling from now on")
         self._open(min(self.level, limit), probe=False)
@@ -237,9 +245,13 @@ class InFlightAuto:
         w = self._window
         assert w is not None
         s = self.state
+        kept = s.level
+        if s.settled and not w.probe and kept in s.curve:
+            reading = (1 - SMOOTHING) * s.curve[kept] + SMOOTHING * reading  # one window is noisy
         s.curve[w.level] = reading
         if not s.settled:
             s.level = best_in_flight(s.curve)
+            s.shown = dict(s.curve)
             if (following := self._search_next()) is not None:
                 self._open(following, probe=True)
                 return
@@ -248,26 +260,31 @@ class InFlightAuto:
             self.notes.append(f"auto in-flight: {s.unit} by level {self._shown()} -> {s.level} in flight")
             self._open(s.level, probe=False)
             return
-        if not w.probe:
+        if w.probe:
+            s.probe_s = now - self._probe_started
+        else:
             s.window_s = now - (w.first_start or now)
-            if s.watched_s >= s.gap_s() and (target := self._neighbour(s.level, s.direction)) is not None:
-                self._open(target, probe=True)
-            else:
-                self._open(s.level, probe=False)
-            return
-        # A probe in the watch: keep the better of the two, as the report's advice would.
-        s.probe_s = now - self._probe_started
-        kept = s.level
-        if kept in s.curve and best_in_flight({kept: s.curve[kept], w.level: reading}) == w.level:
+        # Keep what the report would advise, best_in_flight over the readings; a level that wins only on
+        # an old reading is measured again first (it was read before the engine moved, perhaps).
+        best = best_in_flight(s.curve)
+        if best == w.level and w.level != kept:
             s.level = w.level
             self.notes.append(f"auto in-flight: {w.level} in flight beat {kept} ({self._shown()}), kept")
-            if (further := self._neighbour(w.level, s.direction, strict=True)) is not None:
-                self._open(further, probe=True)
-                return
+        elif w.probe and best == kept:
+            s.direction = 1 if s.direction == -1 else -1  # the other neighbour's turn
+        if best != s.level:
+            self._open(best, probe=True)
+            return
+        s.shown = dict(s.curve)
+        further = self._neighbour(s.level, s.direction, strict=True) if w.probe and s.level == w.level else None
+        if further is not None and s.level != kept:  # it moved: climb on the same way at once
+            self._open(further, probe=True)
+        elif not w.probe and s.watched_s >= s.gap_s() and (target := self._neighbour(kept, s.direction)):
+            self._open(target, probe=True)
         else:
-            s.direction = 1 if s.direction == -1 else -1
-        s.watched_s = 0.0
-        self._open(s.level, probe=False)
+            if w.probe:
+                s.watched_s = 0.0
+            self._open(s.level, probe=False)
 
     def _search_next(self) -> int | None:
         """The next level to measure while searching: past the measured range, on a side that is not worse."""
@@ -298,4 +315,4 @@ class InFlightAuto:
         self._window = _Window(level, cohort_size(level), probe)
 
     def _shown(self) -> str:
-        return "{" + ", ".join(f"{n}: {v:.1f}" for n, v in self.curve().items()) + "}"
+        return "{" + ", ".join(f"{n}: {v:.1f}" for n, v in sorted(self.state.curve.items())) + "}"

@@ -46,6 +46,58 @@ class Run:
         return self.rows / self.seconds
 
 
+@dataclass
+class _Chunk:
+    """One chunk's rows through the engine; the clock and the finished count run on across chunks."""
+
+    run: Run
+    rows: int
+    tokens_per_row: int
+    fixed: int | None
+    auto: InFlightAuto | None
+    jitter: random.Random
+    spread: float
+    t: float
+    work_done: float = 0.0  # virtual work clock: every request in flight has advanced this much
+    out: list[tuple[float, int, int]] = field(default_factory=list)  # (work clock at its end, ticket, tokens)
+    sent: int = 0
+
+    def level(self) -> int:
+        return self.auto.level if self.auto else self.fixed or 1
+
+    def fill(self) -> None:
+        while len(self.out) < self.level() and self.sent < self.rows:
+            work = 1.0 + self.spread * (2 * self.jitter.random() - 1)
+            ticket = self.auto.started(self.t) if self.auto else 0
+            heapq.heappush(self.out, (self.work_done + work, ticket, round(self.tokens_per_row * work)))
+            self.sent += 1
+        if not self.run.levels or self.run.levels[-1][1] != self.level():
+            self.run.levels.append((self.t, self.level()))
+
+    def go(self, curve: dict[int, float], later: dict[int, float] | None, done: int, tick_s: float) -> int:
+        """Run to the chunk's end; returns the rows finished so far in the run."""
+        next_tick = self.t + tick_s
+        self.fill()
+        while self.out:
+            shape = later if later is not None and done >= self.run.rows // 2 else curve
+            speed = rows_per_s(shape, len(self.out)) / len(self.out)  # work a second of each request out
+            to_finish = (self.out[0][0] - self.work_done) / speed
+            step = min(to_finish, next_tick - self.t)
+            self.t += step
+            self.work_done += step * speed
+            if step == to_finish:
+                _, ticket, tokens = heapq.heappop(self.out)
+                done += 1
+                if self.auto:
+                    self.auto.finished(ticket, self.t, tokens)
+            else:
+                next_tick += tick_s
+                if self.auto:
+                    self.auto.tick(self.t)
+            self.fill()
+        return done
+
+
 def simulate(
     rows: int,
     curve: dict[int, float],
@@ -66,56 +118,20 @@ def simulate(
     controller's state on, as the flow does.
     """
     jitter = random.Random(1)
-    t = 0.0
-    done = 0
-    state: AutoState | None = None
     run = Run(0.0, rows)
+    t, done = 0.0, 0
+    state: AutoState | None = None
     for first in range(0, rows, chunk_rows or rows):
-        chunk = min(chunk_rows or rows, rows - first)
-        auto: InFlightAuto | None = None
+        auto = None
         if fixed is None:
-            if state is not None:
-                auto = InFlightAuto.start(ceiling, t, state)
-            elif remembered is not None:
+            if state is None and remembered is not None:
                 auto = InFlightAuto.remembered(ceiling, remembered, t)
             else:
-                auto = InFlightAuto.start(ceiling, t)
-        work_done = 0.0  # virtual work clock: every request in flight has advanced this much
-        out: list[tuple[float, int, int]] = []  # (work clock at which it finishes, ticket, tokens)
-        sent = 0
-        next_tick = t + tick_s
-
-        def level() -> int:
-            return fixed if auto is None else auto.level
-
-        def fill() -> None:
-            nonlocal sent
-            while len(out) < level() and sent < chunk:
-                work = 1.0 + spread * (2 * jitter.random() - 1)
-                ticket = auto.started(t) if auto else 0
-                heapq.heappush(out, (work_done + work, ticket, round(tokens_per_row * work)))
-                sent += 1
-            if not run.levels or run.levels[-1][1] != level():
-                run.levels.append((t, level()))
-
-        fill()
-        while out:
-            shape = later_curve if later_curve is not None and done >= rows // 2 else curve
-            speed = rows_per_s(shape, len(out)) / len(out)  # work per second of each request in flight
-            to_finish = (out[0][0] - work_done) / speed
-            step = min(to_finish, next_tick - t)
-            t += step
-            work_done += step * speed
-            if step == to_finish:
-                _, ticket, tokens = heapq.heappop(out)
-                done += 1
-                if auto:
-                    auto.finished(ticket, t, tokens)
-            else:
-                next_tick += tick_s
-                if auto:
-                    auto.tick(t)
-            fill()
+                auto = InFlightAuto.start(ceiling, t, state)
+        size = min(chunk_rows or rows, rows - first)
+        chunk = _Chunk(run, size, tokens_per_row, fixed, auto, jitter, spread, t)
+        done = chunk.go(curve, later_curve, done, tick_s)
+        t = chunk.t
         if auto is not None:
             state = auto.state
             run.states.append(state.model_copy(deep=True))
