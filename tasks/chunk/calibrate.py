@@ -22,9 +22,11 @@ The rules:
   Keep bottleneck.best_in_flight(curve), the level the report advises too.
 - Early stop: a level whose cohort has been out so long that, even if every member came back now,
   it could not reach FLAT x the level it is compared with, is judged at once on that bound.
-- Watch: the kept level is measured window after window. After PROBE_GAP x the cost of a probe spent
-  at it, a neighbour is probed (up, then down, in turn); if it is better it is kept, and the next
-  level the same way is probed at once. Probing costs at most about 1/PROBE_GAP of the time.
+- Watch: the kept level is measured window after window (smoothed). After PROBE_GAP x the cost of a
+  probe spent at it, a neighbour is probed (up, then down, in turn); if it is better it is kept, and
+  the next level the same way is probed at once. Probing costs about 1/PROBE_GAP of the time at most.
+  The level kept is always best_in_flight of the readings; one that wins only on an old reading (the
+  kept level got slower) is measured again before it is kept.
 - Out of memory: the runner's policy halves the limit; the controller takes the lowered limit as its
   ceiling for the rest of the run and never goes above it.
 """
