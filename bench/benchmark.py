@@ -713,7 +713,6 @@ def seed_like_rows(path: Path, rows: int) -> Path:
 
 def bench_engine(b: Bench) -> dict[str, Any]:
     """The product against a real llama.cpp server: in_flight 1, each fixed level, and auto, one run each."""
-    from tasks.chunk.calibrate import ROWS_PER_SLOT
     from tests.support.llama_server import LlamaServer
 
     e = b.engine
@@ -758,9 +757,9 @@ def bench_engine(b: Bench) -> dict[str, Any]:
             if sorted(results["id"].to_list()) != [f"c-{i:06d}" for i in range(rows)]:
                 raise RuntimeError(f"engine {label}: rows missing or twice")
             ends = results["finished_at"].dt.epoch("us").cast(pl.Float64).to_list()
-            # After calibration (at least ROWS_PER_SLOT x level rows per level tried), the rate it settled on.
-            levels_tried = range(max(e.levels).bit_length())
-            calibrated = ROWS_PER_SLOT * sum(2**k for k in levels_tried) if in_flight == "auto" else 0
+            # After auto's first search (the rows that came back before it settled), the rate it kept.
+            searched = [(st.get("auto") or {}).get("search_rows") for st in manifest["chunk_stats"]]
+            calibrated = next((n for n in searched if n), 0)
             steady = ends[calibrated:] if len(ends) - calibrated > 10 else ends
             runs.append(
                 {

@@ -33,6 +33,7 @@ from tasks.backends.ollama import OllamaBackend
 from tasks.bottleneck import judge
 from tasks.charts import timeline_png
 from tasks.chunk import ChunkAborted, finished_chunk_stats, run_chunk
+from tasks.chunk.calibrate import AutoState
 from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.dispatch import Dispatcher, LaneFailed
@@ -45,6 +46,7 @@ from tasks.schema import ChunkStats
 from tasks.sink import ChunkSink, open_sink
 from tasks.sources import wants_openai_output
 from tasks.store import (
+    auto_memory_path,
     build_manifest,
     check_chunk_files,
     check_output_dir,
@@ -56,6 +58,8 @@ from tasks.store import (
     join_output_dir,
     previous_manifest,
     read_parquet_or_none,
+    remember_level,
+    remembered_level,
     write_atomic,
     write_json_atomic,
     write_parquet_atomic,
@@ -105,8 +109,11 @@ def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
     cache_policy=NO_CACHE,
     retry_condition_fn=_retry_unless_fatal,
 )
-def run_chunk_task(settings: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler) -> ChunkStats:
-    """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed."""
+def run_chunk_task(
+    settings: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler, auto: dict[str, Any] | None = None
+) -> ChunkStats:
+    """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed.
+    `auto`: where 'auto' in-flight left off on this endpoint (the last chunk's ChunkStats.auto)."""
     about = {"chunk": chunk.name, "output_dir": str(settings.output_dir), "flow_run": flow_run.name}
     with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=get_run_logger().warning, about=about):
         sampler.mark(f"{chunk.name} start")
@@ -115,6 +122,7 @@ def run_chunk_task(settings: JobSettings, chunk: ChunkSpec, progress: Progress, 
             chunk,
             make_backend(settings),
             on_progress=lambda done, errs: progress.update(chunk.index, done, errs),
+            auto=auto,
         )
 
 
@@ -122,6 +130,31 @@ def prepare_job(job_file: str | None, overrides: dict[str, Any] | None) -> Job:
     # A scheduled run keeps its date through retries and reruns, so it resumes its own directory.
     day = flow_run.scheduled_start_time.astimezone().date()
     return plan_job(job_file, overrides, day, validate=plan_chunks)
+
+
+def auto_key(lane: JobSettings) -> str:
+    """What a remembered 'auto' level is for: the job, the server and the model."""
+    return f"{lane.name} | {lane.server_label} | {lane.model}"
+
+
+def auto_starts(lanes: list[JobSettings], history: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Where 'auto' starts on each endpoint: where an earlier attempt of this run left it, else at the
+    level the last run of the same job settled on (watching, not searching), else nowhere (cold)."""
+    earlier = sorted(
+        (ChunkStats.model_validate(s) for s in history.get("chunk_stats", []) if s.get("auto")),
+        key=lambda st: st.finished_at,
+    )
+    starts: dict[int, dict[str, Any]] = {}
+    for i, lane in enumerate(lanes):
+        if lane.in_flight != "auto":
+            continue
+        mine = [st.auto for st in earlier if st.endpoint == lane.server_label and st.auto]
+        level = remembered_level(auto_memory_path(lane.output_dir), auto_key(lane))
+        if mine:
+            starts[i] = mine[-1]
+        elif level is not None:
+            starts[i] = AutoState(ceiling=lane.workers, level=min(level, lane.workers), settled=True).model_dump()
+    return starts
 
 
 def run_chunks(
@@ -132,13 +165,19 @@ def run_chunks(
     sampler: Sampler,
     on_done: Callable[[ChunkSpec, ChunkStats], None],
     notes: list[str],
+    auto: dict[int, dict[str, Any]] | None = None,
 ) -> None:
     """Each chunk on whichever endpoint is free, one chunk per endpoint at a time.
 
     One endpoint: a failing chunk is retried by Prefect on it (chunk_retries). Several: the chunk
     moves to another endpoint at once, and the failing one sits out chunk_retry_delay_s before it
     may take another (chunk_retries times, then it is retired for the run).
+
+    'auto' in-flight lives across an endpoint's chunks: each starts from the state the last one ended
+    with (`auto`, by lane, holds the starting states), and the level it settles on is remembered
+    beside output_dir for the next run of the job.
     """
+    states = dict(auto or {})
     several = len(lanes) > 1
     task = run_chunk_task.with_options(
         retries=0 if several else settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
@@ -146,7 +185,7 @@ def run_chunks(
 
     def run(lane: int, batch: list[ChunkSpec]) -> ChunkStats:
         try:
-            return task(lanes[lane], batch[0], progress, sampler)
+            return task(lanes[lane], batch[0], progress, sampler, states.get(lane))
         except ChunkAborted as exc:
             if not several:
                 raise
@@ -154,9 +193,11 @@ def run_chunks(
 
     def done(lane: int, batch: list[ChunkSpec], stats: ChunkStats) -> None:
         on_done(batch[0], stats)
-        if lanes[lane].in_flight == "auto" and stats.calibration:
-            # Measured once per endpoint, on its first rows; its later chunks keep the chosen level.
-            lanes[lane] = lanes[lane].model_copy(update={"in_flight": stats.in_flight})
+        if stats.auto:
+            states[lane] = stats.auto
+            if stats.auto.get("settled"):
+                memory = auto_memory_path(lanes[lane].output_dir)
+                remember_level(memory, auto_key(lanes[lane]), stats.in_flight, stats.calibration)
         if stats.num_ctx is not None and stats.num_ctx != lanes[lane].options.num_ctx:
             # Persistent out-of-memory lowered it: later chunks start there instead of failing again.
             options = lanes[lane].options.model_copy(update={"num_ctx": stats.num_ctx})
@@ -337,7 +378,7 @@ def batch_inference(
                 if chunk.index not in stats:  # done by an earlier run whose figures are gone
                     stats[chunk.index] = finished
                 deliver(chunk)  # catches up what a sink that was down missed (none if it has it)
-            run_chunks(settings, lanes, todo, progress, sampler, chunk_done, notes)
+            run_chunks(settings, lanes, todo, progress, sampler, chunk_done, notes, auto_starts(lanes, history))
             if chunks is None:
                 logger.info("wrote %s", results := consolidate(out, plan.chunks, plan.total_rows))
                 if wants_openai_output(settings):

@@ -70,6 +70,7 @@ class GenerationOptions(BaseModel):
 
 LIMIT_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 DEFAULT_OLLAMA_MODEL = "gemma3:12b"
+DEFAULT_AUTO_CEILING = 16  # 'auto's highest level when neither max_in_flight nor the server's slots are known
 DEFAULT_GGUF_LABEL = "gemma-3-270m-q4_k_m"  # the file name of the default GGUF (tasks/backends/llamacpp.py)
 
 
@@ -223,9 +224,17 @@ class JobSettings(BaseModel):
     in_flight: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
         1,
         description="Requests kept in flight inside a chunk (match OLLAMA_NUM_PARALLEL), or 'auto': measure "
-        "throughput at 1, 2, 4 ... on the first rows and keep the smallest level within 3 % of the best.",
+        "throughput by level on the real rows (from the level the last run of the job kept, else a quarter of "
+        "the ceiling), keep the smallest level within 3 % of the best, and re-probe its neighbours now and then "
+        "for the whole run.",
     )
-    max_in_flight: int = Field(16, ge=1, le=256, description="Highest level 'auto' tries.")
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Highest level 'auto' tries (never above the server's slots: server_slots, or what "
+        "llama.cpp's server says); unset: the server's slots, else 16.",
+    )
     request_timeout_s: float = Field(300.0, gt=0, le=86400, description="Per-request timeout in seconds.")
     max_attempts: int = Field(3, ge=1, le=20, description="Attempts per row before it becomes an error row.")
     outage_budget_s: float = Field(
@@ -306,7 +315,11 @@ class JobSettings(BaseModel):
     @property
     def workers(self) -> int:
         """Request slots a chunk opens: the fixed level, or the ceiling 'auto' may reach."""
-        return self.max_in_flight if self.in_flight == "auto" else int(self.in_flight)
+        if self.in_flight != "auto":
+            return int(self.in_flight)
+        # More in flight than the server has slots only queues: its slots cap 'auto' too.
+        caps = [n for n in (self.max_in_flight, self.server_slots) if n]
+        return min(*caps, 256) if caps else DEFAULT_AUTO_CEILING
 
     @model_validator(mode="after")
     def _backend_fields(self) -> JobSettings:

@@ -84,6 +84,8 @@ def check_backends(settings: JobSettings) -> tuple[list[JobSettings], list[str],
         except BackendError as err:
             problems.append(str(err))
             continue
+        if lane.server_slots is None and info.parallel_slots:
+            lane = lane.model_copy(update={"server_slots": info.parallel_slots})  # 'auto's ceiling
         up.append(lane)
         servers.append(info)
         if info.context_per_slot is not None and info.context_per_slot < lane.options.num_ctx:

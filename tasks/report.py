@@ -129,7 +129,8 @@ def build_evidence(
         slots_source=said,
         kv_geometry=kv_geometry(server.geometry if server else None),
         in_flight=ran[-1].in_flight if ran else settings.workers,
-        calibration=next((s.calibration for s in stats if s.calibration), None),
+        # 'auto' carries its curve from chunk to chunk: the last chunk's holds the latest reading of each level.
+        calibration=next((s.calibration for s in sorted(stats, key=lambda s: -s.finished_at) if s.calibration), None),
         num_ctx=settings.options.num_ctx,
         requests_per_s=sum(e["rows"] / e["seconds"] for e in endpoints),
         tokens_per_s=sum(e["tokens"] / e["seconds"] for e in endpoints),
@@ -161,6 +162,19 @@ def summarize_recoveries(events: list[str]) -> list[dict[str, Any]]:
         entry["count"] += 1
         entry["last"] = event
     return [{"kind": kind, **entry} for kind, entry in kinds.items()]
+
+
+AUTO_CHANGES_SHOWN = 40
+
+
+def _auto_changes(events: list[str]) -> list[str]:
+    """'auto's level changes, in order (the latest AUTO_CHANGES_SHOWN): what it tried and what it kept."""
+    changes = [e for e in events if "auto in-flight: " in e]
+    if not changes:
+        return []
+    skipped = len(changes) - AUTO_CHANGES_SHOWN
+    head = [f"- ... {skipped} earlier changes"] if skipped > 0 else []
+    return ["Level changes:", "", *head, *(f"- {e}" for e in changes[-AUTO_CHANGES_SHOWN:]), ""]
 
 
 def _attempts_lines(attempts: list[dict[str, Any]]) -> list[str]:
@@ -281,8 +295,9 @@ def render_report(
                 "",
                 "| in flight | throughput |",
                 "|---|---|",
-                *(f"| {n} | {v:.1f} |" for n, v in evidence.calibration.items()),
+                *(f"| {n} | {v:.1f} |" for n, v in sorted(evidence.calibration.items())),
                 "",
+                *_auto_changes(events),
             ]
             if evidence.calibration
             else []

@@ -104,9 +104,12 @@ class ChunkStats(BaseModel):
     completion_tokens: int = 0
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
-    in_flight: int = Field(1, description="Requests kept in flight (what 'auto' chose, if it ran).")
+    in_flight: int = Field(1, description="Requests kept in flight (for 'auto', the level it kept at the end).")
     num_ctx: int | None = Field(None, description="options.num_ctx in force at the end (lowered by persistent OOM).")
     calibration: dict[int, float] | None = Field(None, description="'auto' measurements: level -> throughput.")
+    auto: dict[str, Any] | None = Field(
+        None, description="'auto' in-flight state at the chunk's end (calibrate.AutoState): the next chunk carries on."
+    )
     started_at: float = 0.0
     finished_at: float = 0.0
     events: list[str] = Field(default_factory=list, description="Recoveries and back-offs, with times.")

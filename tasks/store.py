@@ -542,3 +542,32 @@ def previous_manifest(report_dir: Path, fingerprint: str) -> dict[str, Any]:
 
 def read_parquet_or_none(path: Path) -> pl.DataFrame | None:
     return pl.read_parquet(path) if path.exists() else None
+
+
+AUTO_MEMORY = "in-flight-auto.json"
+
+
+def auto_memory_path(output_dir: Path) -> Path:
+    """Beside output_dir, so a nightly job whose output_dir carries the date finds last night's level."""
+    return output_dir.parent / AUTO_MEMORY
+
+
+def remembered_level(path: Path, key: str) -> int | None:
+    """The in-flight level 'auto' last settled on for `key` (job, endpoint, model), or None."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None  # none yet, or unreadable: start cold
+    return int(entry["level"]) if isinstance(entry, dict) and isinstance(entry.get("level"), int) else None
+
+
+def remember_level(path: Path, key: str, level: int, curve: dict[int, float] | None) -> None:
+    """Record the level 'auto' settled on for `key`; other keys are kept (the last writer wins a race)."""
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    known[key] = {"level": level, "curve": curve or {}, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json_atomic(known, path)

@@ -1,7 +1,8 @@
-"""The chunk's retry policy and in-flight search as pure functions, and the runner on the fake backend.
+"""The chunk's retry policy as pure functions, and the runner on the fake backend.
 
 No server and no sleeps: the policy gets the time passed in, the fake answers or fails at once as
-scripted. End-to-end runs over HTTP are in test_inference.py.
+scripted (the `in_flight: auto` runs give it a few milliseconds a request; the controller itself is
+tested in test_auto_in_flight.py). End-to-end runs over HTTP are in test_inference.py.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import pytest
 
 from tasks.backends import BackendError
 from tasks.backends.fake import HANG, FakeBackend
+from tasks.bottleneck import best_in_flight
 from tasks.chunk import ChunkAborted, run_chunk
-from tasks.chunk.calibrate import Calibration
 from tasks.chunk.policy import OOM_STREAK_LIMIT, RAISE_AFTER, ChunkPolicy, RowTries, Step
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import validate_input
@@ -136,48 +137,6 @@ def test_watchdog_fires_after_the_stall_timeout() -> None:
     )
 
 
-# --- the in-flight search, pure -----------------------------------------------------------------
-
-
-def test_calibration_doubles_while_throughput_grows_and_keeps_the_smallest_near_best_level() -> None:
-    search = Calibration(ceiling=16)
-    assert [search.rows_needed(), search.measured(100.0)] == [8, 2]
-    assert [search.rows_needed(), search.measured(200.0)] == [16, 4]
-    assert search.measured(400.0) == 8
-    assert search.measured(404.0) == 16  # +1 %: one miss, the search goes on once more
-    assert search.measured(390.0) is None  # a second miss: the slots are full
-    assert search.choice() == 4 and search.summary("tokens/s").endswith("-> 4 in flight")
-
-
-def test_one_noisy_flat_step_does_not_end_the_search() -> None:
-    # rows/s of the product's whole runs on llama.cpp's server (H200) at fixed levels, with the
-    # 2-in-flight window as flat as the one auto measured there.
-    search = Calibration(ceiling=16)
-    assert [search.measured(v) for v in (7.3, 7.3, 12.7, 15.8, 11.8)] == [2, 4, 8, 16, None]
-    assert search.choice() == 8
-
-
-def test_calibration_stops_at_the_ceiling_and_without_measurements_chooses_nothing() -> None:
-    search = Calibration(ceiling=4)
-    assert [search.measured(v) for v in (100.0, 200.0, 400.0)] == [2, 4, None]
-    assert search.choice() == 4
-    flat = Calibration(ceiling=16)
-    assert [flat.measured(v) for v in (100.0, 102.0, 101.0)] == [2, 4, None] and flat.choice() == 1
-    assert Calibration(ceiling=16).choice() is None
-
-
-def test_calibration_end_respects_a_limit_lowered_by_out_of_memory() -> None:
-    p = policy(limit=8, ceiling=16, calibrating=True)
-    p.calibrated(4, measured_level=8)  # measured up to 8, 4 was as good
-    assert (p.ceiling, p.limit, p.calibrating) == (4, 4, False)
-    lowered = policy(limit=2, ceiling=16, calibrating=True)
-    lowered.calibrated(8, measured_level=4)  # OOM took the limit from 4 to 2 meanwhile
-    assert (lowered.ceiling, lowered.limit) == (8, 2)
-    unmeasured = policy(limit=1, ceiling=16, calibrating=True)
-    unmeasured.calibrated(None, measured_level=1)
-    assert (unmeasured.ceiling, unmeasured.limit) == (1, 1)
-
-
 # --- the runner on the fake backend -------------------------------------------------------------
 
 
@@ -283,16 +242,52 @@ def test_a_failed_check_stops_the_chunk_before_any_row(offline_job: Any) -> None
     assert info.value.retryable is False and fake.history == [] and fake.closed
 
 
-def test_auto_in_flight_with_too_few_rows_to_measure_stays_at_one(offline_job: Any) -> None:
+def test_auto_in_flight_with_too_few_rows_to_judge_a_level_keeps_its_start(offline_job: Any) -> None:
     fake = FakeBackend()
     _, stats = run(settings_for(offline_job, 6, in_flight="auto", max_in_flight=8), fake)
-    assert (stats.calibration, stats.in_flight, stats.ok, fake.peak_in_flight) == (None, 1, 6, 1)
+    # Cold at a quarter of the ceiling (2); a level is judged on 8 answers, and there are 6.
+    assert (stats.calibration, stats.in_flight, stats.ok, fake.peak_in_flight) == (None, 2, 6, 2)
+    assert stats.auto is not None and stats.auto["rows"] == 6 and not stats.auto["settled"]
 
 
-def test_auto_in_flight_measures_levels_on_the_real_rows(offline_job: Any) -> None:
-    fake = FakeBackend()
-    _, stats = run(settings_for(offline_job, 120, in_flight="auto", max_in_flight=8), fake)
-    assert stats.calibration is not None and list(stats.calibration)[0] == 1 and stats.ok == 120
-    levels = list(stats.calibration)
-    assert levels == [2**i for i in range(len(levels))]  # doubling, in order
-    assert stats.in_flight in levels and fake.peak_in_flight <= 8
+def past_8_slots(in_flight: int) -> float:
+    """An engine with 8 slots: a request takes 10 ms, or 100 ms when it arrives with more than 8 out."""
+    return 0.01 if in_flight <= 8 else 0.1
+
+
+def test_auto_in_flight_searches_levels_on_the_real_rows_and_keeps_the_advised_one(offline_job: Any) -> None:
+    fake = FakeBackend(delay=past_8_slots)
+    frame, stats = run(settings_for(offline_job, 240, in_flight="auto", max_in_flight=16), fake)
+    assert stats.ok == 240 and sorted(frame["row_index"].to_list()) == list(range(240))
+    assert sorted(r.prompt for r in fake.history) == sorted(prompt(i) for i in range(240))  # every row once
+    curve = stats.calibration
+    # The readings of a fake whose delay is fixed on arrival are rough (test_auto_in_flight.py simulates
+    # an engine exactly); here, the wiring: cold at 4 (a quarter of 16), then up, each change an event.
+    assert curve is not None and {4, 8} <= set(curve), curve
+    probes = [e.rsplit(": ", 1)[1] for e in stats.events if e.endswith(" in flight (probe)")]
+    assert probes[0] == "8 in flight (probe)" and fake.peak_in_flight <= 16
+    assert stats.auto is not None and stats.in_flight == best_in_flight(curve) == stats.auto["level"]
+    assert any("auto in-flight: tokens/s by level {" in e for e in stats.events)
+
+
+def test_auto_in_flight_respects_a_limit_lowered_by_out_of_memory(offline_job: Any) -> None:
+    fake = FakeBackend(delay=past_8_slots)
+    fake.enqueue(OOM)
+    frame, stats = run(settings_for(offline_job, 120, in_flight="auto", max_in_flight=16, oom_backoff_s=0), fake)
+    assert frame["status"].to_list() == ["ok"] * 120
+    # Cold at 4; the out-of-memory answer halves it to 2, and 'auto' never goes above that again.
+    assert stats.auto is not None and stats.auto["ceiling"] == 2 and stats.in_flight <= 2
+    oom = next(i for i, r in enumerate(fake.history) if r.outcome == "oom")
+    assert max(r.concurrent for r in fake.history[oom + 4 :]) <= 2  # the 3 others out at the time drain first
+    assert any("out of memory, 2 in flight is the ceiling" in e for e in stats.events)
+
+
+def test_auto_in_flight_carries_on_in_the_next_chunk(offline_job: Any) -> None:
+    settings = load_settings(None, offline_job(240, chunk_size=120, in_flight="auto", max_in_flight=16))
+    first, second = validate_input(settings).chunks
+    one = run_chunk(settings, first, FakeBackend(delay=past_8_slots))
+    two = run_chunk(settings, second, FakeBackend(delay=past_8_slots), auto=one.auto)
+    assert one.auto is not None and two.auto is not None
+    assert two.auto["rows"] == one.auto["rows"] + 120  # one controller over the run, not one per chunk
+    assert set(one.calibration or {}) <= set(two.calibration or {})
+    assert two.ok == 120

@@ -206,12 +206,24 @@ def test_lowered_num_ctx_carries_over_to_later_chunks(job: Any) -> None:
     assert "num_ctx 8192 -> 4096 (the model reloads" in artifacts["ctxtest-report"].data
 
 
-def test_auto_in_flight_is_measured_once_and_reported(job: Any, emulator: OllamaEmulator) -> None:
+def test_auto_in_flight_lives_across_chunks_is_remembered_and_reported(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
     emulator.per_token_s = 0.002
-    # Each level is measured for at least 2 s: chunk 0 must hold enough rows for two levels.
     state = batch_inference(overrides=job(600, name="autotest", chunk_size=300, in_flight="auto"), return_state=True)
+    first, second = state.result()["chunk_stats"]
+    assert second["auto"]["rows"] == first["auto"]["rows"] + 300  # chunk 1 carried on with chunk 0's controller
+    assert second["auto"]["settled"] and second["in_flight"] == second["auto"]["level"]
     artifacts = artifacts_of(state)
-    table = json.loads(artifacts["autotest-chunks"].data)
-    assert table[0]["in_flight"] == table[1]["in_flight"] >= 2  # chunk 1 kept what chunk 0 measured
     report = artifacts["autotest-report"].data
     assert "### In-flight calibration (auto)" in report and "(chosen by auto)" in report
+    assert "auto in-flight: " in report  # the level changes are in the report's events
+    # The next run of the job (a nightly one writes a new dated directory) starts at the level kept.
+    memory = json.loads((tmp_path / "in-flight-auto.json").read_text())
+    assert [entry["level"] for entry in memory.values()] == [second["in_flight"]]
+    again = batch_inference(
+        overrides=job(40, name="autotest", chunk_size=40, in_flight="auto", output_dir=str(tmp_path / "out2"))
+    )
+    (only,) = again["chunk_stats"]
+    assert only["auto"]["settled"] and only["auto"]["search_rows"] is None  # watching at once, no search
+    assert only["auto"]["ceiling"] >= second["in_flight"]

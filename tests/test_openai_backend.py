@@ -243,16 +243,15 @@ def test_real_server_context_overflow_is_an_error_row_and_trimming_uses_its_toke
 
 
 def test_real_server_auto_in_flight_picks_a_level_from_the_measured_curve(tmp_path: Path, llama_server: Any) -> None:
-    # Levels 1, 2, 4 need 8 + 16 + 32 rows of real work to measure.
+    # Cold at 1 (a quarter of 4), then 2 and 4: a level is judged on 8 answers.
     job = real_job(tmp_path, llama_server, 64, chunk_size=64, in_flight="auto", max_in_flight=4, output_schema=None)
     job["options"] = {"num_ctx": 2048, "num_predict": 16, "seed": 1}
     frame, stats = run_one(job)
     assert frame.height == 64 and frame["status"].to_list() == ["ok"] * 64
     curve = stats.calibration
-    assert curve is not None and list(curve)[0] == 1 and all(v > 0 for v in curve.values())
+    assert curve is not None and 1 in curve and all(v > 0 for v in curve.values())
     best = max(curve.values())
     assert stats.in_flight == min(n for n, v in curve.items() if v >= 0.97 * best)  # the rule, on real numbers
-    assert any("auto in-flight: tokens/s by level" in e for e in stats.events)
 
 
 @pytest.mark.usefixtures("prefect_server")

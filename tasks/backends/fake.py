@@ -1,8 +1,10 @@
 """An in-process backend for tests: scripted replies and faults, and a record of what it was asked.
 
 Modelled on simonw/llm's MockModel: `enqueue()` what the next requests get, then read `history`.
-Nothing here sleeps: a request yields to the event loop once (so requests in flight interleave as
-against a real server) and answers, fails or hangs at once, as scripted.
+Nothing here sleeps unless asked: a request yields to the event loop once (so requests in flight
+interleave as against a real server) and answers, fails or hangs at once, as scripted; `delay`, when
+given, makes a request take delay(requests in flight when it arrived) seconds, an engine that slows
+with load (for the `in_flight: auto` runner tests, a few milliseconds).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class FakeBackend:
 
     answer: Answer = echo
     check_error: BackendError | None = None  # what check() raises, if anything
+    delay: Callable[[int], float] | None = None  # seconds a request takes, by requests in flight at its arrival
     history: list[Request] = field(default_factory=list)
     unloads: int = 0
     in_flight: int = 0
@@ -101,7 +104,7 @@ class FakeBackend:
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         request.concurrent = self.in_flight
         try:
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.delay(request.concurrent) if self.delay else 0)
             if isinstance(outcome, _Hang):
                 request.outcome = "hang"
                 await asyncio.Event().wait()

@@ -54,9 +54,8 @@ class ChunkPolicy:
     oom_backoff_s: float
     num_ctx: int  # lowered by persistent out-of-memory when num_ctx_floor allows
     num_ctx_floor: int | None
-    ceiling: int  # the level the chunk aims for (what 'auto' chose)
+    ceiling: int  # the level the chunk aims for ('auto' sets it, and the limit, to its level)
     limit: int  # the level in force (lowered on out-of-memory)
-    calibrating: bool = False
     last_progress: float = 0.0  # any answer or error from the backend counts
     jitter: Callable[[], float] = random.random
     unreachable_since: float | None = None
@@ -70,7 +69,7 @@ class ChunkPolicy:
         self.oom_streak = 0
         self.last_progress = now
         self.ok_streak += 1
-        if self.limit < self.ceiling and self.ok_streak >= RAISE_AFTER and not self.calibrating:
+        if self.limit < self.ceiling and self.ok_streak >= RAISE_AFTER:
             self.limit += 1
             self.ok_streak = 0
             self.notes.append(f"{RAISE_AFTER} answers in a row since out-of-memory: in-flight raised to {self.limit}")
@@ -162,13 +161,3 @@ class ChunkPolicy:
             message=f"watchdog: no request finished or failed for {quiet:.0f}s "
             f"(stall_timeout_s={self.stall_timeout_s:.0f}); the backend looks hung",
         )
-
-    def calibrated(self, choice: int | None, measured_level: int) -> None:
-        """'auto' ended on `choice` (None: too few rows to measure a level); OOM may have lowered the limit."""
-        self.calibrating = False
-        if choice is None:
-            self.ceiling = self.limit
-            return
-        oom_lowered = self.limit != measured_level
-        self.ceiling = choice
-        self.limit = min(self.limit, choice) if oom_lowered else choice

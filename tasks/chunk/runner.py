@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from tasks.backends import Backend, BackendError, Reply, token_counter
-from tasks.chunk.calibrate import MIN_WINDOW_S, Calibration
+from tasks.chunk.calibrate import AutoState, InFlightAuto
 from tasks.chunk.policy import ChunkPolicy, RowTries, Step
 from tasks.config import GenerationOptions, JobSettings
 from tasks.dataset import ChunkSpec, PreparedRow, job_snapshot, prepare_chunk, snapshot_response_format
@@ -23,6 +23,7 @@ from tasks.store import ChunkWriter, chunk_path, claim_chunk, clean_finished_par
 ProgressCallback = Callable[[int, int], None]  # (rows finished so far in this chunk, errors so far)
 
 SYNC_GAP_S = 0.02  # journal fdatasyncs at most 50 times a second, however fast rows finish
+AUTO_TICK_S = 0.5  # how often 'auto' hears the time while nothing comes back (a probe's early stop)
 
 
 class ChunkAborted(RuntimeError):
@@ -46,14 +47,18 @@ class _ChunkRun:
         writer: ChunkWriter,
         output_model: type[BaseModel] | None,
         on_progress: ProgressCallback | None,
+        auto: AutoState | None = None,
     ) -> None:
         self.settings, self.backend, self.writer = settings, backend, writer
         self.chunk = writer.chunk
         self.output_model = output_model
         self.schema = output_model.model_json_schema() if output_model else None
         self.on_progress = on_progress
-        auto = settings.in_flight == "auto"
-        ceiling = settings.workers if auto else int(settings.in_flight)
+        # 'auto': the controller names the level, carried on from the last chunk (or run) when given.
+        self.auto = (
+            InFlightAuto.start(settings.workers, time.monotonic(), auto) if settings.in_flight == "auto" else None
+        )
+        ceiling = self.auto.level if self.auto else int(settings.in_flight)
         self.policy = ChunkPolicy(
             max_attempts=settings.max_attempts,
             outage_budget_s=settings.outage_budget_s,
@@ -62,14 +67,11 @@ class _ChunkRun:
             num_ctx=settings.options.num_ctx,
             num_ctx_floor=settings.oom_num_ctx_floor,
             ceiling=ceiling,
-            limit=1 if auto else ceiling,
-            calibrating=auto,
+            limit=ceiling,
             last_progress=time.monotonic(),
         )
         self.options: GenerationOptions = settings.options  # replaced when persistent out-of-memory lowers num_ctx
-        self.calibration: dict[int, float] | None = None
-        # Woken whenever a row is taken or finished or the in-flight limit moved: parked workers
-        # and the calibration wait on it instead of polling.
+        # Woken whenever a row is taken or finished or the in-flight limit moved: parked workers wait on it.
         self.changed = asyncio.Condition()
         self.flush_lock = asyncio.Lock()
         self.unsynced = asyncio.Event()  # rows journaled since the last fdatasync
@@ -86,14 +88,35 @@ class _ChunkRun:
         self.events.append(f"{datetime.now(UTC):%H:%M:%S} {self.chunk.name}: {text}")
 
     async def _changed(self) -> None:
-        """Take the policy's notes and wake whoever waits on the limit or the row counts."""
+        """Take the policy's notes, carry out 'auto's level, and wake whoever waits on the limit or the row counts."""
         for text in self.policy.notes:
             self.note(text)
         self.policy.notes.clear()
+        self._follow_auto()
         if self.policy.num_ctx != self.options.num_ctx:
             self.options = self.options.model_copy(update={"num_ctx": self.policy.num_ctx})
         async with self.changed:
             self.changed.notify_all()
+
+    def _follow_auto(self) -> None:
+        """Out of memory wins: a limit the policy lowered caps the controller; else the policy keeps its level."""
+        if self.auto is None:
+            return
+        if self.policy.limit < self.policy.ceiling:  # below the level last set: out of memory lowered it
+            self.auto.capped(self.policy.limit, time.monotonic())
+        for text in self.auto.notes:
+            self.note(text)
+        self.auto.notes.clear()
+        self.policy.ceiling = self.policy.limit = self.auto.level
+
+    def _sent(self) -> int:
+        """'auto' hears each request go out (ticket 0 without it)."""
+        return self.auto.started(time.monotonic()) if self.auto else 0
+
+    def _back(self, ticket: int, reply: Reply | None) -> None:
+        """... and come back, with the tokens it generated (None: it failed)."""
+        if self.auto is not None:
+            self.auto.finished(ticket, time.monotonic(), (reply.completion_tokens or 0) if reply else None)
 
     def _row(self, row: PreparedRow, **fields: Any) -> ResultRow:
         return ResultRow(
@@ -172,15 +195,18 @@ class _ChunkRun:
         async with self.changed:
             await self.changed.wait_for(lambda: self.sending < self.policy.limit)
             self.sending += 1
+        ticket = self._sent()
+        reply: Reply | None = None
         try:
             # A row's own sampling settings (an OpenAI batch line) sit over the job's; none reloads the model.
             options = (self.options.model_copy(update=row.options) if row.options else self.options).for_request(
                 resamples
             )
             assert row.messages is not None  # process() answers rows without messages itself
-            return await asyncio.wait_for(
+            reply = await asyncio.wait_for(
                 self.backend.chat(row.messages, options=options, schema=self.schema), self.settings.request_timeout_s
             )
+            return reply
         except TimeoutError as exc:
             raise BackendError(
                 "timeout", "retry", f"no answer within request_timeout_s={self.settings.request_timeout_s:.0f}"
@@ -194,6 +220,7 @@ class _ChunkRun:
             raise BackendError("unexpected", "retry", f"{type(exc).__name__}: {exc}") from exc
         finally:
             self.sending -= 1
+            self._back(ticket, reply)
 
     async def process(self, row: PreparedRow) -> ResultRow:
         """One row to one result row; only a chunk-wide failure escapes, as ChunkAborted."""
@@ -246,12 +273,11 @@ class _ChunkRun:
 
     async def worker(self, index: int, queue: asyncio.Queue[PreparedRow]) -> None:
         while True:
-            async with self.changed:  # parked by out-of-memory (or calibration) until the limit comes up
+            async with self.changed:  # parked by out-of-memory (or 'auto') until the limit comes up
                 await self.changed.wait_for(lambda: index < self.policy.limit or queue.empty())
             if queue.empty():
                 return
             row = queue.get_nowait()
-            await self._changed()  # the queue may have run dry: the calibration stops measuring
             result = await self.process(row)
             self.finished += 1
             self.errors += result.status == "error"
@@ -261,38 +287,13 @@ class _ChunkRun:
             if due:
                 await self.flush()
 
-    async def calibrate(self, queue: asyncio.Queue[PreparedRow]) -> None:
-        """'auto' in-flight: measure each level on the real rows with the pool kept full (calibrate.py)."""
-        search = Calibration(ceiling=self.policy.ceiling)
-        level = search.level
-        while (throughput := await self._measure(queue, level, search.rows_needed())) is not None:
-            if search.measured(throughput) is None:
-                break
-            level = search.level
-        self.policy.calibrated(search.choice(), level)
-        if search.curve:
-            self.calibration = search.curve
-            self.note(search.summary("tokens/s" if self.completion_tokens else "rows/s"))
-        await self._changed()
-
-    async def _measure(self, queue: asyncio.Queue[PreparedRow], level: int, rows: int) -> float | None:
-        """Throughput at `level` over the next `rows` rows; None when out of memory changed the level
-        or the rows ran out first (what was measured before stands)."""
-        self.policy.limit = level
-        await self._changed()
-        tokens, finished, started = self.completion_tokens, self.finished, time.monotonic()
-
-        def over() -> bool:
-            enough = self.finished - finished >= rows and time.monotonic() - started >= MIN_WINDOW_S
-            return enough or queue.empty() or self.policy.limit != level
-
-        async with self.changed:
-            await self.changed.wait_for(over)
-        if self.policy.limit != level or self.finished - finished < rows:
-            return None
-        elapsed = max(time.monotonic() - started, 1e-9)
-        generated = self.completion_tokens - tokens
-        return generated / elapsed if generated else (self.finished - finished) / elapsed
+    async def watch_auto(self) -> None:
+        """'auto' hears the time while nothing comes back, so a probe that is already too slow ends."""
+        assert self.auto is not None
+        while True:
+            await asyncio.sleep(AUTO_TICK_S)
+            self.auto.tick(time.monotonic())
+            await self._changed()
 
     async def sync_journal(self) -> None:
         """Group commit: fdatasync the journal when rows were added, at most every SYNC_GAP_S. Rows
@@ -320,9 +321,8 @@ class _ChunkRun:
             queue.put_nowait(row)
         flusher = asyncio.create_task(self.periodic_flush())
         syncer = asyncio.create_task(self.sync_journal())
+        helpers = [syncer] + ([asyncio.create_task(self.watch_auto())] if self.auto is not None else [])
         workers = [asyncio.create_task(self.worker(i, queue)) for i in range(self.settings.workers)]
-        if self.settings.in_flight == "auto":
-            workers.append(asyncio.create_task(self.calibrate(queue)))
         work = asyncio.gather(*workers)
         try:
             waiting: set[asyncio.Future[Any]] = {work, flusher}
@@ -331,11 +331,9 @@ class _ChunkRun:
                 flusher.result()  # the watchdog fired
             await work  # a worker's ChunkAborted surfaces here
         finally:
-            for task in workers:
+            for task in [*workers, flusher, *helpers]:
                 task.cancel()
-            flusher.cancel()
-            syncer.cancel()
-            await asyncio.gather(work, flusher, syncer, return_exceptions=True)
+            await asyncio.gather(work, flusher, *helpers, return_exceptions=True)
             await self.flush()  # finished rows reach disk even when the chunk aborts
 
 
@@ -378,17 +376,28 @@ def finished_chunk_stats(settings: JobSettings, chunk: ChunkSpec) -> ChunkStats 
 
 
 def run_chunk(
-    settings: JobSettings, chunk: ChunkSpec, backend: Backend, on_progress: ProgressCallback | None = None
+    settings: JobSettings,
+    chunk: ChunkSpec,
+    backend: Backend,
+    on_progress: ProgressCallback | None = None,
+    auto: dict[str, Any] | None = None,
 ) -> ChunkStats:
-    """Process every row of `chunk` not yet on disk with `backend` (opened and closed here); write the chunk file."""
+    """Process every row of `chunk` not yet on disk with `backend` (opened and closed here); write the chunk file.
+
+    `auto`: the 'auto' in-flight state the last chunk on this endpoint ended with (ChunkStats.auto).
+    """
     with claim_chunk(settings.output_dir, chunk):
         if (finished := finished_chunk_stats(settings, chunk)) is not None:
             return finished
-        return _run_claimed(settings, chunk, backend, on_progress)
+        return _run_claimed(settings, chunk, backend, on_progress, AutoState.model_validate(auto) if auto else None)
 
 
 def _run_claimed(
-    settings: JobSettings, chunk: ChunkSpec, backend: Backend, on_progress: ProgressCallback | None
+    settings: JobSettings,
+    chunk: ChunkSpec,
+    backend: Backend,
+    on_progress: ProgressCallback | None,
+    auto: AutoState | None,
 ) -> ChunkStats:
     out = settings.output_dir
     started = time.time()
@@ -399,7 +408,7 @@ def _run_claimed(
     )
     done = finished_rows(out, chunk)  # after the writer turned a killed run's journal into parts
     rows = prepare_chunk(settings, chunk, skip=done, count_tokens=token_counter(settings), snapshot=snapshot)
-    run = _ChunkRun(settings, backend, writer, output_model, on_progress)
+    run = _ChunkRun(settings, backend, writer, output_model, on_progress, auto)
     try:
         asyncio.run(_run_async(run, rows))
     finally:
@@ -420,9 +429,10 @@ def _run_claimed(
         completion_tokens=run.completion_tokens,
         latency_p50_ms=_percentile(run.latencies, 50),
         latency_p95_ms=_percentile(run.latencies, 95),
-        in_flight=run.policy.ceiling,
+        in_flight=run.auto.state.level if run.auto else run.policy.ceiling,
         num_ctx=run.options.num_ctx,
-        calibration=run.calibration,
+        calibration=(run.auto.curve() or None) if run.auto else None,
+        auto=run.auto.state.model_dump(mode="json") if run.auto else None,
         started_at=started,
         finished_at=time.time(),
         events=run.events,
