@@ -64,7 +64,7 @@ from tasks.store import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from tasks.telemetry import Sampler, summarize
+from tasks.telemetry import Sampler, energy_wh, summarize, wh_per_1000_rows
 
 
 @task(name="plan-chunks", cache_policy=NO_CACHE)
@@ -217,6 +217,10 @@ def _merged(previous: pl.DataFrame | None, new: pl.DataFrame) -> pl.DataFrame:
     return new if previous is None else pl.concat([previous, new], how="diagonal_relaxed")
 
 
+def _round3(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def write_report(
     job: Job,
     manifest: dict[str, Any],
@@ -241,6 +245,12 @@ def write_report(
         write_atomic(report_dir / "timeline.png", lambda tmp: tmp.write_bytes(chart))
     first = manifest["attempts"][0]["started_at"]
     telemetry = summarize(samples, first, time.time()) if samples.height else {}
+    # This run's energy: its own samples and the rows it finished (earlier attempts' are in their manifests).
+    wh = energy_wh(sampler.frame())
+    energy = {
+        "energy_wh": None if wh is None else round(wh, 3),
+        "wh_per_1000_rows": _round3(wh_per_1000_rows(wh, manifest["rows_sent"])),
+    }
     evidence = build_evidence(
         settings,
         stats,
@@ -262,6 +272,7 @@ def write_report(
         events=manifest["recoveries"],
         report_dir=report_dir,
         image=image,
+        energy=energy,
     )
     write_atomic(report_dir / "report.md", lambda tmp: tmp.write_text(text("timeline.png" if chart else None)))
     # The UI shows images given as data URIs inside markdown, so the chart travels with the artifact.
@@ -274,6 +285,7 @@ def write_report(
         "requests_per_s": round(evidence.requests_per_s, 3),
         "tokens_per_s": round(evidence.tokens_per_s, 1),
         "telemetry": telemetry,
+        **energy,
     }
 
 

@@ -39,6 +39,14 @@ NEAR_BEST = 0.97  # in-flight levels within 3 % of the best tokens/s count as th
 CPU_SATURATED_PCT = 85.0
 VRAM_MARGIN_GIB = 0.5  # room left for compute buffers and fragmentation when adding KV slots
 HOST_BOUND_UTIL_PCT = 50.0  # more in flight stopped helping while kernels ran under half the time
+# The host-bound signature across calibration levels: from the lowest to the highest level the GPU's
+# utilisation and power fell (on a GPU-bound engine both rise or hold with more work) while tokens/s
+# gained under half of what the extra requests would give if sequences shared the GPU for free. The
+# H100 long-answer curve (Gemma 3 12B's shape on llama.cpp): 64x the requests for 2.3x tokens/s, util
+# 65 -> 15 %, power 349 -> 159 W.
+HOST_UTIL_FALL = 0.8  # util at the top level at most 80 % of the lowest level's
+HOST_POWER_FALL = 0.9  # power at the top level at most 90 % of the lowest level's
+HOST_SCALING_MAX = 0.5  # tokens/s gain below half the in-flight gain
 
 # Which error kinds say what about the run: only engine faults limit throughput.
 OUTPUT_ERRORS = frozenset({"invalid_output"})
@@ -104,6 +112,16 @@ class TelemetrySummary(BaseModel):
     power_max_w: float | None = Field(None, description="peak board power")
 
 
+class LevelReading(BaseModel):
+    """What the GPU and the requests did while calibration held one in-flight level."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_util_pct: float | None = Field(None, description="NVML util mean over the level's window")
+    power_w: float | None = Field(None, description="board power mean over the window")
+    latency_p50_s: float | None = Field(None, description="median request latency in the window")
+
+
 class RunEvidence(BaseModel):
     """Everything the verdict looks at, gathered by the flow after (or during) a run."""
 
@@ -126,6 +144,13 @@ class RunEvidence(BaseModel):
     telemetry: TelemetrySummary | None = Field(None, description="summarize() of the run")
     errors: dict[str, int] = Field(default_factory=dict, description="error rows by kind")
     calibration: dict[int, float] | None = Field(None, description="measured {in_flight: tokens_per_s}")
+    levels: dict[int, LevelReading] | None = Field(
+        None, description="GPU util, power and latency per calibrated in-flight level"
+    )
+    backend_sampling: bool | None = Field(
+        None, description="whether requests used llama.cpp's backend (GPU-side) sampling; None: not llama.cpp's server"
+    )
+    production_rows: int | None = Field(None, ge=1, description="rows of the production job, for its ETA")
 
 
 class Finding(BaseModel):
@@ -388,41 +413,123 @@ def _idle_gaps(e: RunEvidence) -> Verdict | None:
 
 
 def _host_bound(e: RunEvidence) -> Verdict | None:
-    """More in flight stopped helping (or hurt) while the GPU ran kernels under half the time: the
-    engine's host-side loop (sampling, grammar, bookkeeping per sequence) is the limit, not the GPU."""
+    """More in flight stopped helping (or hurt) while the GPU ran kernels under half the time, or
+    helped little while the GPU's utilisation and power fell as in-flight rose: the engine's host-side
+    loop (sampling, grammar, bookkeeping per sequence) is the limit, not the GPU."""
     t = _t(e)
-    if not e.calibration or t.gpu_util_mean is None or t.gpu_util_mean >= HOST_BOUND_UTIL_PCT:
+    if not e.calibration or t.gpu_util_mean is None:
         return None
     curve = e.calibration
     knee = calibration_knee(curve)
-    if knee is None:
+    starved = _host_signature(e)
+    if not starved and (t.gpu_util_mean >= HOST_BOUND_UTIL_PCT or knee is None):
         return None
+    keep = knee or best_in_flight(curve)
     best = max(curve, key=lambda n: curve[n])
-    top = max(curve)
+    low, top = min(curve), max(curve)
     falling = top > best and curve[top] < curve[best] * (1 - FLAT_GAIN)
-    shape = (
-        f"tokens/s peaked at {best} in flight ({curve[best]:,.0f}) and fell to {curve[top]:,.0f} at {top}"
-        if falling
-        else f"tokens/s flat from {knee} in flight ({curve[knee]:,.0f} -> {curve[top]:,.0f} at {top})"
+    if falling:
+        shape = f"tokens/s peaked at {best} in flight ({curve[best]:,.0f}) and fell to {curve[top]:,.0f} at {top}"
+    elif knee is not None:
+        shape = f"tokens/s flat from {knee} in flight ({curve[knee]:,.0f} -> {curve[top]:,.0f} at {top})"
+    else:
+        shape = (
+            f"tokens/s rose only {curve[top] / curve[low]:.1f}x ({curve[low]:,.0f} -> {curve[top]:,.0f}) for "
+            f"{top // low}x the requests in flight ({low} -> {top})"
+        )
+    now = " (auto chose it)" if e.in_flight == keep else f" (now {e.in_flight})"
+    util_line = (
+        f"GPU util {t.gpu_util_mean:.0f} % mean: kernels ran under half the time while more requests "
+        "in flight no longer raised throughput"
+        if t.gpu_util_mean < HOST_BOUND_UTIL_PCT
+        else f"GPU util {t.gpu_util_mean:.0f} % mean (a kernel was running, not how much of the GPU was used)"
     )
-    now = " (auto chose it)" if e.in_flight == knee else f" (now {e.in_flight})"
     return Verdict(
         kind="host-bound",
         headline="Host-bound: the engine's CPU-side loop limits the run, not the GPU",
-        evidence=[
-            f"Calibration: {shape}",
-            f"GPU util {t.gpu_util_mean:.0f} % mean: kernels ran under half the time while more requests "
-            "in flight no longer raised throughput",
-            *_gpu_lines(e)[1:],
-        ],
-        advice=[
-            f"Keep in-flight requests at {knee}{now}: more only adds latency",
-            "The per-token host work (sampling over the vocabulary, the JSON-schema grammar, per-sequence "
-            "bookkeeping) is the cost: a faster CPU core, a simpler output schema, or an engine that samples "
-            "on the GPU (vLLM, SGLang) raises the ceiling",
-            "A larger model moves the limit back to the GPU: measure the production model before sizing hardware",
-        ],
+        evidence=[f"Calibration: {shape}", *_level_lines(e), util_line, *_gpu_lines(e)[1:]],
+        advice=[f"Keep in-flight requests at {keep}{now}: more only adds latency", *_host_remedies(e)],
     )
+
+
+def _host_signature(e: RunEvidence) -> bool:
+    """Util and power fell from the lowest to the highest calibrated level while tokens/s gained
+    under half of the in-flight gain."""
+    curve, levels = e.calibration or {}, e.levels or {}
+    measured = sorted(n for n in curve if n in levels)
+    if len(measured) < 2:
+        return False
+    low, top = levels[measured[0]], levels[measured[-1]]
+    if None in (low.gpu_util_pct, top.gpu_util_pct, low.power_w, top.power_w):
+        return False
+    assert low.gpu_util_pct is not None and top.gpu_util_pct is not None  # for mypy: checked above
+    assert low.power_w is not None and top.power_w is not None
+    scaling = (curve[measured[-1]] / curve[measured[0]]) / (measured[-1] / measured[0])
+    return (
+        top.gpu_util_pct <= low.gpu_util_pct * HOST_UTIL_FALL
+        and top.power_w <= low.power_w * HOST_POWER_FALL
+        and scaling < HOST_SCALING_MAX
+    )
+
+
+def _level_lines(e: RunEvidence) -> list[str]:
+    """Util, power and latency from the lowest to the highest calibrated level, where measured."""
+    levels = e.levels or {}
+    measured = sorted(levels)
+    if len(measured) < 2:
+        return []
+    lo_n, hi_n = measured[0], measured[-1]
+    lo, hi = levels[lo_n], levels[hi_n]
+    lines = []
+    if (
+        lo.gpu_util_pct is not None
+        and hi.gpu_util_pct is not None
+        and lo.power_w is not None
+        and hi.power_w is not None
+    ):
+        lines.append(
+            f"From {lo_n} to {hi_n} in flight GPU util went {lo.gpu_util_pct:.0f} % -> {hi.gpu_util_pct:.0f} % and "
+            f"power {lo.power_w:.0f} -> {hi.power_w:.0f} W: the GPU did less as more was asked of it"
+        )
+    if lo.latency_p50_s and hi.latency_p50_s:
+        lines.append(
+            f"Per-request latency (p50) {lo.latency_p50_s:.2f} s at {lo_n} in flight -> {hi.latency_p50_s:.2f} s at "
+            f"{hi_n} (x{hi.latency_p50_s / lo.latency_p50_s:.0f} for x{hi_n // lo_n} the requests): requests wait "
+            "their turn in the host loop"
+        )
+    return lines
+
+
+def _host_remedies(e: RunEvidence) -> list[str]:
+    """What raises a host-bound engine's ceiling, and what this run's ETA is without it."""
+    if e.engine == "llama.cpp":
+        if e.backend_sampling:
+            sampling = (
+                "This run used llama.cpp's backend sampling (GPU-side: only the sampled token comes back to the "
+                "host); what is left on the host is per-sequence bookkeeping"
+            )
+        else:
+            sampling = (
+                "This run did not use llama.cpp's backend sampling: set backend_sampling: auto (or on) and "
+                "structured_output: validate (a JSON-schema grammar keeps sampling on the CPU), so the vocabulary "
+                "is sampled on the GPU and only the sampled token comes back to the host"
+            )
+    else:
+        sampling = (
+            "On llama.cpp's server, backend sampling (backend_sampling: auto, without a grammar) samples on the "
+            "GPU and returns only the sampled token to the host"
+        )
+    remedies = [
+        sampling,
+        "An engine that samples on the GPU and batches sequences in one step (vLLM, SGLang) removes the per-token "
+        "host loop; a faster CPU core or a simpler output schema only raises the ceiling a little",
+    ]
+    if e.production_rows and e.requests_per_s > 0:
+        remedies.append(
+            f"At this ceiling ({e.requests_per_s:.2f} req/s) the {e.production_rows:,}-row production job takes "
+            f"{eta_hours(e.production_rows, e.requests_per_s):.1f} h; more requests in flight will not shorten it"
+        )
+    return remedies
 
 
 def _calibration(e: RunEvidence) -> Verdict | None:

@@ -272,6 +272,19 @@ class JobSettings(BaseModel):
         None,
         description="Structured output: a JSON Schema file (.json) or a pydantic model as 'module:Class'.",
     )
+    structured_output: Literal["auto", "grammar", "validate"] = Field(
+        "auto",
+        description="How output_schema is enforced. 'grammar': the schema goes to the engine, which constrains "
+        "sampling to it (llama.cpp samples that grammar on the CPU, token by token); 'validate': no grammar, the "
+        "schema is stated in the system message and every answer is validated, an invalid one resampled with the "
+        "next seed up to max_attempts; 'auto': validate on a llama.cpp server, grammar elsewhere. Changes answers.",
+    )
+    backend_sampling: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="llama.cpp's GPU-side sampling (experimental): only the sampled token comes back to the host. "
+        "'auto': asked for on a llama.cpp server (its /props answers) for requests without a grammar; 'on': on "
+        "every grammar-free request of backend 'openai'; 'off': never. Never sent with a grammar.",
+    )
     gpu_limit: str = Field(
         "gpu", pattern=LIMIT_NAME, description="Prefect global concurrency limit held per chunk (one endpoint)."
     )
@@ -348,6 +361,11 @@ class JobSettings(BaseModel):
                 raise ValueError("ollama_host is set but backend is 'openai': set base_url")
             if self.base_url is None and not self.endpoints:
                 raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8080/v1) or endpoints")
+        if self.backend_sampling == "on" and self.backend != "openai":
+            raise ValueError(
+                f"backend_sampling 'on' is a llama.cpp server's (backend 'openai'); backend '{self.backend}' "
+                "samples on the host"
+            )
         if self.oom_num_ctx_floor is not None and self.oom_num_ctx_floor > self.options.num_ctx:
             raise ValueError(
                 f"oom_num_ctx_floor {self.oom_num_ctx_floor} is above options.num_ctx {self.options.num_ctx}"
@@ -411,6 +429,9 @@ class JobSettings(BaseModel):
     def answer_fingerprint(self, input_digest: str, schema_json: str | None) -> str:
         """Hash of everything that changes the answers, so a rerun never mixes two configurations."""
         keyed = self.model_dump(mode="json", include=set(ANSWER_FIELDS))
+        if keyed["structured_output"] == "grammar":
+            # What every run did before the setting existed: their directories keep their fingerprint.
+            del keyed["structured_output"]
         keyed["input"] = input_digest
         keyed["schema"] = schema_json
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
@@ -429,6 +450,7 @@ ANSWER_FIELDS = (
     "model_path",
     "options",
     "chunk_size",
+    "structured_output",  # a grammar or a schema in the prompt: other answers
 )
 
 

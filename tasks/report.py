@@ -22,6 +22,7 @@ from tasks.backends.protocol import ServerInfo
 from tasks.bottleneck import (
     GLOBAL_EVERY,
     KvGeometry,
+    LevelReading,
     RunEvidence,
     TelemetrySummary,
     Verdict,
@@ -101,6 +102,34 @@ def kv_geometry(geometry: dict[str, Any] | None) -> KvGeometry | None:
     )
 
 
+def backend_sampling_used(stats: list[ChunkStats]) -> bool | None:
+    """Whether this job's requests to a llama.cpp server went with backend sampling; None: no such server."""
+    on_server = [s for s in stats if s.engine == "llama.cpp" and s.sent_rows]
+    return any(s.backend_sampling_requests for s in on_server) if on_server else None
+
+
+def sampling_line(settings: JobSettings, stats: list[ChunkStats]) -> str:
+    """How the requests went: structured output mode and backend sampling, in one sentence ('' when neither)."""
+    ran = [s for s in stats if s.sent_rows]
+    modes = sorted({s.structured_output for s in ran if s.structured_output})
+    structured = {
+        "grammar": "the output schema went to the engine as a grammar",
+        "validate": "the output schema was stated in the prompt, every answer validated (no grammar)",
+    }
+    parts = [" / ".join(structured[m] for m in modes)] if modes else []
+    requests = sum(s.requests for s in ran)
+    sampled = sum(s.backend_sampling_requests for s in ran)
+    if sampled:
+        parts.append(f"llama.cpp backend sampling (GPU-side) on {sampled:,} of {requests:,} requests")
+    elif backend_sampling_used(stats) is False:
+        why = "backend_sampling: off" if settings.backend_sampling == "off" else "requests carried a grammar"
+        parts.append(f"no llama.cpp backend sampling ({why})")
+    if not parts:
+        return ""
+    chosen = f"structured_output: {settings.structured_output}, backend_sampling: {settings.backend_sampling}"
+    return f"Requests: {'; '.join(parts)} ({chosen})."
+
+
 def build_evidence(
     settings: JobSettings,
     stats: list[ChunkStats],
@@ -109,6 +138,7 @@ def build_evidence(
     telemetry: dict[str, Any],
     errors: dict[str, int],
     servers: list[ServerInfo] | None = None,
+    levels: dict[int, LevelReading] | None = None,
 ) -> RunEvidence:
     """The job's figures for the verdict: rates over the time chunks were actually sending; the
     server's parallel slots and model shape as the server (or else the job file) says them."""
@@ -131,6 +161,9 @@ def build_evidence(
         in_flight=ran[-1].in_flight if ran else settings.workers,
         # 'auto' carries its curve from chunk to chunk: the last chunk's holds the latest reading of each level.
         calibration=next((s.calibration for s in sorted(stats, key=lambda s: -s.finished_at) if s.calibration), None),
+        levels=levels,
+        backend_sampling=backend_sampling_used(stats),
+        production_rows=settings.production_rows,
         num_ctx=settings.options.num_ctx,
         requests_per_s=sum(e["rows"] / e["seconds"] for e in endpoints),
         tokens_per_s=sum(e["tokens"] / e["seconds"] for e in endpoints),
@@ -175,6 +208,15 @@ def _auto_changes(events: list[str]) -> list[str]:
     skipped = len(changes) - AUTO_CHANGES_SHOWN
     head = [f"- ... {skipped} earlier changes"] if skipped > 0 else []
     return ["Level changes:", "", *head, *(f"- {e}" for e in changes[-AUTO_CHANGES_SHOWN:]), ""]
+
+
+def energy_cell(energy: dict[str, float | None] | None) -> str:
+    """`12.35 Wh, 4.57 Wh per 1,000 rows`, or why there is no figure."""
+    wh = (energy or {}).get("energy_wh")
+    if wh is None:
+        return "no GPU power reading"
+    per = (energy or {}).get("wh_per_1000_rows")
+    return f"{wh:,.2f} Wh, " + (f"{per:,.2f} Wh per 1,000 rows" if per is not None else "no rows finished")
 
 
 def _attempts_lines(attempts: list[dict[str, Any]]) -> list[str]:
@@ -236,6 +278,7 @@ def render_report(
     events: list[str],
     report_dir: Path,
     image: str | None,
+    energy: dict[str, float | None] | None = None,
 ) -> str:
     """The run report as markdown (the same text goes to report.md and the `-report` artifact)."""
     s = settings
@@ -254,6 +297,7 @@ def render_report(
         else ["| requests/s | no rows were sent in any attempt |"]
     )
     recoveries = summarize_recoveries(events)
+    requests_line = sampling_line(s, stats)
     lines = [
         f"# Run report: {s.name}",
         "",
@@ -274,9 +318,11 @@ def render_report(
             else f"wall {duration(manifest['wall_s'])}."
         ),
         "",
+        *([requests_line, ""] if requests_line else []),
         "| throughput (while sending, all attempts) | value |",
         "|---|---|",
         *rate_cells,
+        f"| GPU energy (this run, all GPUs NVML sees) | {energy_cell(energy)} |",
         f"| VRAM peak / total | {_fmt(telemetry.get('vram_peak_mib'))} / {_fmt(telemetry.get('vram_total_mib'))} MiB "
         f"(headroom {_fmt(telemetry.get('vram_headroom_mib'))} MiB) |",
         f"| GPU util mean (a kernel ran) | {_fmt(telemetry.get('gpu_util_mean'), '.0f', ' %')} |",

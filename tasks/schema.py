@@ -107,6 +107,11 @@ class ChunkStats(BaseModel):
     in_flight: int = Field(1, description="Requests kept in flight (for 'auto', the level it kept at the end).")
     num_ctx: int | None = Field(None, description="options.num_ctx in force at the end (lowered by persistent OOM).")
     calibration: dict[int, float] | None = Field(None, description="'auto' measurements: level -> throughput.")
+    engine: str | None = Field(None, description="The engine the chunk's requests went to (llama.cpp, ollama, ...).")
+    structured_output: Literal["grammar", "validate"] | None = Field(
+        None, description="How the output schema went: as a grammar, or stated in the prompt and validated."
+    )
+    backend_sampling_requests: int = Field(0, description="Requests sent with llama.cpp's backend sampling.")
     auto: dict[str, Any] | None = Field(
         None, description="'auto' in-flight state at the chunk's end (calibrate.AutoState): the next chunk carries on."
     )

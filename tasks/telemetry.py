@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import polars as pl
 import psutil
@@ -383,6 +383,39 @@ def summarize(frame: pl.DataFrame, t0: float, t1: float) -> dict[str, Any]:
         power_max_w=_stat(gpu["power_w"].max()),
     )
     return out
+
+
+ENERGY_GAP_FACTOR = 5.0  # an interval over 5x the usual sampling interval is a gap, not a sample step
+
+
+def energy_wh(frame: pl.DataFrame) -> float | None:
+    """GPU energy over the samples in Wh, summed over every GPU NVML sees; None without a power reading.
+
+    Power is integrated over time between consecutive samples of each GPU (trapezoids: the mean of the
+    two readings times the time between them). An interval longer than ENERGY_GAP_FACTOR x the median
+    one (a stalled sampler, the time between two attempts of a job) is left out, not bridged with a guess.
+    """
+    power = frame.filter(pl.col("power_w").is_not_null() & pl.col("gpu").is_not_null())
+    if power.height == 0:
+        return None
+    steps = (
+        power.sort("gpu", "t")
+        .select(
+            dt=pl.col("t").diff().over("gpu"),
+            mean_w=((pl.col("power_w") + pl.col("power_w").shift()) / 2).over("gpu"),
+        )
+        .drop_nulls()
+    )
+    if steps.height == 0:
+        return 0.0  # one reading per GPU: no interval to integrate over
+    limit = ENERGY_GAP_FACTOR * cast(float, steps["dt"].median())
+    joules = steps.filter(pl.col("dt") <= limit).select((pl.col("dt") * pl.col("mean_w")).sum()).item()
+    return float(joules) / 3600.0
+
+
+def wh_per_1000_rows(energy: float | None, rows: int) -> float | None:
+    """Energy per 1,000 finished rows; None without a power reading or without rows."""
+    return None if energy is None or rows <= 0 else energy / rows * 1000.0
 
 
 def _spill(host: pl.DataFrame) -> bool | None:

@@ -11,6 +11,7 @@ import pytest
 from tasks.backends.protocol import model_geometry
 from tasks.bottleneck import (
     GEMMA3_12B,
+    LevelReading,
     RunEvidence,
     TelemetrySummary,
     Verdict,
@@ -355,3 +356,71 @@ def test_a_cpu_run_says_what_its_eta_is_for() -> None:
     cpu = evidence(samples(util=None), backend="llamacpp")
     assert "embedded model on this machine (no GPU seen)" in (eta_scope(cpu) or "")
     assert eta_scope(evidence(samples(), backend="ollama")) is None
+
+
+# Gemma 3 12B's exact shape on llama.cpp's server (CUDA), an H100, 64 slots, 128-token answers: generated
+# tokens/s, NVML util, power and p50 latency by requests in flight, recorded 12 s per level.
+H100_LONG_CURVE = {1: 91.0, 2: 154.0, 4: 188.0, 8: 190.0, 16: 243.0, 32: 316.0, 64: 210.0}
+H100_LONG_LEVELS = {
+    n: LevelReading(gpu_util_pct=u, power_w=w, latency_p50_s=lat)
+    for n, u, w, lat in zip(
+        H100_LONG_CURVE,
+        (65.0, 60.0, 49.0, 37.0, 25.0, 20.0, 15.0),
+        (349.0, 340.0, 300.0, 260.0, 187.0, 171.0, 159.0),
+        (1.37, 1.66, 2.70, 5.71, 8.38, 12.9, 39.0),
+        strict=True,
+    )
+}
+
+
+def h100_long(frame: pl.DataFrame | None = None, **kw: Any) -> RunEvidence:
+    # Util over the whole run sat near the busy levels' (auto ran at 32: 20 %), power 171 W.
+    base: dict[str, Any] = {
+        "backend": "openai",
+        "engine": "llama.cpp",
+        "in_flight": 32,
+        "parallel_slots": 64,
+        "slots_source": "server",
+        "calibration": H100_LONG_CURVE,
+        "levels": H100_LONG_LEVELS,
+        "requests_per_s": 2.47,
+        "tokens_per_s": 316.0,
+        "production_rows": 170_000,
+        "kv_geometry": None,
+    }
+    return evidence(
+        frame if frame is not None else samples(util=20.0, power_w=171.0, vram_used_mib=33_000.0), **(base | kw)
+    )
+
+
+def test_the_h100_long_answer_curve_names_the_host_loop_with_its_evidence_and_remedies() -> None:
+    v = judge(h100_long(backend_sampling=False))
+    assert v.kind == "host-bound", v
+    assert any("peaked at 32 in flight (316) and fell to 210 at 64" in x for x in v.evidence)
+    assert any("GPU util went 65 % -> 15 % and power 349 -> 159 W" in x for x in v.evidence), v.evidence
+    assert any("1.37 s at 1 in flight -> 39.00 s at 64 (x28 for x64 the requests)" in x for x in v.evidence)
+    assert any("Keep in-flight requests at 32 (auto chose it)" in a for a in v.advice)
+    assert any("did not use llama.cpp's backend sampling" in a and "structured_output: validate" in a for a in v.advice)
+    assert any("vLLM, SGLang" in a for a in v.advice)
+    assert any("170,000-row production job takes 19.1 h" in a for a in v.advice), v.advice
+    used = judge(h100_long(backend_sampling=True))
+    assert any("This run used llama.cpp's backend sampling" in a for a in used.advice)
+
+
+def test_util_and_power_falling_with_small_gains_is_host_bound_even_with_a_busy_mean() -> None:
+    # Still rising at the top level (no knee) and util above half on average, but 64x the requests gave
+    # 4.4x the tokens while util and power fell: the GPU doing less as more is asked is the tell.
+    v = judge(h100_long(samples(util=60.0, power_w=300.0), calibration={1: 91.0, 2: 154.0, 64: 400.0}, in_flight=64))
+    assert v.kind == "host-bound", v
+    assert any("rose only 4.4x (91 -> 400) for 64x the requests in flight (1 -> 64)" in x for x in v.evidence)
+    assert any("Keep in-flight requests at 64 (auto chose it)" in a for a in v.advice)
+
+
+def test_a_gpu_that_works_harder_with_more_in_flight_is_not_host_bound() -> None:
+    # The H100 roofline (FACTS-like numbers): tokens/s 62x over 64x the requests, util 100 %, power rising.
+    levels = {
+        1: LevelReading(gpu_util_pct=100.0, power_w=427.0, latency_p50_s=0.6),
+        64: LevelReading(gpu_util_pct=100.0, power_w=633.0, latency_p50_s=0.62),
+    }
+    e = h100_long(samples(util=100.0, power_w=600.0), calibration={1: 111.0, 64: 6936.0}, levels=levels, in_flight=64)
+    assert judge(e).kind != "host-bound"

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import JobSettings, SettingsError, load_settings, template_fields
+from tasks.config import JobSettings, SettingsError, answer_differences, load_settings, template_fields
 
 BASE = {"input_path": "in.parquet", "prompt_template": "Score {text}", "output_dir": "out"}
+LEGACY_FINGERPRINT = "3d412d82556a52e9"  # BASE's answer_fingerprint("d1", "{}") before structured_output existed
 
 
 def test_yaml_and_overrides_merge(tmp_path: Path) -> None:
@@ -81,6 +82,31 @@ def test_fingerprint_tracks_answers_not_plumbing() -> None:
     assert a.answer_fingerprint("d1", None) != a.answer_fingerprint("d2", None)
     changed = load_settings(None, {**BASE, "options": {"temperature": 0.7}})
     assert a.answer_fingerprint("d1", None) != changed.answer_fingerprint("d1", None)
+
+
+def test_structured_output_owns_the_directory_and_grammar_keeps_old_fingerprints() -> None:
+    auto = load_settings(None, BASE)
+    grammar = load_settings(None, {**BASE, "structured_output": "grammar"})
+    validate = load_settings(None, {**BASE, "structured_output": "validate"})
+    assert auto.structured_output == "auto" and auto.backend_sampling == "auto"
+    fingerprints = {s.answer_fingerprint("d1", "{}") for s in (auto, grammar, validate)}
+    assert len(fingerprints) == 3  # a grammar or the schema in the prompt: other answers
+    # What the version before the setting computed for BASE (the engine always got the grammar then):
+    # a directory it left is resumed with structured_output: grammar.
+    assert grammar.answer_fingerprint("d1", "{}") == LEGACY_FINGERPRINT
+    differ = answer_differences(grammar.model_dump(mode="json"), validate.model_dump(mode="json"))
+    assert differ == ["structured_output: 'grammar' -> 'validate'"]
+    # Backend sampling is plumbing: greedy answers are the same with it (test_openai_backend shows it).
+    sampled = load_settings(None, {**BASE, "backend": "openai", "base_url": "http://h/v1", "model": "m"})
+    unsampled = load_settings(None, {**sampled.model_dump(mode="json"), "backend_sampling": "off"})
+    assert sampled.answer_fingerprint("d1", None) == unsampled.answer_fingerprint("d1", None)
+
+
+def test_backend_sampling_on_needs_a_server_that_can() -> None:
+    with pytest.raises(SettingsError, match="backend_sampling 'on' is a llama.cpp server's"):
+        load_settings(None, {**BASE, "backend": "ollama", "backend_sampling": "on"})
+    with pytest.raises(SettingsError, match="structured_output"):
+        load_settings(None, {**BASE, "structured_output": "json"})
 
 
 def test_output_dir_takes_the_run_date() -> None:

@@ -72,6 +72,38 @@ def test_structured_output_goes_as_json_schema_and_is_validated(job: Any, emulat
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"]["required"] == ["score", "reason"]
 
 
+def test_validate_mode_states_the_schema_sends_no_grammar_and_resamples_to_an_error_row(
+    job: Any, emulator: OllamaEmulator
+) -> None:
+    # Without a format the emulator answers prose, as a model that ignores the instruction would.
+    settings = openai_job(
+        job, emulator, 2, output_schema="tests.test_openai_backend:Fit", structured_output="validate", max_attempts=3
+    )
+    frame, stats = run_one({**settings, "options": {"num_ctx": 2048, "num_predict": 64, "seed": 7}})
+    assert stats.structured_output == "validate" and stats.requests == 6
+    bodies = [r.body for r in chat_requests(emulator)]
+    assert not any("response_format" in b for b in bodies)
+    system = bodies[0]["messages"][0]
+    assert system["role"] == "system" and '"score":{"maximum":10,"minimum":0,"type":"integer"}' in system["content"]
+    # Each invalid answer is asked again with the next seed; after max_attempts an error row keeps the raw text.
+    assert sorted(b["seed"] for b in bodies) == [7, 7, 8, 8, 9, 9]
+    assert frame["status"].to_list() == ["error", "error"] and frame["attempts"].to_list() == [3, 3]
+    assert frame["error_kind"].to_list() == ["invalid_output"] * 2 and all(frame["response"].to_list())
+
+
+def test_auto_keeps_the_grammar_and_host_sampling_on_a_server_that_is_not_llama_cpp(
+    job: Any, emulator: OllamaEmulator
+) -> None:
+    frame, stats = run_one(openai_job(job, emulator, 2, output_schema="tests.test_openai_backend:Fit"))
+    assert frame["status"].to_list() == ["ok", "ok"]
+    assert (stats.engine, stats.structured_output, stats.backend_sampling_requests) == (
+        "openai-compatible",
+        "grammar",
+        0,
+    )
+    assert all("response_format" in r.body and "backend_sampling" not in r.body for r in chat_requests(emulator))
+
+
 @pytest.mark.parametrize(
     ("fault", "kind"),
     [

@@ -247,3 +247,39 @@ def test_sampling_cost_is_well_under_one_percent_of_a_core() -> None:
     assert per_sample is not None
     # At the default 1 s interval, < 1 % of a core means < 10 ms of CPU per sample.
     assert per_sample < 0.005, f"{per_sample * 1000:.2f} ms per sample"
+
+
+def power_frame(readings: dict[int, list[tuple[float, float | None]]]) -> pl.DataFrame:
+    """Sampler-shaped rows: per GPU, (time, watts) pairs; the host fields are filler."""
+    host = {"cpu_pct": 5.0, "cpu_per_core": [5.0], "ram_used_mib": 1.0, "ram_available_mib": 1.0}
+    rows = [
+        {**host, "t": t, "gpu": gpu, "power_w": watts, "vram_used_mib": 100.0}
+        for gpu, series in readings.items()
+        for t, watts in series
+    ]
+    return pl.DataFrame(rows, schema=telemetry.SCHEMA, strict=False)
+
+
+def test_energy_integrates_power_over_time_per_gpu() -> None:
+    steady = [(1_000.0 + i, 360.0) for i in range(61)]  # 60 s at 360 W = 6 Wh
+    assert telemetry.energy_wh(power_frame({0: steady})) == pytest.approx(6.0)
+    ramp = [(1_000.0 + i, 100.0 + 10 * i) for i in range(11)]  # 100 -> 200 W over 10 s: 1,500 J
+    assert telemetry.energy_wh(power_frame({0: ramp})) == pytest.approx(1500 / 3600)
+    # Two cards add up; their rows interleave in time as the sampler writes them.
+    assert telemetry.energy_wh(power_frame({0: steady, 1: steady})) == pytest.approx(12.0)
+
+
+def test_energy_leaves_gaps_out_and_says_none_without_a_power_reading() -> None:
+    # Two attempts of one job, 15 minutes apart: the GPU's draw in between was not measured.
+    attempts = [(1_000.0 + i, 360.0) for i in range(11)] + [(2_000.0 + i, 360.0) for i in range(11)]
+    assert telemetry.energy_wh(power_frame({0: attempts})) == pytest.approx(20 * 360 / 3600)
+    host_only = pl.DataFrame([{"t": 1.0, "cpu_pct": 5.0}, {"t": 2.0, "cpu_pct": 5.0}], schema=telemetry.SCHEMA)
+    assert telemetry.energy_wh(host_only) is None  # no GPU
+    assert telemetry.energy_wh(power_frame({0: [(1.0, None), (2.0, None)]})) is None  # no power query
+    assert telemetry.energy_wh(power_frame({0: [(1.0, 300.0)]})) == 0.0  # one reading: no time passed
+
+
+def test_energy_per_thousand_rows() -> None:
+    assert telemetry.wh_per_1000_rows(6.0, 1_500) == pytest.approx(4.0)
+    assert telemetry.wh_per_1000_rows(None, 1_500) is None
+    assert telemetry.wh_per_1000_rows(6.0, 0) is None

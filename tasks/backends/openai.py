@@ -135,6 +135,8 @@ class OpenAIBackend(HttpBackend[openai.AsyncOpenAI]):
         extra: dict[str, Any] = {}
         if "top_k" in options:
             extra["top_k"] = options["top_k"]  # not in OpenAI's API; vLLM, SGLang and llama.cpp take it
+        if options.get("backend_sampling"):
+            extra["backend_sampling"] = True  # llama.cpp's: sample on the GPU (tasks/chunk/modes.py decides)
         try:
             # The raw answer, parsed below: the client returns a proxy's HTML page as a string and an
             # error object as a ChatCompletion without choices, and the row must keep what came back.

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from tasks.backends import Backend, BackendError, Reply, token_counter
 from tasks.chunk.calibrate import AutoState, InFlightAuto
+from tasks.chunk.modes import AutoProbe, RequestModes, decide, engine_of, needs_describe
 from tasks.chunk.policy import ChunkPolicy, RowTries, Step
 from tasks.config import GenerationOptions, JobSettings
 from tasks.dataset import ChunkSpec, PreparedRow, job_snapshot, prepare_chunk, snapshot_response_format
@@ -53,6 +54,11 @@ class _ChunkRun:
         self.chunk = writer.chunk
         self.output_model = output_model
         self.schema = output_model.model_json_schema() if output_model else None
+        # Until the engine is known (decide_modes, after the backend check): the grammar, no backend sampling.
+        self.modes = RequestModes("grammar" if self.schema else None, False, self.schema)
+        self.backend_sampled = 0  # requests sent with llama.cpp's backend sampling
+        self.probe: AutoProbe | None = None  # structured_output 'auto' trying validation first
+        self.engine: str | None = None
         self.on_progress = on_progress
         # 'auto': the controller names the level, carried on from the last chunk (or run) when given.
         self.auto = (
@@ -171,8 +177,11 @@ class _ChunkRun:
         if self.output_model is None:
             return None, None
         try:
-            return self.output_model.model_validate_json(reply.content).model_dump(mode="json"), None
+            parsed = self.output_model.model_validate_json(reply.content).model_dump(mode="json")
+            self._probed(True)
+            return parsed, None
         except ValidationError as exc:
+            self._probed(False)
             first = exc.errors()[0]
             message = f"answer does not match the schema: {first['loc']}: {first['msg']}"
             return None, BackendError("invalid_output", "retry", message)
@@ -203,8 +212,13 @@ class _ChunkRun:
                 resamples
             )
             assert row.messages is not None  # process() answers rows without messages itself
+            modes = self.modes
+            self.backend_sampled += modes.backend_sampling
             reply = await asyncio.wait_for(
-                self.backend.chat(row.messages, options=options, schema=self.schema), self.settings.request_timeout_s
+                self.backend.chat(
+                    modes.messages(row.messages), options=modes.options(options), schema=modes.engine_schema
+                ),
+                self.settings.request_timeout_s,
             )
             return reply
         except TimeoutError as exc:
@@ -221,6 +235,27 @@ class _ChunkRun:
         finally:
             self.sending -= 1
             self._back(ticket, reply)
+
+    async def decide_modes(self) -> None:
+        """Grammar or validation, backend sampling or not: from the settings and what the engine is."""
+        described = (await self.backend.describe()).engine if needs_describe(self.settings) else None
+        engine = engine_of(self.settings, described)
+        self.modes = decide(self.settings, engine, self.schema)
+        self.engine = engine
+        if self.settings.structured_output == "auto" and self.modes.structured == "validate":
+            self.probe = AutoProbe()
+
+    def _probed(self, valid: bool) -> None:
+        """'auto': the first answers sent without a grammar decide whether the rest need one."""
+        if self.probe is None or (keep := self.probe.answered(valid)) is None:
+            return
+        said = f"{self.probe.valid} of {self.probe.answers} answers without a grammar matched the schema"
+        self.probe = None
+        if keep:
+            self.note(f"structured_output auto: {said}: validating, no grammar")
+            return
+        self.modes = self.modes.with_grammar()
+        self.note(f"structured_output auto: {said}: the grammar from now on, retries included")
 
     async def process(self, row: PreparedRow) -> ResultRow:
         """One row to one result row; only a chunk-wide failure escapes, as ChunkAborted."""
@@ -361,6 +396,7 @@ async def _run_async(run: _ChunkRun, rows: list[PreparedRow]) -> None:
                     raise ChunkAborted(step.message or str(err), retryable=True) from err
                 await asyncio.sleep(step.wait_s)
         run.policy.unreachable_since = None
+        await run.decide_modes()
         await run.run(rows)
     finally:
         await run.backend.close()
@@ -432,6 +468,9 @@ def _run_claimed(
         in_flight=run.auto.state.level if run.auto else run.policy.ceiling,
         num_ctx=run.options.num_ctx,
         calibration=(run.auto.curve() or None) if run.auto else None,
+        engine=run.engine,
+        structured_output=run.modes.structured,
+        backend_sampling_requests=run.backend_sampled,
         auto=run.auto.state.model_dump(mode="json") if run.auto else None,
         started_at=started,
         finished_at=time.time(),
