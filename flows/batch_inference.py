@@ -198,6 +198,10 @@ def run_chunks(
             if stats.auto.get("settled"):
                 memory = auto_memory_path(lanes[lane].output_dir)
                 remember_level(memory, auto_key(lanes[lane]), stats.in_flight, stats.calibration)
+        if lanes[lane].structured_output == "auto" and stats.structured_output == "grammar":
+            # The endpoint's first answers without a grammar failed (tasks/chunk/modes.py): its later
+            # chunks start with the grammar instead of wasting requests to find that out again.
+            lanes[lane] = lanes[lane].model_copy(update={"structured_output": "grammar"})
         if stats.num_ctx is not None and stats.num_ctx != lanes[lane].options.num_ctx:
             # Persistent out-of-memory lowered it: later chunks start there instead of failing again.
             options = lanes[lane].options.model_copy(update={"num_ctx": stats.num_ctx})

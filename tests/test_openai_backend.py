@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import polars as pl
 import pytest
 import yaml
@@ -284,6 +285,50 @@ def test_real_server_auto_in_flight_picks_a_level_from_the_measured_curve(tmp_pa
     assert curve is not None and 1 in curve and all(v > 0 for v in curve.values())
     best = max(curve.values())
     assert stats.in_flight == min(n for n, v in curve.items() if v >= 0.97 * best)  # the rule, on real numbers
+
+
+def slot_params(server: Any) -> list[dict[str, Any]]:
+    """What each llama-server slot's last request asked for (GET /slots)."""
+    return [slot["params"] for slot in httpx.get(f"{server.root}/slots", timeout=10).json() if "params" in slot]
+
+
+def test_real_server_backend_sampling_gives_the_same_greedy_answers(tmp_path: Path, llama_server: Any) -> None:
+    # Free text, greedy: the CPU build runs the sampler chain as ggml ops on the CPU backend instead of
+    # llama.cpp's host samplers; the tokens must not change.
+    job = real_job(tmp_path, llama_server, 8, output_schema=None, options={"num_ctx": 2048, "num_predict": 24})
+    off, off_stats = run_one({**job, "backend_sampling": "off", "output_dir": str(tmp_path / "off")})
+    assert not any(p["backend_sampling"] for p in slot_params(llama_server))
+    on, on_stats = run_one({**job, "backend_sampling": "on", "output_dir": str(tmp_path / "on")})
+    assert any(p["backend_sampling"] for p in slot_params(llama_server))  # the server took the field
+    assert (off_stats.backend_sampling_requests, on_stats.backend_sampling_requests) == (0, 8)
+    assert on["status"].to_list() == ["ok"] * 8 and on["completion_tokens"].min() > 0
+    assert on["response"].to_list() == off["response"].to_list()
+
+
+def test_real_server_auto_tries_validation_with_backend_sampling_then_takes_the_grammar(
+    tmp_path: Path, llama_server: Any
+) -> None:
+    # Gemma 3 270M is a base model: told the schema, it answers prose. auto starts without the grammar (and
+    # with backend sampling), sees two invalid answers, and sends everything after with the grammar.
+    frame, stats = run_one(real_job(tmp_path, llama_server, 8, max_attempts=3))
+    assert (stats.engine, stats.structured_output) == ("llama.cpp", "grammar")
+    assert any(
+        "0 of 2 answers without a grammar matched the schema: the grammar from now on" in e for e in stats.events
+    )
+    assert 2 <= stats.backend_sampling_requests <= 4 < stats.requests  # only the in-flight probe requests
+    assert not any(p["backend_sampling"] for p in slot_params(llama_server))  # the last requests: grammar
+    assert_rows_valid(frame, 8)
+    assert frame.filter(pl.col("status") == "ok").height >= 4  # the grammar's retries recover the probed rows
+
+
+def test_real_server_grammar_never_goes_with_backend_sampling(tmp_path: Path, llama_server: Any) -> None:
+    # llama.cpp's server hands a slot's sampler chain to the backend whenever a request asks, grammar or
+    # not; sampling then skips the grammar. 'on' with a grammar must not ask.
+    job = real_job(tmp_path, llama_server, 4, structured_output="grammar", backend_sampling="on")
+    frame, stats = run_one(job)
+    assert (stats.structured_output, stats.backend_sampling_requests) == ("grammar", 0)
+    assert not any(p["backend_sampling"] for p in slot_params(llama_server))
+    assert_rows_valid(frame, 4)
 
 
 @pytest.mark.usefixtures("prefect_server")

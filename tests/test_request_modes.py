@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tasks.chunk.modes import decide, engine_of, needs_describe, schema_instruction
+from tasks.chunk.modes import AutoProbe, decide, engine_of, needs_describe, schema_instruction
 from tasks.config import load_settings
 
 SCHEMA: dict[str, Any] = {
@@ -88,3 +88,16 @@ def test_validate_states_the_schema_compactly_in_the_one_system_message() -> Non
     # Grammar mode leaves the messages as they are.
     grammar = decide(settings(structured_output="grammar"), "llama.cpp", SCHEMA)
     assert grammar.messages([user]) == [user]
+
+
+def test_auto_probe_keeps_validation_only_while_answers_match() -> None:
+    keeps = AutoProbe()
+    assert [keeps.answered(v) for v in [True] * 6 + [False, True]] == [None] * 7 + [True]
+    # A model that ignores the instruction is found out at its second invalid answer, not the eighth.
+    ignores = AutoProbe()
+    assert [ignores.answered(False), ignores.answered(False)] == [None, False]
+    late = AutoProbe()
+    assert [late.answered(v) for v in [True] * 5 + [False, False]] == [None] * 6 + [False]
+    # Switching to the grammar turns backend sampling off with it.
+    modes = decide(settings(), "llama.cpp", SCHEMA)
+    assert (modes.with_grammar().structured, modes.with_grammar().backend_sampling) == ("grammar", False)
