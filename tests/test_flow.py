@@ -67,6 +67,9 @@ def test_every_row_once_with_artifacts(job: Any, emulator: OllamaEmulator) -> No
     report = artifacts["flowtest-report"].data
     assert "### Bottleneck:" in report and "ETA for the 170,000-row production job" in report
     assert "data:image/png;base64," in report  # the timeline chart travels inside the artifact
+    # No GPU here: the energy figures are null in the manifest and the report says why.
+    assert (on_disk["energy_wh"], on_disk["wh_per_1000_rows"]) == (None, None)
+    assert "| GPU energy (this run, all GPUs NVML sees) | no GPU power reading |" in report
     assert (Path(settings["output_dir"]) / "report.md").read_text().startswith("# Run report: flowtest")
     assert (Path(settings["output_dir"]) / "telemetry" / "samples.parquet").exists()
 

@@ -283,3 +283,11 @@ def test_energy_per_thousand_rows() -> None:
     assert telemetry.wh_per_1000_rows(6.0, 1_500) == pytest.approx(4.0)
     assert telemetry.wh_per_1000_rows(None, 1_500) is None
     assert telemetry.wh_per_1000_rows(6.0, 0) is None
+
+
+def test_the_report_states_energy_or_why_there_is_none() -> None:
+    from tasks.report import energy_cell
+
+    assert energy_cell({"energy_wh": 12.345, "wh_per_1000_rows": 4.5678}) == "12.35 Wh, 4.57 Wh per 1,000 rows"
+    assert energy_cell({"energy_wh": 0.5, "wh_per_1000_rows": None}) == "0.50 Wh, no rows finished"
+    assert energy_cell({"energy_wh": None, "wh_per_1000_rows": None}) == "no GPU power reading"
