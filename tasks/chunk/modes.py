@@ -119,9 +119,9 @@ def decide(settings: JobSettings, engine: str, schema: dict[str, Any] | None) ->
             structured = "validate" if engine == LLAMA_CPP_SERVER else "grammar"
         else:
             structured = settings.structured_output
-    # llama.cpp turns backend sampling off for a request with a grammar (common/sampling.cpp) - and its
-    # server still hands the slot's sampler chain to the backend (server-context.cpp), see the README -
-    # so it is never asked for together with a grammar.
+    # llama.cpp's sampler turns backend sampling off for a grammar (common/sampling.cpp), but its server
+    # installs the backend sampler for the slot whenever the request asks (server-context.cpp), and a token
+    # sampled there meets GGML_ASSERT(!grmr) in common_sampler_sample: never ask together with a grammar.
     grammar = structured == "grammar"
     if settings.backend_sampling == "on":
         sampling = not grammar
