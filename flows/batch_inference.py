@@ -41,7 +41,7 @@ from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
 from tasks.job import Job, check_backends, plan_job
 from tasks.openai_batch import write_output as write_openai_output
 from tasks.progress import ArtifactSink, Progress, Throttled, terminal_sink
-from tasks.report import build_evidence, chunk_row, publish_artifacts, render_report
+from tasks.report import build_evidence, chunk_row, level_readings, publish_artifacts, render_report
 from tasks.schema import ChunkStats
 from tasks.sink import ChunkSink, open_sink
 from tasks.sources import wants_openai_output
@@ -263,6 +263,7 @@ def write_report(
         telemetry,
         error_kinds(settings.output_dir, plan.chunks),
         servers,
+        level_readings(list(stats), samples) if samples.height else None,
     )
     verdict = judge(evidence)
     text = lambda image: render_report(  # noqa: E731

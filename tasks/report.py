@@ -102,6 +102,31 @@ def kv_geometry(geometry: dict[str, Any] | None) -> KvGeometry | None:
     )
 
 
+def level_readings(stats: list[ChunkStats], samples: pl.DataFrame) -> dict[int, LevelReading] | None:
+    """GPU util and power over the time each in-flight level was in force, over every chunk of the job,
+    with the chunks' p50 latency at that level (their median when several chunks ran it)."""
+    windows: dict[int, list[list[float]]] = {}
+    latency: dict[int, list[float]] = {}
+    for st in stats:
+        for level, entry in (st.levels or {}).items():
+            windows.setdefault(level, []).extend(entry["windows"])
+            if entry.get("latency_p50_ms") is not None:
+                latency.setdefault(level, []).append(entry["latency_p50_ms"])
+    if len(windows) < 2:
+        return None
+    gpu = samples.filter(pl.col("power_w").is_not_null() | pl.col("gpu_util_pct").is_not_null())
+    readings = {}
+    for level, spans in sorted(windows.items()):
+        inside = gpu.filter(pl.any_horizontal(pl.col("t").is_between(a, b, closed="left") for a, b in spans))
+        lat = sorted(latency.get(level, []))
+        readings[level] = LevelReading(
+            gpu_util_pct=inside["gpu_util_pct"].mean() if inside.height else None,
+            power_w=inside["power_w"].mean() if inside.height else None,
+            latency_p50_s=lat[len(lat) // 2] / 1000 if lat else None,
+        )
+    return readings
+
+
 def backend_sampling_used(stats: list[ChunkStats]) -> bool | None:
     """Whether this job's requests to a llama.cpp server went with backend sampling; None: no such server."""
     on_server = [s for s in stats if s.engine == "llama.cpp" and s.sent_rows]

@@ -107,6 +107,11 @@ class ChunkStats(BaseModel):
     in_flight: int = Field(1, description="Requests kept in flight (for 'auto', the level it kept at the end).")
     num_ctx: int | None = Field(None, description="options.num_ctx in force at the end (lowered by persistent OOM).")
     calibration: dict[int, float] | None = Field(None, description="'auto' measurements: level -> throughput.")
+    levels: dict[int, dict[str, Any]] | None = Field(
+        None,
+        description="Per in-flight level the chunk ran at ('auto' moves it): its windows [[start, end], ...] (epoch "
+        "s) and latency_p50_ms of the answers in them; None with one level.",
+    )
     engine: str | None = Field(None, description="The engine the chunk's requests went to (llama.cpp, ollama, ...).")
     structured_output: Literal["grammar", "validate"] | None = Field(
         None, description="How the output schema went: as a grammar, or stated in the prompt and validated."

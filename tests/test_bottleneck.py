@@ -424,3 +424,28 @@ def test_a_gpu_that_works_harder_with_more_in_flight_is_not_host_bound() -> None
     }
     e = h100_long(samples(util=100.0, power_w=600.0), calibration={1: 111.0, 64: 6936.0}, levels=levels, in_flight=64)
     assert judge(e).kind != "host-bound"
+
+
+def test_a_run_that_moved_its_level_gives_the_verdict_util_power_and_latency_per_level() -> None:
+    from tasks.chunk.runner import level_windows
+    from tasks.report import level_readings
+    from tasks.schema import ChunkStats
+
+    # 'auto' held 1 in flight for 10 s, then 8 for 10 s, then 1 again for 5 s; answers came back throughout.
+    changes = [(1_000.0, 1), (1_010.0, 8), (1_020.0, 1)]
+    answered = [1_002.0, 1_004.0, 1_012.0, 1_014.0, 1_016.0, 1_022.0]
+    latencies = [1_000.0, 1_200.0, 5_000.0, 6_000.0, 7_000.0, 1_100.0]
+    levels = level_windows(changes, 1_025.0, answered, latencies)
+    assert levels == {
+        1: {"windows": [[1_000.0, 1_010.0], [1_020.0, 1_025.0]], "latency_p50_ms": 1_100.0},
+        8: {"windows": [[1_010.0, 1_020.0]], "latency_p50_ms": 6_000.0},
+    }
+    assert level_windows([(1_000.0, 4)], 1_010.0, [1_005.0], [900.0]) is None  # one level: nothing to compare
+    # The GPU worked less at 8 in flight than at 1: util 60 -> 20 %, power 340 -> 170 W.
+    frame = samples(25, util=[60.0] * 10 + [20.0] * 10 + [60.0] * 5, power_w=340.0)
+    frame = frame.with_columns(pl.when(pl.col("gpu_util_pct") == 20.0).then(170.0).otherwise(340.0).alias("power_w"))
+    stats = [ChunkStats(index=0, rows=10, levels=levels)]
+    readings = level_readings(stats, frame)
+    assert readings is not None
+    assert (readings[1].gpu_util_pct, readings[1].power_w, readings[1].latency_p50_s) == (60.0, 340.0, 1.1)
+    assert (readings[8].gpu_util_pct, readings[8].power_w, readings[8].latency_p50_s) == (20.0, 170.0, 6.0)

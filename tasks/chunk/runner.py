@@ -77,6 +77,9 @@ class _ChunkRun:
             last_progress=time.monotonic(),
         )
         self.options: GenerationOptions = settings.options  # replaced when persistent out-of-memory lowers num_ctx
+        # When each in-flight level came into force (wall clock, as telemetry): the report reads the GPU per level.
+        self.level_changes: list[tuple[float, int]] = [(time.time(), self.policy.limit)]
+        self.answered_at: list[float] = []  # beside self.latencies: when each answer came back
         # Woken whenever a row is taken or finished or the in-flight limit moved: parked workers wait on it.
         self.changed = asyncio.Condition()
         self.flush_lock = asyncio.Lock()
@@ -99,6 +102,8 @@ class _ChunkRun:
             self.note(text)
         self.policy.notes.clear()
         self._follow_auto()
+        if self.policy.limit != self.level_changes[-1][1]:
+            self.level_changes.append((time.time(), self.policy.limit))
         if self.policy.num_ctx != self.options.num_ctx:
             self.options = self.options.model_copy(update={"num_ctx": self.policy.num_ctx})
         async with self.changed:
@@ -278,6 +283,7 @@ class _ChunkRun:
                 self.policy.answered(time.monotonic())
                 latency_ms = (time.perf_counter() - started) * 1000
                 self.latencies.append(latency_ms)
+                self.answered_at.append(time.time())
                 self.prompt_tokens += reply.prompt_tokens or 0
                 self.completion_tokens += reply.completion_tokens or 0
                 parsed, invalid = self._parse(reply)
@@ -370,6 +376,25 @@ class _ChunkRun:
                 task.cancel()
             await asyncio.gather(work, flusher, *helpers, return_exceptions=True)
             await self.flush()  # finished rows reach disk even when the chunk aborts
+
+
+def level_windows(
+    changes: list[tuple[float, int]], end: float, answered_at: list[float], latencies: list[float]
+) -> dict[int, dict[str, Any]] | None:
+    """Per in-flight level the chunk ran at: its time windows [start, end] and the p50 latency of the
+    answers that came back in them (an answer counts for the level in force when it came back). None
+    when the chunk kept one level: there is nothing to compare."""
+    if len({level for _, level in changes}) < 2:
+        return None
+    found: dict[int, dict[str, Any]] = {}
+    for (start, level), (stop, _) in zip(changes, [*changes[1:], (end, 0)], strict=True):
+        entry = found.setdefault(level, {"windows": [], "latencies": []})
+        entry["windows"].append([start, stop])
+        entry["latencies"] += [ms for t, ms in zip(answered_at, latencies, strict=True) if start <= t < stop]
+    return {
+        level: {"windows": e["windows"], "latency_p50_ms": _percentile(e["latencies"], 50)}
+        for level, e in found.items()
+    }
 
 
 def _percentile(values: list[float], q: int) -> float | None:
@@ -468,6 +493,7 @@ def _run_claimed(
         in_flight=run.auto.state.level if run.auto else run.policy.ceiling,
         num_ctx=run.options.num_ctx,
         calibration=(run.auto.curve() or None) if run.auto else None,
+        levels=level_windows(run.level_changes, time.time(), run.answered_at, run.latencies),
         engine=run.engine,
         structured_output=run.modes.structured,
         backend_sampling_requests=run.backend_sampled,
