@@ -322,8 +322,7 @@ def test_real_server_auto_tries_validation_with_backend_sampling_then_takes_the_
 
 
 def test_real_server_grammar_never_goes_with_backend_sampling(tmp_path: Path, llama_server: Any) -> None:
-    # llama.cpp's server hands a slot's sampler chain to the backend whenever a request asks, grammar or
-    # not; sampling then skips the grammar. 'on' with a grammar must not ask.
+    # llama.cpp samples a grammar on the host whatever the request asks: 'on' with a grammar does not ask.
     job = real_job(tmp_path, llama_server, 4, structured_output="grammar", backend_sampling="on")
     frame, stats = run_one(job)
     assert (stats.structured_output, stats.backend_sampling_requests) == ("grammar", 0)

@@ -119,9 +119,10 @@ def decide(settings: JobSettings, engine: str, schema: dict[str, Any] | None) ->
             structured = "validate" if engine == LLAMA_CPP_SERVER else "grammar"
         else:
             structured = settings.structured_output
-    # llama.cpp's sampler turns backend sampling off for a grammar (common/sampling.cpp), but its server
-    # installs the backend sampler for the slot whenever the request asks (server-context.cpp), and a token
-    # sampled there meets GGML_ASSERT(!grmr) in common_sampler_sample: never ask together with a grammar.
+    # A grammar is sampled on the host anyway: llama.cpp's sampler turns backend sampling off for it
+    # (common/sampling.cpp). Its server still installs the backend sampler for the slot when asked
+    # (server-context.cpp), and common_sampler_sample asserts no grammar for a token sampled there; a
+    # CPU-only llama-server answered such a request as without it, but nothing is gained: never ask.
     grammar = structured == "grammar"
     if settings.backend_sampling == "on":
         sampling = not grammar
