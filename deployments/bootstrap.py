@@ -11,9 +11,11 @@ What it does, in order, printing one line per object:
      active slots are printed, so a leaked slot shows up here;
   4. runs `prefect --no-prompt deploy --all` in the repository root, so prefect.yaml stays
      the one place deployments are defined, with BATCH_INFERENCE_DIR (the flow runs' working
-     directory, see prefect.yaml) set to this checkout unless it is already set;
+     directory, see prefect.yaml) set to this checkout unless it is already set; its own
+     output is shown only when it fails;
   5. reads every deployment back from the server and prints its pool, queue, schedule and
-     concurrency limit.
+     concurrency limit; then one line on starting a worker, and a server hint only for a
+     setting below that the server (GET /admin/settings) does not have.
 
 Server settings this project relies on (set them where `prefect server start` runs):
 
