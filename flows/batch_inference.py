@@ -40,7 +40,14 @@ from tasks.dispatch import Dispatcher, LaneFailed
 from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
 from tasks.job import Job, check_backends, plan_job
 from tasks.openai_batch import write_output as write_openai_output
-from tasks.progress import ArtifactSink, Progress, Throttled, terminal_sink
+from tasks.progress import (
+    ARTIFACT_CHUNK_END_EVERY_S,
+    ARTIFACT_EVERY_S,
+    ArtifactSink,
+    Progress,
+    Throttled,
+    terminal_sink,
+)
 from tasks.report import build_evidence, chunk_row, publish_artifacts, render_report
 from tasks.schema import ChunkStats
 from tasks.sink import ChunkSink, open_sink
@@ -117,6 +124,7 @@ def run_chunk_task(
     about = {"chunk": chunk.name, "output_dir": str(settings.output_dir), "flow_run": flow_run.name}
     with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=get_run_logger().warning, about=about):
         sampler.mark(f"{chunk.name} start")
+        progress.chunk_started(chunk.index)  # a retry or another endpoint: earlier tries' rows stay counted
         return run_chunk(
             settings,
             chunk,
@@ -315,7 +323,10 @@ def batch_inference(
         findings = [*plan.notes, *check_chunk_files(out, plan.chunks)]
         for finding in findings:
             logger.warning(finding)
-        done_before = sum(len(finished_rows(out, c)) for c in plan.chunks)
+        # Per chunk: a chunk's end then adds to the progress only the rows and error rows this attempt made.
+        rows_before = {c.index: len(finished_rows(out, c)) for c in plan.chunks}
+        errors_before = {c.index: error_rows(out, [c]) for c in plan.chunks}
+        done_before = sum(rows_before.values())
         limits = ", ".join(f"'{lane.gpu_limit}'" for lane in lanes)
         logger.info(
             "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight; each chunk holds the "
@@ -335,8 +346,8 @@ def batch_inference(
             key,
             plan.total_rows,
             done_before,
-            error_rows(out, plan.chunks),
-            sinks=[Throttled(ArtifactSink(), 2.0), terminal_sink()],
+            sum(errors_before.values()),
+            sinks=[Throttled(ArtifactSink(), ARTIFACT_EVERY_S, ARTIFACT_CHUNK_END_EVERY_S), terminal_sink()],
         )
         # Chunks an earlier attempt ran keep the figures it measured; this attempt's replace them.
         stats = {s["index"]: ChunkStats.model_validate(s) for s in history.get("chunk_stats", [])}
@@ -362,7 +373,7 @@ def batch_inference(
             sampler.mark(f"chunk-{st.index:05d} end")
             stats[st.index] = st
             ran.append(st)
-            progress.chunk_done(st.index, st.sent_rows, st.errors)
+            progress.chunk_done(st.index, st.rows - rows_before[st.index], st.errors - errors_before[st.index])
             deliver(chunk)
 
         sampler.start()

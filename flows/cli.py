@@ -25,16 +25,29 @@ import yaml
 
 # Exit codes: 1 the run itself failed (its manifest says why); 2 the command line (argparse).
 EXIT_SETTINGS, EXIT_INPUT, EXIT_OUTPUT_DIR, EXIT_BACKEND, EXIT_SINK = 3, 4, 5, 6, 7
+IN_USE = "in use"  # HINTS key: an output_dir refusal of its own (exit 5 still)
 
-HINTS = {
+HINTS: dict[int | str, str] = {
     EXIT_SETTINGS: "check the job file against the field table in README.md (The job file)",
     EXIT_INPUT: "fix the input file or query, or id_column / prompt_template in the job file",
     EXIT_OUTPUT_DIR: "give this configuration its own directory, e.g. --set output_dir=out/<new name>, "
     "or delete the old one to start over",
+    # A directory a live run holds: never suggest deleting what that run is writing.
+    IN_USE: "another run is writing this output_dir: wait for it to end (then the same command resumes or "
+    "finds the job done), or give this run its own directory, e.g. --set output_dir=out/<new name>",
     EXIT_BACKEND: "start the backend (`ollama serve`, `ollama pull <model>`) or point ollama_host / OLLAMA_HOST "
     "at it; nothing was sent and output_dir is untouched",
     EXIT_SINK: "start the sink database, or alter, drop or rename the sink table; nothing was sent and output_dir "
     "is untouched",
+}
+# An unreachable backend's hint names what that backend needs: HINTS[EXIT_BACKEND] is Ollama's.
+BACKEND_HINTS: dict[str, str] = {
+    "ollama": HINTS[EXIT_BACKEND],
+    "openai": "start the OpenAI-compatible server at base_url (llama-server, vLLM, SGLang, ...) so that "
+    "GET <base_url>/models lists the model, or point base_url (or endpoints) at one that does; nothing was sent "
+    "and output_dir is untouched",
+    "llamacpp": "set model_path to a GGUF file that exists (unset: the packaged Gemma 3 270M); nothing was sent "
+    "and output_dir is untouched",
 }
 
 
@@ -44,6 +57,8 @@ class UsageError(Exception):
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`--set options.num_ctx=8192` → {"options": {"num_ctx": 8192}}; values parse as YAML."""
+    from tasks.config import SettingsError
+
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -53,7 +68,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except (yaml.YAMLError, ValueError) as exc:
+            # A value is a setting: `run_date=2026-02-30` parses as a date YAML cannot build (exit 3, not 1).
+            raise SettingsError(f"--set {key}={raw} is not a valid value: {exc}") from None
     return overrides
 
 
@@ -77,19 +96,55 @@ def _exit_code(exc: BaseException) -> int | None:
     return None
 
 
+def _hint(exc: BaseException, code: int) -> str:
+    """What to do about a user error: its exit code's hint, or a closer one where the error says more."""
+    from tasks.store import OutputDirInUse
+
+    if code == EXIT_BACKEND:
+        return BACKEND_HINTS.get(getattr(exc, "backend", ""), HINTS[code])
+    if isinstance(exc, OutputDirInUse):
+        return HINTS[IN_USE]
+    return HINTS[code]
+
+
 def preflight(job_file: str | None, overrides: dict[str, Any]) -> None:
     """What the flow checks first, without Prefect: settings, input, output directory, backends, sink."""
     from tasks.dataset import validate_input
     from tasks.job import check_backends, plan_job
     from tasks.sink import open_sink
-    from tasks.store import check_output_dir
+    from tasks.store import check_not_in_use, check_output_dir
 
     job = plan_job(job_file, overrides, date.today(), validate=partial(validate_input, pin=False))
+    check_not_in_use(job.settings.output_dir)
     check_output_dir(job.settings.output_dir, job.fingerprint, job.record)
     sink = open_sink(job.settings, job.plan, create=False)  # reads only: a missing table is made by the run
     if sink is not None:
         sink.close()
     check_backends(job.settings)
+
+
+def _one_line(text: str | None, width: int = 100) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def done_summary(manifest: dict[str, Any], answers: int = 2) -> list[str]:
+    """A few lines after the done line: the first answers (or error rows, when none is ok), so a finished
+    run shows what it produced, and where its report is."""
+    import polars as pl
+
+    lines = []
+    if manifest.get("results") and Path(manifest["results"]).is_file():
+        rows = pl.scan_parquet(manifest["results"]).select("id", "status", "error_kind", "error", "response")
+        ok = rows.filter(pl.col("status") == "ok").head(answers).collect()
+        first = ok if ok.height else rows.head(answers).collect()
+        for row in first.iter_rows(named=True):
+            what = row["response"] if row["status"] == "ok" else f"error {row['error_kind']}: {row['error']}"
+            lines.append(f"  {row['id']}: {_one_line(what)}")
+    report = Path(manifest["settings"]["output_dir"]) / "report.md"
+    if report.is_file():
+        lines.append(f"report: {report}")
+    return lines
 
 
 def _die_with_parent() -> None:
@@ -216,7 +271,9 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> 
                 file=sys.stderr,
             )
             return 1
-        print(f"hint: {HINTS[code]}", file=sys.stderr)
+        print(f"hint: {_hint(exc, code)}", file=sys.stderr)
         return code
     print(f"{manifest['rows_ok']} ok, {manifest['rows_error']} error rows → {manifest['results']}")
+    for line in done_summary(manifest):
+        print(line)
     return 0
