@@ -36,7 +36,7 @@ from tasks.chunk import ChunkAborted, finished_chunk_stats, run_chunk
 from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.dispatch import Dispatcher, LaneFailed
-from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
+from tasks.gpu_slot import ensure_gpu_limit, gpu_slot, keep_slots
 from tasks.job import Job, check_backends, plan_job
 from tasks.openai_batch import write_output as write_openai_output
 from tasks.progress import ArtifactSink, Progress, Throttled, terminal_sink
@@ -108,7 +108,9 @@ def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
 def run_chunk_task(settings: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler) -> ChunkStats:
     """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed."""
     about = {"chunk": chunk.name, "output_dir": str(settings.output_dir), "flow_run": flow_run.name}
-    with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=get_run_logger().warning, about=about):
+    say = get_run_logger().warning
+    # The endpoint names the GPU's machine lock: jobs of other Prefect servers on this machine wait too.
+    with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=say, about=about, endpoint=settings.server_label):
         sampler.mark(f"{chunk.name} start")
         return run_chunk(
             settings,
@@ -167,7 +169,9 @@ def run_chunks(
         names, run, done, retries=settings.chunk_retries if several else 0, retry_delay_s=settings.chunk_retry_delay_s
     )
     try:
-        dispatcher(chunks)
+        # One chunk's GPU slot passes to the run's next chunk unless another job waits: no hand-over gap.
+        with keep_slots():
+            dispatcher(chunks)
     finally:
         notes.extend(dispatcher.events)
 
