@@ -15,8 +15,9 @@ A chunk holds two things while it sends rows:
 
 3. **The slot is kept across chunks of one run** (`keep_slots()`, around the flow's chunk loop):
    a chunk that ends hands lease and lock to the run's next chunk unless someone waits, that is,
-   a live waiting record on this machine, or a refusal of the Prefect slot since the run took it
-   (the server writes the limit's `updated` stamp on each: a run on another machine asking for it).
+   a live waiting record on this machine, or a refusal of the Prefect slot since the run took it,
+   seen at a lease renewal (the server writes the limit's `updated` stamp for each: a run on
+   another machine asking for it; so it gets its turn within a renewal period and a chunk).
    Then it gives both up, and its own next chunk lets the waiter take them first. A kept slot that
    no chunk takes within KEEP_IDLE_S (a retry delay, the end of the run) is given back.
 
@@ -424,6 +425,7 @@ class _Slot:
     lease_id: UUID | None = None
     server: str = ""
     down_since: float | None = None
+    asked: str | None = None  # a run elsewhere asked for the Prefect slot (seen at a renewal)
     guard: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     renewal: threading.Thread | None = None
@@ -557,6 +559,8 @@ class _Slot:
             self._answering()
             self.info["renewed_at"] = time.time()
             self._write_record()
+            with suppress(Exception):  # only a hint for the next hand-over
+                self._asked_for(client)
 
     def _not_answering(self, exc: BaseException) -> None:
         if self.down_since is None:
@@ -599,21 +603,22 @@ class _Slot:
                 "the next one waits for the slot"
             )
 
-    def someone_waits(self, client: SyncPrefectClient) -> tuple[str, str] | None:
-        """Who should get the GPU before our next chunk, and where to hand it over (the machine lock's
-        key, or the limit): a waiter on this machine, or a run elsewhere refused the Prefect slot.
-
-        Prefect records a refusal by writing the limit (`denied_slots`, not in its API; `updated` is):
-        with every slot taken, a write since we took ours that is not ours is someone asking for one.
-        """
-        if self.lock is not None and (waiters := self.lock.waiters()):
-            return f"{len(waiters)} run(s) on this machine wait for the GPU ({_who(waiters[0])})", self.lock.key
+    def _asked_for(self, client: SyncPrefectClient) -> None:
+        """Whether a run elsewhere asked for the Prefect slot since we took it; checked with each renewal,
+        so a chunk's end costs no API call. Prefect records a refusal by writing the limit
+        (`denied_slots`, not in its API; `updated` is): with every slot taken, a write since we took
+        ours is someone asking for one."""
         gcl = client.read_global_concurrency_limit_by_name(self.name)
         if gcl.active_slots >= gcl.limit and str(gcl.updated) != self.info.get("limit_updated"):
-            return (
-                f"GPU slot '{self.name}' was asked for at {gcl.updated:%H:%M:%S} (a run elsewhere)",
-                f"limit:{self.name}",
-            )
+            self.asked = f"GPU slot '{self.name}' was asked for at {gcl.updated:%H:%M:%S} (a run elsewhere)"
+
+    def someone_waits(self) -> tuple[str, str] | None:
+        """Who should get the GPU before our next chunk, and where to hand it over (the machine lock's
+        key, or the limit): a waiter on this machine, or a run elsewhere that asked for the Prefect slot."""
+        if self.lock is not None and (waiters := self.lock.waiters()):
+            return f"{len(waiters)} run(s) on this machine wait for the GPU ({_who(waiters[0])})", self.lock.key
+        if self.asked:
+            return self.asked, f"limit:{self.name}"
         return None
 
     # -- giving it back
@@ -746,11 +751,11 @@ def gpu_slot(
     Inside `keep_slots()` the slot may come from the run's previous chunk and pass to its next.
     """
     keeper = _KEEPER.get()
-    with get_client(sync_client=True) as client:
-        slot = keeper.take(name, endpoint) if keeper is not None else None
-        if slot is not None:
-            slot.retell(say, about)
-        else:
+    slot = keeper.take(name, endpoint) if keeper is not None else None
+    if slot is not None:
+        slot.retell(say, about)  # no API call: the hand-over costs nothing but the task boundary
+    else:
+        with get_client(sync_client=True) as client:
             try:
                 client.read_global_concurrency_limit_by_name(name)
             except ObjectNotFound:
@@ -758,26 +763,27 @@ def gpu_slot(
                     f"GPU limit '{name}' does not exist (create it: prefect gcl create {name} --limit 1)"
                 ) from None
             slot = _Slot.acquire(client, name, endpoint, timeout_s, say, about)
-        done = False
-        try:
-            yield
-            done = True
-        finally:
-            waits = None
-            # A slot the server forgot and another run took (lease_id None) is not kept: the next
-            # chunk waits for it like anyone else.
-            keep = done and keeper is not None and slot.lease_id is not None
-            if keep:
-                try:
-                    waits = slot.someone_waits(client)
-                except Exception as exc:  # noqa: BLE001 - cannot tell: give the GPU up, as without a keeper
-                    slot.say(f"GPU slot '{name}': given up after this chunk, could not tell who waits: {exc}")
-                    keep = False
-            if keep and waits is None:
-                assert keeper is not None
-                keeper.keep(slot)
-            else:
-                if waits is not None:
-                    slot.say(f"GPU slot '{name}': given up after this chunk, {waits[0]}")
-                    _hand_over(waits[1])
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        waits = None
+        # A slot the server forgot and another run took (lease_id None) is not kept: the next
+        # chunk waits for it like anyone else.
+        keep = done and keeper is not None and slot.lease_id is not None
+        if keep:
+            try:
+                waits = slot.someone_waits()
+            except Exception as exc:  # noqa: BLE001 - cannot tell: give the GPU up, as without a keeper
+                slot.say(f"GPU slot '{name}': given up after this chunk, could not tell who waits: {exc}")
+                keep = False
+        if keep and waits is None:
+            assert keeper is not None
+            keeper.keep(slot)
+        else:
+            if waits is not None:
+                slot.say(f"GPU slot '{name}': given up after this chunk, {waits[0]}")
+                _hand_over(waits[1])
+            with get_client(sync_client=True) as client:
                 slot.release(client)

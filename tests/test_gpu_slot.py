@@ -121,23 +121,26 @@ def test_a_prefect_server_restarted_mid_run_blocks_neither_the_run_nor_a_rerun(
 def test_two_jobs_with_their_own_prefect_servers_take_turns_on_one_engine(tmp_path: Path) -> None:
     """Each CLI job starts its own temporary Prefect server (own PREFECT_HOME), so no Prefect limit
     sees both: the machine lock of the engine's URL keeps them apart, chunk by chunk."""
-    locks = {LOCK_DIR_ENV: str(tmp_path / "locks")}
+    # A temporary server takes a while to start on a busy machine (Prefect's default gives it 20 s).
+    extra = {LOCK_DIR_ENV: str(tmp_path / "locks"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     # 8 slots: two jobs of in_flight 4 side by side would show as 8 requests at once.
     with OllamaEmulator(models=["gemma3:12b"], parallel=8, latency_s=1.0) as emu:
         from tests.conftest import job_builder
 
-        first = job_builder(tmp_path / "a", emu.host)(96, chunk_size=8, in_flight=4)
+        # Long enough at 1 s an answer (160 s) to outlast B's start on a busy machine.
+        first = job_builder(tmp_path / "a", emu.host)(640, chunk_size=16, in_flight=4)
         second = job_builder(tmp_path / "b", emu.host)(24, chunk_size=8, in_flight=4)
         logs = {name: tmp_path / f"{name}.log" for name in ("a", "b")}
-        a = start_cli(_job_file(tmp_path, "a", first), logs["a"], _env(tmp_path, "a", **locks))
+        a = start_cli(_job_file(tmp_path, "a", first), logs["a"], _env(tmp_path, "a", **extra))
         try:
             # Slow answers until B waits for the GPU, so A surely holds it when B comes.
-            wait_for(lambda: _rows(emu.requests) or a.poll() is not None, 180, "job A's first request")
-            b = start_cli(_job_file(tmp_path, "b", second), logs["b"], _env(tmp_path, "b", **locks))
+            wait_for(lambda: _rows(emu.requests) or a.poll() is not None, 300, "job A's first request")
+            assert a.poll() is None, logs["a"].read_text()[-3000:]
+            b = start_cli(_job_file(tmp_path, "b", second), logs["b"], _env(tmp_path, "b", **extra))
             try:
                 wait_for(
                     lambda: "waiting for the GPU of" in logs["b"].read_text() or b.poll() is not None,
-                    240,
+                    300,
                     "job B to say it waits for the GPU",
                 )
                 emu.latency_s = 0.05
