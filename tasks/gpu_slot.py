@@ -333,12 +333,16 @@ def _still_counted(limit: GlobalConcurrencyLimitResponse, info: dict[str, Any]) 
     return unchanged or time.time() - renewed < LEASE_S - 5  # 5 s: the server's clock may run ahead
 
 
-def _give_back(client: SyncPrefectClient, limit: str, lease: UUID, info: dict[str, Any]) -> str | None:
+def _give_back(
+    client: SyncPrefectClient, limit: str, lease: UUID, info: dict[str, Any], by_count: bool = True
+) -> str | None:
     """Return a dead (or leaving) holder's slot; says how, or None when it provably needs nothing
     (the lease expired and the server took the slot back) or cannot be proven to."""
     if _lease_known(client, lease):
         client.release_concurrency_slots_with_lease(lease)
         return "by its lease"
+    if not by_count:
+        return None
     gcl = client.read_global_concurrency_limit_by_name(limit)
     if gcl.active_slots > 0 and _still_counted(gcl, info):
         client.release_concurrency_slots([limit], 1, occupancy_seconds=1.0)  # must be > 0
@@ -353,7 +357,8 @@ def free_dead_holders(client: SyncPrefectClient, limit: str, say: Say) -> int:
     for holder in [h for h in holders if not h.alive]:
         lease = holder.info.get("lease_id")
         if lease:
-            how = _give_back(client, limit, UUID(lease), holder.info)
+            # On a temporary server the count below frees what the dead took, all at once.
+            how = _give_back(client, limit, UUID(lease), holder.info, by_count=not temporary_server())
             if how:
                 freed += 1
                 say(f"GPU slot '{limit}': freed the slot of a killed run, {holder.describe()} (lease {lease}), {how}")
