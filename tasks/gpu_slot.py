@@ -573,7 +573,7 @@ class _Slot:
             guard = f"the machine lock of {self.endpoint}" if self.lock else "nothing but this process"
             self.say(
                 f"the Prefect server at {self.server} is not answering (since {_clock(self.down_since)}): "
-                f"{type(exc).__name__}: {exc}. The chunk goes on; its GPU is guarded by {guard} meanwhile"
+                f"{type(exc).__name__}: {exc}. Meanwhile the GPU is guarded by {guard} alone"
             )
 
     def _answering(self) -> None:
@@ -640,8 +640,9 @@ class _Slot:
                 # The lease may be gone (a server restart since the last renewal): then the slot is
                 # freed by count when provably still ours, never left counted.
                 _give_back(client, self.name, self.lease_id, self.info)
-        except (httpx.TransportError, OSError):
+        except (httpx.TransportError, OSError) as exc:
             # The server is away: the record stays, unlocked, and the next taker on this machine frees the slot.
+            self._not_answering(exc)
             self.handle.close()
         else:
             self._drop_record()

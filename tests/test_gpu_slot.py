@@ -89,11 +89,12 @@ def test_a_prefect_server_restarted_mid_run_blocks_neither_the_run_nor_a_rerun(
 ) -> None:
     """In-memory leases die with the server; the database still counts the slot. The run must know
     that slot is its own (not wait for 'a run this machine has no record of'), and leave none behind."""
-    emulator.latency_s = 0.3
+    # Slow answers until the run has said the server is gone: the chunk outlasts a lease renewal (20 s).
+    emulator.latency_s = 3.0
     port, home = free_port(), tmp_path / "server-home"
     api = f"http://127.0.0.1:{port}/api"
     env = _env(tmp_path, "client", PREFECT_API_URL=api, **{LOCK_DIR_ENV: str(tmp_path / "locks")})
-    settings = job(48, chunk_size=16, in_flight=4, gpu_limit="gpu")
+    settings = job(80, chunk_size=40, in_flight=4, gpu_limit="gpu")
     job_file = _job_file(tmp_path, "restart", settings)
     log = tmp_path / "run.log"
     with prefect_server(home, port, tmp_path / "server-1.log") as server:
@@ -103,10 +104,14 @@ def test_a_prefect_server_restarted_mid_run_blocks_neither_the_run_nor_a_rerun(
         assert proc.poll() is None, log.read_text()[-3000:]
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+        # Named as such within a lease renewal (20 s), not as a bare "Connection refused" minutes later.
+        wait_for(lambda: "is not answering" in log.read_text(), 60, "the run to say the server is not answering")
+        emulator.latency_s = 0.05
     with prefect_server(home, port, tmp_path / "server-2.log"):
         said = _finish(proc, log, 240)
+        assert re.search(rf"the Prefect server at {api} is not answering \(since \d\d:\d\d:\d\d UTC\)", said)
         assert "waiting for GPU slot" not in said, said[-4000:]
-        assert len({row for row, _, _ in _rows(emulator.requests)}) == 48
+        assert len({row for row, _, _ in _rows(emulator.requests)}) == 80
         gpu = httpx.get(f"{api}/v2/concurrency_limits/gpu", timeout=10).json()
         assert gpu["active_slots"] == 0, gpu
 
