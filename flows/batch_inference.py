@@ -37,7 +37,7 @@ from tasks.chunk.calibrate import AutoState
 from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.dispatch import Dispatcher, LaneFailed
-from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
+from tasks.gpu_slot import ensure_gpu_limit, gpu_slot, keep_slots
 from tasks.job import Job, check_backends, plan_job
 from tasks.openai_batch import write_output as write_openai_output
 from tasks.progress import (
@@ -122,7 +122,9 @@ def run_chunk_task(
     """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed.
     `auto`: where 'auto' in-flight left off on this endpoint (the last chunk's ChunkStats.auto)."""
     about = {"chunk": chunk.name, "output_dir": str(settings.output_dir), "flow_run": flow_run.name}
-    with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=get_run_logger().warning, about=about):
+    say = get_run_logger().warning
+    # The endpoint names the GPU's machine lock: jobs of other Prefect servers on this machine wait too.
+    with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=say, about=about, endpoint=settings.server_label):
         sampler.mark(f"{chunk.name} start")
         progress.chunk_started(chunk.index)  # a retry or another endpoint: earlier tries' rows stay counted
         return run_chunk(
@@ -216,7 +218,9 @@ def run_chunks(
         names, run, done, retries=settings.chunk_retries if several else 0, retry_delay_s=settings.chunk_retry_delay_s
     )
     try:
-        dispatcher(chunks)
+        # One chunk's GPU slot passes to the run's next chunk unless another job waits: no hand-over gap.
+        with keep_slots():
+            dispatcher(chunks)
     finally:
         notes.extend(dispatcher.events)
 

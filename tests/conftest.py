@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,10 @@ from tests.support.postgres_server import PostgresServer, binaries
 # children. Only the tests: the product keeps OpenMP's default, as spinning is faster on free cores
 # (the demo job on 2 cores: 149-155 s with OMP_WAIT_POLICY=ACTIVE, 191 s with PASSIVE).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The GPU machine locks of the tests' engines (emulators on random ports, the fake backend's fixed
+# 127.0.0.1:9) stay with this test process and its children: in the machine-wide default directory
+# the runs of other test sessions on this machine would wait for them.
+os.environ.setdefault("GPU_BATCH_LOCK_DIR", tempfile.mkdtemp(prefix="gpu-batch-test-locks-"))
 
 
 @pytest.fixture(scope="session")
