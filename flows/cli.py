@@ -119,11 +119,15 @@ def use_temporary_server() -> None:
 
     class DiesWithParent(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> Any:
-            # Prefect builds the command; only the child's death signal is ours to add.
+            # Prefect builds the command; the child's death signal and its session are ours to add.
+            # Its own session: the terminal's Ctrl-C goes to the foreground process group, and a
+            # server that got it would die under the run that is winding down (the run logged lease
+            # renewal failures for minutes, then "Connection refused"). Prefect stops it at exit,
+            # after the run; the death signal still takes it down with a SIGKILLed command.
             import subprocess
 
             original = subprocess.Popen
-            subprocess.Popen = lambda *a, **kw: original(*a, **kw, preexec_fn=_die_with_parent)  # type: ignore[misc,assignment,call-overload]
+            subprocess.Popen = lambda *a, **kw: original(*a, **kw, preexec_fn=_die_with_parent, start_new_session=True)  # type: ignore[misc,assignment,call-overload]
             try:
                 return super()._run_uvicorn_command()
             finally:
