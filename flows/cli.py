@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tasks import stopping
+
 # Exit codes: 1 the run itself failed (its manifest says why); 2 the command line (argparse).
 EXIT_SETTINGS, EXIT_INPUT, EXIT_OUTPUT_DIR, EXIT_BACKEND, EXIT_SINK = 3, 4, 5, 6, 7
 
@@ -201,6 +203,11 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> 
         preflight(job_file, overrides)
         _quiet_prefect()
         use_temporary_server()
+        if kind == "batch":
+            # From here a first SIGINT/SIGTERM winds the run down (the flow checks it at each step),
+            # a second one exits at once. The scale-out parent does not wind down: it keeps Python's
+            # KeyboardInterrupt.
+            stopping.install()
         manifest = _run(kind, args, overrides)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -208,7 +215,14 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> 
     except KeyboardInterrupt:
         print("interrupted: rows finished so far are on disk; run the same command again to resume", file=sys.stderr)
         return 130
+    except stopping.Interrupted as exc:
+        where = exc.on_disk or "before the run wrote anything"
+        print(f"interrupted ({exc.signum.name}): {where}; the same command resumes", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:
+        if (signum := stopping.requested()) is not None:  # the run broke off otherwise while winding down
+            print(f"interrupted ({signum.name}): {exc}; the same command resumes", file=sys.stderr)
+            return 128 + signum
         code = _exit_code(exc)
         if args.debug:
             traceback.print_exc()

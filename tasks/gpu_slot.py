@@ -35,6 +35,8 @@ from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import get_current_settings
 
+from tasks import stopping
+
 # A live holder renews its lease every third of it; Prefect's shortest lease is 60 s.
 LEASE_S = 60.0
 POLL_S = 1.0  # a local API call per second while waiting: a freed slot is taken at once
@@ -237,7 +239,8 @@ def gpu_slot(name: str, timeout_s: float, say: Say, about: dict[str, Any] | None
                         f"{_waiting_for(client, name)}"
                     )
                     said = waited
-                time.sleep(POLL_S)
+                if stopping.sleep(POLL_S):  # Ctrl-C while another run holds the slot: no waiting it out
+                    stopping.check(f"while waiting for GPU slot '{name}'")
             renewal = _Renewal(lease_id, say)
             renewal.start()
             try:
