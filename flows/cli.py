@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tasks import stopping
+
 # Exit codes: 1 the run itself failed (its manifest says why); 2 the command line (argparse).
 EXIT_SETTINGS, EXIT_INPUT, EXIT_OUTPUT_DIR, EXIT_BACKEND, EXIT_SINK = 3, 4, 5, 6, 7
 IN_USE = "in use"  # HINTS key: an output_dir refusal of its own (exit 5 still)
@@ -174,11 +176,15 @@ def use_temporary_server() -> None:
 
     class DiesWithParent(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> Any:
-            # Prefect builds the command; only the child's death signal is ours to add.
+            # Prefect builds the command; the child's death signal and its session are ours to add.
+            # Its own session: the terminal's Ctrl-C goes to the foreground process group, and a
+            # server that got it would die under the run that is winding down (the run logged lease
+            # renewal failures for minutes, then "Connection refused"). Prefect stops it at exit,
+            # after the run; the death signal still takes it down with a SIGKILLed command.
             import subprocess
 
             original = subprocess.Popen
-            subprocess.Popen = lambda *a, **kw: original(*a, **kw, preexec_fn=_die_with_parent)  # type: ignore[misc,assignment,call-overload]
+            subprocess.Popen = lambda *a, **kw: original(*a, **kw, preexec_fn=_die_with_parent, start_new_session=True)  # type: ignore[misc,assignment,call-overload]
             try:
                 return super()._run_uvicorn_command()
             finally:
@@ -252,6 +258,11 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> 
         preflight(job_file, overrides)
         _quiet_prefect()
         use_temporary_server()
+        if kind == "batch":
+            # From here a first SIGINT/SIGTERM winds the run down (the flow checks it at each step),
+            # a second one exits at once. The scale-out parent does not wind down: it keeps Python's
+            # KeyboardInterrupt.
+            stopping.install()
         manifest = _run(kind, args, overrides)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -259,7 +270,14 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> 
     except KeyboardInterrupt:
         print("interrupted: rows finished so far are on disk; run the same command again to resume", file=sys.stderr)
         return 130
+    except stopping.Interrupted as exc:
+        where = exc.on_disk or "before the run wrote anything"
+        print(f"interrupted ({exc.signum.name}): {where}; the same command resumes", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:
+        if (signum := stopping.requested()) is not None:  # the run broke off otherwise while winding down
+            print(f"interrupted ({signum.name}): {exc}; the same command resumes", file=sys.stderr)
+            return 128 + signum
         code = _exit_code(exc)
         if args.debug:
             traceback.print_exc()

@@ -72,6 +72,8 @@ from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings, temporary_settings
 
+from tasks import stopping
+
 # A live holder renews its lease every third of it; Prefect's shortest lease is 60 s.
 LEASE_S = 60.0
 POLL_S = 1.0  # a local API call per second while waiting for the Prefect slot
@@ -468,7 +470,8 @@ class _Slot:
                                 f"{timeout_s:.0f}): held on this machine by {lock.held_by()} (lock {lock.path})"
                             )
                             said = waited
-                        time.sleep(LOCK_POLL_S)
+                        if stopping.sleep(LOCK_POLL_S):  # Ctrl-C while another job holds the GPU
+                            stopping.check(f"while waiting for the GPU of {endpoint}")
             info["since"] = time.time()
             lock.describe(info)
         folder = registry_dir() / name
@@ -508,7 +511,8 @@ class _Slot:
                     f"{_waiting_for(client, name)}"
                 )
                 said = waited
-            time.sleep(POLL_S)
+            if stopping.sleep(POLL_S):  # Ctrl-C while another run holds the slot: no waiting it out
+                stopping.check(f"while waiting for GPU slot '{name}'")
         return lease_id
 
     # -- holding it

@@ -242,6 +242,8 @@ def render_report(
     rate = evidence.requests_per_s
     attempts = manifest.get("attempts", [])
     status = "complete" if manifest["complete"] else f"**incomplete** ({manifest['error']})"
+    if manifest.get("interrupted"):
+        status = f"**interrupted** by {manifest['interrupted']} ({manifest['error']}); the same command resumes"
     job_wall = sum(a["wall_s"] for a in attempts) or manifest["wall_s"]
     rate_cells = (
         [
