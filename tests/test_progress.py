@@ -100,7 +100,7 @@ def test_progress_never_goes_back_when_a_chunk_moves_to_another_endpoint(
 
         killer = when(reported_on_slow, slow.down)
         manifest = batch_flow.batch_inference(overrides=settings)
-        killer.join(timeout=5)
+        killer.join(timeout_s=5)
     assert manifest["complete"] and manifest["rows_ok"] == 96
     assert 8 <= len(slow.chat_prompts()) < 48, "the slow endpoint died inside its chunk"
     done = [s.done for s in seen]
