@@ -228,7 +228,10 @@ def _busy_pct(before: Any, after: Any) -> float:
 
 
 class Sampler:
-    """Samples GPU and host fields every `interval_s` on a daemon thread; start() / stop()."""
+    """Samples GPU and host fields every `interval_s` on a daemon thread; start() / stop().
+
+    Rows are buffered as dicts and packed into a Polars frame every `flush_rows` rows.
+    """
 
     def __init__(
         self,
@@ -236,6 +239,7 @@ class Sampler:
         gpu_source: GpuSource | None | Literal["auto"] = "auto",
         model_memory: Sequence[ModelMemory] = (),
         server_pid: int | None = None,
+        flush_rows: int = _FLUSH_ROWS,
     ) -> None:
         # No I/O here: "auto" opens NVML in start(), so a Sampler can be built anywhere.
         # server_pid only reaches the "auto" NVML source; a source passed in is used as given.
@@ -244,6 +248,7 @@ class Sampler:
         self._source: GpuSource | None = None
         self._model_memory = list(model_memory)
         self._server_pid = server_pid
+        self.flush_rows = flush_rows
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -340,7 +345,7 @@ class Sampler:
         rows = [{**host, "gpu": i, **self._read_gpu(i)} for i in range(self._devices())]
         with self._lock:
             self._rows.extend(rows or [{**host, "gpu": None}])
-            if len(self._rows) >= _FLUSH_ROWS:
+            if len(self._rows) >= self.flush_rows:
                 # Packed frames hold a long run (1 sample/s for 14 h) in a few MB, dicts would not.
                 self._parts.append(_to_frame(self._rows))
                 self._rows = []

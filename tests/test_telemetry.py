@@ -224,9 +224,9 @@ def test_ollama_unreachable_gives_none() -> None:
     assert summarize(df, 0, time.time())["ollama_spill"] is None
 
 
-def test_frame_survives_flush_and_parquet_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(telemetry, "_FLUSH_ROWS", 5)  # pack rows into frames early and often
-    s = Sampler(interval_s=0.005, gpu_source=FakeGpu(n=1))
+def test_frame_survives_flush_and_parquet_roundtrip(tmp_path: Path) -> None:
+    # Pack rows into frames early and often.
+    s = Sampler(interval_s=0.005, gpu_source=FakeGpu(n=1), flush_rows=5)
     s.start()
     _wait_for(lambda: s.samples > 12)
     s.stop()
