@@ -96,10 +96,15 @@ def test_every_lane_failing_raises_the_last_failure() -> None:
 
 def test_other_errors_are_raised_once_running_batches_end() -> None:
     finished: list[int] = []
+    x_failed = threading.Event()
 
     def run(lane: int, batch: list[int]) -> None:
         if lane == 0:
+            x_failed.set()
             raise ValueError("a bug, not a lane failure")
+        # Lane y's batch is still running when x's error comes out (the event orders them), and
+        # slow (the sleep is the scenario): a dispatcher that did not wait for it would miss its end.
+        x_failed.wait(5)
         time.sleep(0.1)
         finished.append(batch[0])
 
