@@ -1,4 +1,4 @@
-"""Throughput benchmark: orchestration capacity, slot saturation, the 170K-row job, embedded model, resume.
+"""Throughput benchmark: orchestration capacity, slot saturation, the 170K-row job, embedded model, resume, telemetry.
 
     python -m bench.benchmark            # full (~14 min on 2 cores), or: make bench
     python -m bench.benchmark --quick    # fewer rows (~3 min)
@@ -806,6 +806,34 @@ def bench_engine(b: Bench) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------------------------------------- telemetry
+def bench_telemetry(samples: int = 200) -> dict[str, Any]:
+    """The run's telemetry Sampler: CPU per sample, against the bare psutil reads each sample makes."""
+    from tasks.telemetry import Sampler
+
+    sampler = Sampler(interval_s=0.005, gpu_source=None)  # host fields only, as the bare loop reads
+    sampler.start()
+    deadline = time.monotonic() + 60
+    while sampler.samples < samples and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sampler.stop()
+    per_sample = sampler.cpu_seconds_per_sample or 0.0
+    # Baseline, same machine, same moment: the psutil calls alone, no rows, no frames.
+    proc, began = psutil.Process(), time.thread_time()
+    for _ in range(samples):
+        psutil.cpu_times(percpu=True), psutil.virtual_memory(), proc.memory_info(), proc.cpu_times()
+    bare = (time.thread_time() - began) / samples
+    return {
+        "method": "Sampler at a 5 ms interval on a thread, its thread CPU per sample; bare: the same psutil reads in a loop",
+        "samples": sampler.samples,
+        "sampler_cpu_ms_per_sample": r(per_sample * 1000, 3),
+        "bare_psutil_cpu_ms_per_sample": r(bare * 1000, 3),
+        "sampler_over_bare": r(per_sample / bare, 2) if bare else None,
+        # The budget: under 1 % of a core at the default 1 s interval, i.e. < 10 ms of CPU per sample.
+        "target_lt_1pct_of_a_core_at_1s": per_sample < 0.010,
+    }
+
+
 # ----------------------------------------------------------------------------- 5. resume
 def bench_resume(b: Bench, job_section: dict[str, Any]) -> dict[str, Any]:
     """Half of the big job's chunk files and results.parquet deleted, rerun: what does skipping cost?"""
@@ -1000,7 +1028,7 @@ def strip_private(obj: Any) -> Any:
     return obj
 
 
-SECTIONS = ("orchestration", "saturation", "job", "embedded", "resume", "engine")
+SECTIONS = ("orchestration", "saturation", "job", "embedded", "resume", "engine", "telemetry")
 
 
 def run_benchmark(profile: Profile, only: set[str], keep: bool, engine: Engine | None = None) -> dict[str, Any]:
@@ -1019,6 +1047,7 @@ def run_benchmark(profile: Profile, only: set[str], keep: bool, engine: Engine |
                 ("job", lambda: bench_job(b)),
                 ("resume", lambda: bench_resume(b, result["job"])),
                 ("engine", lambda: bench_engine(b)),
+                ("telemetry", lambda: bench_telemetry()),
             ]
             for name, step in steps:
                 if name not in only or (name == "resume" and "runs" not in result.get("job", {})):
@@ -1048,6 +1077,7 @@ def run_benchmark(profile: Profile, only: set[str], keep: bool, engine: Engine |
         "memory_flat_17k_vs_170k": result.get("job", {}).get("target_memory_flat"),
         "embedded_ratio_ge_0.95": result.get("embedded", {}).get("target_ratio_ge_0.95"),
         "engine_auto_ge_0.95_best_fixed": result.get("engine", {}).get("target_auto_ge_0.95_best"),
+        "telemetry_lt_1pct_of_a_core": result.get("telemetry", {}).get("target_lt_1pct_of_a_core_at_1s"),
         # Other tenants' CPU > 10 % of the machine during a section: its absolute figures are suspect.
         "noisy_sections": [
             name for name in SECTIONS if (result.get(name, {}).get("other_processes_cpu_pct_of_machine") or 0.0) > 10.0
