@@ -7,7 +7,7 @@
 
 Not part of the test suite. Every flow runs as the real CLI (`python -m flows.batch_inference
 --config job.yaml`) in its own process, against one `prefect server start` for the whole benchmark
-and the Ollama emulator (tests/support/ollama_emulator.py) in this process, so the client and the "server"
+and the Ollama emulator (harness/ollama_emulator.py) in this process, so the client and the "server"
 do not share an interpreter. Prints one JSON document and writes it to bench/results/<UTC>.json.
 Every ratio is taken against a baseline measured in the same run (an ideal the emulator defines, or
 another client on the same emulator): ratios survive a noisy machine, absolute seconds do not.
@@ -43,9 +43,9 @@ import polars as pl  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
+from harness.ollama_emulator import OllamaEmulator, RequestRecord, completion_for  # noqa: E402
+from harness.processes import free_port, start, stop, wait_for  # noqa: E402
 from tasks.store import package_version  # noqa: E402
-from tests.support.ollama_emulator import OllamaEmulator, RequestRecord, completion_for  # noqa: E402
-from tests.support.processes import free_port, start, stop, wait_for  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 MODEL = "gemma3:12b"
@@ -172,7 +172,7 @@ class ProcessRun:
         return max(inside) if inside else None
 
 
-SNAPSHOT_DIRS = ("flows", "tasks", "bench", "tests")
+SNAPSHOT_DIRS = ("flows", "tasks", "bench", "harness")
 
 
 def snapshot_code(work: Path) -> tuple[Path, str]:
@@ -713,7 +713,7 @@ def seed_like_rows(path: Path, rows: int) -> Path:
 
 def bench_engine(b: Bench) -> dict[str, Any]:
     """The product against a real llama.cpp server: in_flight 1, each fixed level, and auto, one run each."""
-    from tests.support.llama_server import LlamaServer
+    from harness.llama_server import LlamaServer
 
     e = b.engine
     server = None

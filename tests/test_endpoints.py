@@ -15,8 +15,8 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import OllamaEmulator
 from tasks.config import Endpoint, SettingsError, load_settings
-from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

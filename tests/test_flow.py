@@ -17,10 +17,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
 from tasks.dataset import InputError
 from tasks.store import OutputDirError
 from tests.conftest import make_rows, when, write_input
-from tests.support.ollama_emulator import Fault, OllamaEmulator, answer_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

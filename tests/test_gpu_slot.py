@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import OllamaEmulator, RequestRecord
+from harness.processes import free_port, start, start_cli, stop, wait_for
 from tasks.gpu_slot import LOCK_DIR_ENV, MachineLock, _read_holders, ensure_gpu_limit, gpu_slot, keep_slots, machine_key
-from tests.support.ollama_emulator import OllamaEmulator, RequestRecord
-from tests.support.processes import free_port, start, start_cli, stop, wait_for
 
 ROW = re.compile(r"candidate (\d+) writes")
 

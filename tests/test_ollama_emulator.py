@@ -16,7 +16,7 @@ import ollama
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.support.ollama_emulator import (
+from harness.ollama_emulator import (
     BUSY,
     CRASH,
     OOM,
@@ -25,7 +25,7 @@ from tests.support.ollama_emulator import (
     answer_for,
     completion_for,
 )
-from tests.support.processes import wait_for
+from harness.processes import wait_for
 
 MODEL = "gemma3:12b"
 

@@ -10,8 +10,8 @@ from typing import Any
 import polars as pl
 import pytest
 
+from harness.ollama_emulator import OllamaEmulator
 from tasks.store import claim_output_dir
-from tests.support.ollama_emulator import OllamaEmulator
 from tests.test_cli import cli, job_file
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import flows.batch_inference as batch_flow
+from harness.ollama_emulator import OllamaEmulator
 from tasks.progress import (
     ARTIFACT_CHUNK_END_EVERY_S,
     ARTIFACT_EVERY_S,
@@ -19,7 +20,6 @@ from tasks.progress import (
     terminal_sink,
 )
 from tests.conftest import when
-from tests.support.ollama_emulator import OllamaEmulator
 
 
 def test_a_chunk_tried_again_keeps_what_the_failed_try_finished() -> None:
