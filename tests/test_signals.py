@@ -22,11 +22,11 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL
 
+from harness.ollama_emulator import Fault, OllamaEmulator
+from harness.processes import start_cli
 from tasks.config import load_settings
 from tasks.dataset import validate_input
 from tasks.store import finished_rows
-from tests.support.ollama_emulator import Fault, OllamaEmulator
-from tests.support.processes import start_cli
 
 STOP_LIMIT_S = 10.0  # signal to exit, what systemd's and Kubernetes' grace periods leave
 
