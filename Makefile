@@ -49,8 +49,8 @@ bench: install
 	$(BIN)/python -m bench.benchmark $(BENCH_ARGS)
 
 lint: install
-	$(BIN)/ruff check flows tasks tests deployments jobs bench
-	$(BIN)/ruff format --check flows tasks tests deployments jobs bench
+	$(BIN)/ruff check flows tasks tests deployments jobs bench harness
+	$(BIN)/ruff format --check flows tasks tests deployments jobs bench harness
 	$(BIN)/mypy  # flows, tasks, deployments: [tool.mypy] in pyproject.toml
 
 clean:

@@ -1,4 +1,4 @@
-"""Throughput benchmark: orchestration capacity, slot saturation, the 170K-row job, embedded model, resume.
+"""Throughput benchmark: orchestration capacity, slot saturation, the 170K-row job, embedded model, resume, telemetry.
 
     python -m bench.benchmark            # full (~14 min on 2 cores), or: make bench
     python -m bench.benchmark --quick    # fewer rows (~3 min)
@@ -7,7 +7,7 @@
 
 Not part of the test suite. Every flow runs as the real CLI (`python -m flows.batch_inference
 --config job.yaml`) in its own process, against one `prefect server start` for the whole benchmark
-and the Ollama emulator (tests/support/ollama_emulator.py) in this process, so the client and the "server"
+and the Ollama emulator (harness/ollama_emulator.py) in this process, so the client and the "server"
 do not share an interpreter. Prints one JSON document and writes it to bench/results/<UTC>.json.
 Every ratio is taken against a baseline measured in the same run (an ideal the emulator defines, or
 another client on the same emulator): ratios survive a noisy machine, absolute seconds do not.
@@ -43,9 +43,9 @@ import polars as pl  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
+from harness.ollama_emulator import OllamaEmulator, RequestRecord, completion_for  # noqa: E402
+from harness.processes import free_port, start, stop, wait_for  # noqa: E402
 from tasks.store import package_version  # noqa: E402
-from tests.support.ollama_emulator import OllamaEmulator, RequestRecord, completion_for  # noqa: E402
-from tests.support.processes import free_port, start, stop, wait_for  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 MODEL = "gemma3:12b"
@@ -172,7 +172,7 @@ class ProcessRun:
         return max(inside) if inside else None
 
 
-SNAPSHOT_DIRS = ("flows", "tasks", "bench", "tests")
+SNAPSHOT_DIRS = ("flows", "tasks", "bench", "harness")
 
 
 def snapshot_code(work: Path) -> tuple[Path, str]:
@@ -713,7 +713,7 @@ def seed_like_rows(path: Path, rows: int) -> Path:
 
 def bench_engine(b: Bench) -> dict[str, Any]:
     """The product against a real llama.cpp server: in_flight 1, each fixed level, and auto, one run each."""
-    from tests.support.llama_server import LlamaServer
+    from harness.llama_server import LlamaServer
 
     e = b.engine
     server = None
@@ -803,6 +803,34 @@ def bench_engine(b: Bench) -> dict[str, Any]:
         ),
         "auto_over_in_flight_1": r((auto["rows_per_s"] or 0) / (one["rows_per_s"] or 1), 3) if one else None,
         "target_auto_ge_0.95_best": (auto["rows_per_s"] or 0) >= 0.95 * (best["rows_per_s"] or 0),
+    }
+
+
+# ----------------------------------------------------------------------------- telemetry
+def bench_telemetry(samples: int = 200) -> dict[str, Any]:
+    """The run's telemetry Sampler: CPU per sample, against the bare psutil reads each sample makes."""
+    from tasks.telemetry import Sampler
+
+    sampler = Sampler(interval_s=0.005, gpu_source=None)  # host fields only, as the bare loop reads
+    sampler.start()
+    deadline = time.monotonic() + 60
+    while sampler.samples < samples and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sampler.stop()
+    per_sample = sampler.cpu_seconds_per_sample or 0.0
+    # Baseline, same machine, same moment: the psutil calls alone, no rows, no frames.
+    proc, began = psutil.Process(), time.thread_time()
+    for _ in range(samples):
+        psutil.cpu_times(percpu=True), psutil.virtual_memory(), proc.memory_info(), proc.cpu_times()
+    bare = (time.thread_time() - began) / samples
+    return {
+        "method": "Sampler at a 5 ms interval on a thread, its thread CPU per sample; bare: the same psutil reads in a loop",
+        "samples": sampler.samples,
+        "sampler_cpu_ms_per_sample": r(per_sample * 1000, 3),
+        "bare_psutil_cpu_ms_per_sample": r(bare * 1000, 3),
+        "sampler_over_bare": r(per_sample / bare, 2) if bare else None,
+        # The budget: under 1 % of a core at the default 1 s interval, i.e. < 10 ms of CPU per sample.
+        "target_lt_1pct_of_a_core_at_1s": per_sample < 0.010,
     }
 
 
@@ -1000,7 +1028,7 @@ def strip_private(obj: Any) -> Any:
     return obj
 
 
-SECTIONS = ("orchestration", "saturation", "job", "embedded", "resume", "engine")
+SECTIONS = ("orchestration", "saturation", "job", "embedded", "resume", "engine", "telemetry")
 
 
 def run_benchmark(profile: Profile, only: set[str], keep: bool, engine: Engine | None = None) -> dict[str, Any]:
@@ -1019,6 +1047,7 @@ def run_benchmark(profile: Profile, only: set[str], keep: bool, engine: Engine |
                 ("job", lambda: bench_job(b)),
                 ("resume", lambda: bench_resume(b, result["job"])),
                 ("engine", lambda: bench_engine(b)),
+                ("telemetry", lambda: bench_telemetry()),
             ]
             for name, step in steps:
                 if name not in only or (name == "resume" and "runs" not in result.get("job", {})):
@@ -1048,6 +1077,7 @@ def run_benchmark(profile: Profile, only: set[str], keep: bool, engine: Engine |
         "memory_flat_17k_vs_170k": result.get("job", {}).get("target_memory_flat"),
         "embedded_ratio_ge_0.95": result.get("embedded", {}).get("target_ratio_ge_0.95"),
         "engine_auto_ge_0.95_best_fixed": result.get("engine", {}).get("target_auto_ge_0.95_best"),
+        "telemetry_lt_1pct_of_a_core": result.get("telemetry", {}).get("target_lt_1pct_of_a_core_at_1s"),
         # Other tenants' CPU > 10 % of the machine during a section: its absolute figures are suspect.
         "noisy_sections": [
             name for name in SECTIONS if (result.get(name, {}).get("other_processes_cpu_pct_of_machine") or 0.0) > 10.0

@@ -2,7 +2,7 @@
 
     python -m bench.sql_drivers [--rows 170000] [--repeats 7]
 
-Starts a throw-away PostgreSQL (tests/support/postgres_server.py), prints one JSON document: median and
+Starts a throw-away PostgreSQL (harness/postgres_server.py), prints one JSON document: median and
 best seconds per engine (first call, which loads the driver, reported apart), and how long each
 takes to report a wrong password.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import polars as pl
 
-from tests.support.postgres_server import PASSWORD, PostgresServer
+from harness.postgres_server import PASSWORD, PostgresServer
 
 QUERY = "SELECT id, text, role, years FROM candidates ORDER BY id"
 

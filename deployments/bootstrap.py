@@ -11,9 +11,11 @@ What it does, in order, printing one line per object:
      active slots are printed, so a leaked slot shows up here;
   4. runs `prefect --no-prompt deploy --all` in the repository root, so prefect.yaml stays
      the one place deployments are defined, with BATCH_INFERENCE_DIR (the flow runs' working
-     directory, see prefect.yaml) set to this checkout unless it is already set;
+     directory, see prefect.yaml) set to this checkout unless it is already set; its own
+     output is shown only when it fails;
   5. reads every deployment back from the server and prints its pool, queue, schedule and
-     concurrency limit.
+     concurrency limit; then one line on starting a worker, and a server hint only for a
+     setting below that the server (GET /admin/settings) does not have.
 
 Server settings this project relies on (set them where `prefect server start` runs):
 
@@ -38,6 +40,7 @@ PREFECT_API_URL is not set (without it Prefect would start a throwaway server).
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import subprocess
@@ -211,12 +214,15 @@ def ensure_global_limit(name: str, limit: int = 1) -> str:
 
 
 def deploy_all(env: dict[str, str]) -> None:
-    """`prefect --no-prompt deploy --all` in the repository root, output passed through."""
+    """`prefect --no-prompt deploy --all` in the repository root. Its output is shown only when it fails:
+    on success it is ~100 lines, with Prefect's "start a worker" advice once per deployment, and
+    describe_deployments() says what the server now has."""
     command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"]
     say(f"running: {' '.join(command[2:])}   (cwd {ROOT}, {WORKDIR_ENV}={env[WORKDIR_ENV]})")
-    done = subprocess.run(command, cwd=ROOT, env=env, check=False)
+    done = subprocess.run(command, cwd=ROOT, env=env, check=False, capture_output=True, text=True)
     if done.returncode != 0:
-        raise BootstrapError(f"`prefect deploy --all` failed with exit status {done.returncode}")
+        print("\n".join((done.stdout + done.stderr).splitlines()[-40:]), file=sys.stderr)
+        raise BootstrapError(f"`prefect deploy --all` failed with exit status {done.returncode} (its last lines above)")
 
 
 FLOW_NAMES = {
@@ -244,11 +250,38 @@ def describe_deployments(client: Any, config: dict[str, Any]) -> list[str]:
             if "prefect.deployments.steps.set_working_directory" in step
         ]
         lines.append(
-            f"deployment '{flow_name}/{dep.name}': pool {dep.work_pool_name}/{dep.work_queue_name}, "
-            f"parameters {dep.parameters}, schedule {schedules or 'none'}, "
-            f"concurrency {limit} ({strategy}), working dir {workdir[0] if workdir else 'NOT SET'}"
+            f"deployment '{flow_name}/{dep.name}': queue {dep.work_pool_name}/{dep.work_queue_name}, "
+            f"job {dep.parameters.get('job_file') or 'from its parent'}, schedule {schedules or 'none'}, "
+            f"concurrency {'none' if limit is None else f'{limit} ({strategy})'}, "
+            f"working dir {workdir[0] if workdir else 'NOT SET'}"
         )
     return lines
+
+
+def server_setting(api_url: str, auth_string: str | None, *path: str) -> Any:
+    """One of the server's own settings (GET /admin/settings), None when it cannot be read: the server's
+    environment, not this one, decides how it keeps leases."""
+    headers = {}
+    if auth_string:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth_string.encode()).decode()
+    try:
+        found: Any = httpx.get(f"{api_url.rstrip('/')}/admin/settings", headers=headers, timeout=10).json()
+        for key in path:
+            found = found[key]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+    return found
+
+
+def worker_hint(config: dict[str, Any]) -> str:
+    """The one "start a worker" advice: the default queue's worker, and one per host queue if any."""
+    pools = work_pools(config)
+    hosts = [q for _, q in work_queues(config) if q != "default"]
+    per_host = f"; on each GPU host of a scale-out, one on its queue: --work-queue {' / '.join(hosts)}" if hosts else ""
+    return (
+        f"next: start a worker from this checkout: `prefect worker start --pool {pools[0]} --work-queue default`"
+        f"{per_host}; then `prefect deployment run 'batch-inference/smoke' --watch`"
+    )
 
 
 def main() -> int:
@@ -287,19 +320,21 @@ def main() -> int:
     except BootstrapError as exc:
         say(f"ERROR: {exc}")
         return 1
-    say(
-        "done. Start a worker from this directory: `prefect worker start --pool gpu`; then "
-        "`prefect deployment run 'batch-inference/smoke' --watch`"
-    )
-    say(
-        f"server hint: start it with PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE={LEASE_STORAGE} "
-        "so GPU slots do not leak when it restarts"
-    )
-    say(
-        "server hint: for nightly/production jobs give it Postgres "
-        "(PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://...): a chunk hand-over takes ~0.26 s "
-        "there instead of ~2 s on SQLite (README.md, Operate)"
-    )
+    say(worker_hint(config))
+    leases = server_setting(api_url, auth_string, "server", "concurrency", "lease_storage")
+    if leases != LEASE_STORAGE:
+        say(
+            f"server hint: its lease storage is {leases or 'unknown (GET /admin/settings failed)'}; start it with "
+            f"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE={LEASE_STORAGE} so GPU slots do not leak when it restarts"
+        )
+    # The server hides its database URL from clients (a secret); its driver shows only where it was set.
+    database = server_setting(api_url, auth_string, "server", "database") or {}
+    if not any(str(database.get(key) or "").startswith("postgresql") for key in ("driver", "connection_url")):
+        say(
+            "server hint: unless it runs on Postgres already, give it Postgres for nightly/production jobs "
+            "(PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://...): a chunk hand-over takes ~0.26 s "
+            "there instead of ~2 s on SQLite (README.md, Operate)"
+        )
     return 0
 
 

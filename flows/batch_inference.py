@@ -21,26 +21,35 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
 
+from tasks import stopping
 from tasks.backends import ServerInfo, make_backend
 from tasks.backends.ollama import OllamaBackend
 from tasks.bottleneck import judge
 from tasks.charts import timeline_png
-from tasks.chunk import ChunkAborted, finished_chunk_stats, run_chunk
+from tasks.chunk import ChunkAborted, ChunkInterrupted, finished_chunk_stats, run_chunk
 from tasks.chunk.calibrate import AutoState
 from tasks.config import JobSettings
 from tasks.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.dispatch import Dispatcher, LaneFailed
-from tasks.gpu_slot import ensure_gpu_limit, gpu_slot
+from tasks.gpu_slot import ensure_gpu_limit, gpu_slot, keep_slots
 from tasks.job import Job, check_backends, plan_job
 from tasks.openai_batch import write_output as write_openai_output
-from tasks.progress import ArtifactSink, Progress, Throttled, terminal_sink
+from tasks.progress import (
+    ARTIFACT_CHUNK_END_EVERY_S,
+    ARTIFACT_EVERY_S,
+    ArtifactSink,
+    Progress,
+    Throttled,
+    terminal_sink,
+)
 from tasks.report import build_evidence, chunk_row, level_readings, publish_artifacts, render_report
 from tasks.schema import ChunkStats
 from tasks.sink import ChunkSink, open_sink
@@ -96,6 +105,8 @@ def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
     """Retry a chunk after an outage; a missing model or a bug will not heal by waiting."""
     try:
         state.result()
+    except stopping.Interrupted:
+        return False  # a signal asked the run to stop: the rerun resumes this chunk, not a retry
     except ChunkAborted as exc:
         return exc.retryable
     except Exception:
@@ -115,8 +126,12 @@ def run_chunk_task(
     """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed.
     `auto`: where 'auto' in-flight left off on this endpoint (the last chunk's ChunkStats.auto)."""
     about = {"chunk": chunk.name, "output_dir": str(settings.output_dir), "flow_run": flow_run.name}
-    with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=get_run_logger().warning, about=about):
+    stopping.check(f"before {chunk.name}")  # no chunk starts after a stop; one already running winds down
+    say = get_run_logger().warning
+    # The endpoint names the GPU's machine lock: jobs of other Prefect servers on this machine wait too.
+    with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=say, about=about, endpoint=settings.server_label):
         sampler.mark(f"{chunk.name} start")
+        progress.chunk_started(chunk.index)  # a retry or another endpoint: earlier tries' rows stay counted
         return run_chunk(
             settings,
             chunk,
@@ -166,6 +181,7 @@ def run_chunks(
     on_done: Callable[[ChunkSpec, ChunkStats], None],
     notes: list[str],
     auto: dict[int, dict[str, Any]] | None = None,
+    on_interrupted: Callable[[ChunkStats], None] = lambda stats: None,
 ) -> None:
     """Each chunk on whichever endpoint is free, one chunk per endpoint at a time.
 
@@ -186,6 +202,10 @@ def run_chunks(
     def run(lane: int, batch: list[ChunkSpec]) -> ChunkStats:
         try:
             return task(lanes[lane], batch[0], progress, sampler, states.get(lane))
+        except ChunkInterrupted as exc:
+            if exc.stats is not None:  # every lane's, not only the one whose exception ends the dispatch
+                on_interrupted(exc.stats)
+            raise
         except ChunkAborted as exc:
             if not several:
                 raise
@@ -212,7 +232,9 @@ def run_chunks(
         names, run, done, retries=settings.chunk_retries if several else 0, retry_delay_s=settings.chunk_retry_delay_s
     )
     try:
-        dispatcher(chunks)
+        # One chunk's GPU slot passes to the run's next chunk unless another job waits: no hand-over gap.
+        with keep_slots():
+            dispatcher(chunks)
     finally:
         notes.extend(dispatcher.events)
 
@@ -244,7 +266,9 @@ def write_report(
     marks = _merged(read_parquet_or_none(report_dir / "telemetry" / "marks.parquet"), sampler.marks())
     write_parquet_atomic(samples, report_dir / "telemetry" / "samples.parquet")
     write_parquet_atomic(marks, report_dir / "telemetry" / "marks.parquet")
-    chart = timeline_png(samples, marks)
+    # A run stopped by a signal has seconds to exit: no chart (loading matplotlib and drawing takes
+    # one to several seconds); the next run draws the whole job's, this attempt included.
+    chart = None if manifest.get("interrupted") else timeline_png(samples, marks)
     if chart:
         write_atomic(report_dir / "timeline.png", lambda tmp: tmp.write_bytes(chart))
     first = manifest["attempts"][0]["started_at"]
@@ -306,6 +330,24 @@ def batch_inference(
     `chunks` and `host` are set by the scale-out flow: this run is then one host's shard, runs
     only those chunks inside the parent's output directory, and reports under `<name>-<host>`.
     """
+    # SIGINT or SIGTERM (Ctrl-C, `kill`, a Prefect worker cancelling the run) stops the run within
+    # seconds, and the manifest and report say "interrupted".
+    with stopping.signals_stop_the_run():
+        try:
+            stopping.check("before the run began")
+            return _score_rows(job_file, overrides, chunks, host)
+        except stopping.Interrupted as exc:
+            # The flow run ends Cancelled with the reason, not Failed: someone stopped it, nothing
+            # broke, and a worker's cancellation must end Cancelled anyway (Prefect lets a Cancelling
+            # run go nowhere else). Returned as a state, not raised: Prefect then logs one line, not
+            # a traceback, and the caller still gets `exc` (a state's result() raises the exception
+            # it carries), with how far the run got.
+            return cast(dict[str, Any], Cancelled(message=str(exc), data=exc))
+
+
+def _score_rows(
+    job_file: str | None, overrides: dict[str, Any] | None, chunks: list[int] | None, host: str | None
+) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.time()
     job = prepare_job(job_file, overrides)
@@ -332,7 +374,10 @@ def batch_inference(
         findings = [*plan.notes, *check_chunk_files(out, plan.chunks)]
         for finding in findings:
             logger.warning(finding)
-        done_before = sum(len(finished_rows(out, c)) for c in plan.chunks)
+        # Per chunk: a chunk's end then adds to the progress only the rows and error rows this attempt made.
+        rows_before = {c.index: len(finished_rows(out, c)) for c in plan.chunks}
+        errors_before = {c.index: error_rows(out, [c]) for c in plan.chunks}
+        done_before = sum(rows_before.values())
         limits = ", ".join(f"'{lane.gpu_limit}'" for lane in lanes)
         logger.info(
             "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight; each chunk holds the "
@@ -352,14 +397,14 @@ def batch_inference(
             key,
             plan.total_rows,
             done_before,
-            error_rows(out, plan.chunks),
-            sinks=[Throttled(ArtifactSink(), 2.0), terminal_sink()],
+            sum(errors_before.values()),
+            sinks=[Throttled(ArtifactSink(), ARTIFACT_EVERY_S, ARTIFACT_CHUNK_END_EVERY_S), terminal_sink()],
         )
         # Chunks an earlier attempt ran keep the figures it measured; this attempt's replace them.
         stats = {s["index"]: ChunkStats.model_validate(s) for s in history.get("chunk_stats", [])}
         notes = [f"{time.strftime('%H:%M:%S')} left out at the start: {problem}" for problem in left_out]
         notes += [f"{time.strftime('%H:%M:%S')} {finding}" for finding in findings]
-        ran: list[ChunkStats] = []
+        ran: list[ChunkStats] = []  # chunks this attempt sent rows of: finished, or interrupted by a signal
 
         def deliver(chunk: ChunkSpec) -> None:
             """Hand a finished chunk to the sink's thread; a refusal is noted, and the next run delivers it."""
@@ -379,7 +424,7 @@ def batch_inference(
             sampler.mark(f"chunk-{st.index:05d} end")
             stats[st.index] = st
             ran.append(st)
-            progress.chunk_done(st.index, st.sent_rows, st.errors)
+            progress.chunk_done(st.index, st.rows - rows_before[st.index], st.errors - errors_before[st.index])
             deliver(chunk)
 
         sampler.start()
@@ -395,7 +440,9 @@ def batch_inference(
                 if chunk.index not in stats:  # done by an earlier run whose figures are gone
                     stats[chunk.index] = finished
                 deliver(chunk)  # catches up what a sink that was down missed (none if it has it)
-            run_chunks(settings, lanes, todo, progress, sampler, chunk_done, notes, auto_starts(lanes, history))
+            run_chunks(
+                settings, lanes, todo, progress, sampler, chunk_done, notes, auto_starts(lanes, history), ran.append
+            )
             if chunks is None:
                 logger.info("wrote %s", results := consolidate(out, plan.chunks, plan.total_rows))
                 if wants_openai_output(settings):
@@ -433,6 +480,8 @@ def batch_inference(
                 "servers": [dataclasses.asdict(info) for info in servers],
                 "chunk_stats": [st.model_dump(mode="json", exclude={"events"}) for _, st in sorted(stats.items())],
             }
+            # The signal that stopped this attempt (SIGINT, SIGTERM), null when none did.
+            manifest["interrupted"] = failure.signum.name if isinstance(failure, stopping.Interrupted) else None
             if chunks is not None:
                 manifest |= {"results": None, "host": label, "shard_chunks": chunks}
             write_json_atomic(manifest, report_dir / "manifest.json")
@@ -440,4 +489,7 @@ def batch_inference(
                 job, manifest, list(stats.values()), sampler, servers, key=key, report_dir=report_dir
             )
             write_json_atomic(manifest, report_dir / "manifest.json")
+            if isinstance(failure, stopping.Interrupted):  # finished chunks and the rows journaled in the others
+                on_disk = sum(len(finished_rows(out, c)) for c in plan.chunks)
+                failure.on_disk = f"{on_disk:,} rows on disk in {out}"
     return manifest

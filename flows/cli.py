@@ -23,18 +23,33 @@ from typing import Any, Literal
 
 import yaml
 
+from tasks import stopping
+
 # Exit codes: 1 the run itself failed (its manifest says why); 2 the command line (argparse).
 EXIT_SETTINGS, EXIT_INPUT, EXIT_OUTPUT_DIR, EXIT_BACKEND, EXIT_SINK = 3, 4, 5, 6, 7
+IN_USE = "in use"  # HINTS key: an output_dir refusal of its own (exit 5 still)
 
-HINTS = {
+HINTS: dict[int | str, str] = {
     EXIT_SETTINGS: "check the job file against the field table in README.md (The job file)",
     EXIT_INPUT: "fix the input file or query, or id_column / prompt_template in the job file",
     EXIT_OUTPUT_DIR: "give this configuration its own directory, e.g. --set output_dir=out/<new name>, "
     "or delete the old one to start over",
+    # A directory a live run holds: never suggest deleting what that run is writing.
+    IN_USE: "another run is writing this output_dir: wait for it to end (then the same command resumes or "
+    "finds the job done), or give this run its own directory, e.g. --set output_dir=out/<new name>",
     EXIT_BACKEND: "start the backend (`ollama serve`, `ollama pull <model>`) or point ollama_host / OLLAMA_HOST "
     "at it; nothing was sent and output_dir is untouched",
     EXIT_SINK: "start the sink database, or alter, drop or rename the sink table; nothing was sent and output_dir "
     "is untouched",
+}
+# An unreachable backend's hint names what that backend needs: HINTS[EXIT_BACKEND] is Ollama's.
+BACKEND_HINTS: dict[str, str] = {
+    "ollama": HINTS[EXIT_BACKEND],
+    "openai": "start the OpenAI-compatible server at base_url (llama-server, vLLM, SGLang, ...) so that "
+    "GET <base_url>/models lists the model, or point base_url (or endpoints) at one that does; nothing was sent "
+    "and output_dir is untouched",
+    "llamacpp": "set model_path to a GGUF file that exists (unset: the packaged Gemma 3 270M); nothing was sent "
+    "and output_dir is untouched",
 }
 
 
@@ -44,6 +59,8 @@ class UsageError(Exception):
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`--set options.num_ctx=8192` → {"options": {"num_ctx": 8192}}; values parse as YAML."""
+    from tasks.config import SettingsError
+
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -53,7 +70,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except (yaml.YAMLError, ValueError) as exc:
+            # A value is a setting: `run_date=2026-02-30` parses as a date YAML cannot build (exit 3, not 1).
+            raise SettingsError(f"--set {key}={raw} is not a valid value: {exc}") from None
     return overrides
 
 
@@ -77,19 +98,55 @@ def _exit_code(exc: BaseException) -> int | None:
     return None
 
 
+def _hint(exc: BaseException, code: int) -> str:
+    """What to do about a user error: its exit code's hint, or a closer one where the error says more."""
+    from tasks.store import OutputDirInUse
+
+    if code == EXIT_BACKEND:
+        return BACKEND_HINTS.get(getattr(exc, "backend", ""), HINTS[code])
+    if isinstance(exc, OutputDirInUse):
+        return HINTS[IN_USE]
+    return HINTS[code]
+
+
 def preflight(job_file: str | None, overrides: dict[str, Any]) -> None:
     """What the flow checks first, without Prefect: settings, input, output directory, backends, sink."""
     from tasks.dataset import validate_input
     from tasks.job import check_backends, plan_job
     from tasks.sink import open_sink
-    from tasks.store import check_output_dir
+    from tasks.store import check_not_in_use, check_output_dir
 
     job = plan_job(job_file, overrides, date.today(), validate=partial(validate_input, pin=False))
+    check_not_in_use(job.settings.output_dir)
     check_output_dir(job.settings.output_dir, job.fingerprint, job.record)
     sink = open_sink(job.settings, job.plan, create=False)  # reads only: a missing table is made by the run
     if sink is not None:
         sink.close()
     check_backends(job.settings)
+
+
+def _one_line(text: str | None, width: int = 100) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def done_summary(manifest: dict[str, Any], answers: int = 2) -> list[str]:
+    """A few lines after the done line: the first answers (or error rows, when none is ok), so a finished
+    run shows what it produced, and where its report is."""
+    import polars as pl
+
+    lines = []
+    if manifest.get("results") and Path(manifest["results"]).is_file():
+        rows = pl.scan_parquet(manifest["results"]).select("id", "status", "error_kind", "error", "response")
+        ok = rows.filter(pl.col("status") == "ok").head(answers).collect()
+        first = ok if ok.height else rows.head(answers).collect()
+        for row in first.iter_rows(named=True):
+            what = row["response"] if row["status"] == "ok" else f"error {row['error_kind']}: {row['error']}"
+            lines.append(f"  {row['id']}: {_one_line(what)}")
+    report = Path(manifest["settings"]["output_dir"]) / "report.md"
+    if report.is_file():
+        lines.append(f"report: {report}")
+    return lines
 
 
 def _die_with_parent() -> None:
@@ -119,11 +176,15 @@ def use_temporary_server() -> None:
 
     class DiesWithParent(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> Any:
-            # Prefect builds the command; only the child's death signal is ours to add.
+            # Prefect builds the command; the child's death signal and its session are ours to add.
+            # Its own session: the terminal's Ctrl-C goes to the foreground process group, and a
+            # server that got it would die under the run that is winding down (the run logged lease
+            # renewal failures for minutes, then "Connection refused"). Prefect stops it at exit,
+            # after the run; the death signal still takes it down with a SIGKILLed command.
             import subprocess
 
             original = subprocess.Popen
-            subprocess.Popen = lambda *a, **kw: original(*a, **kw, preexec_fn=_die_with_parent)  # type: ignore[misc,assignment,call-overload]
+            subprocess.Popen = lambda *a, **kw: original(*a, **kw, preexec_fn=_die_with_parent, start_new_session=True)  # type: ignore[misc,assignment,call-overload]
             try:
                 return super()._run_uvicorn_command()
             finally:
@@ -139,6 +200,9 @@ def _quiet_prefect() -> None:
     # logs an ERROR for each attempt). Set before Prefect reads its settings.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Prefect gives a temporary server 20 s to start; on a busy small machine it took up to 78 s here,
+    # and the run then failed before its first row. Waiting longer costs nothing when it starts fast.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _parser(kind: Literal["batch", "scale_out"]) -> argparse.ArgumentParser:
@@ -197,6 +261,11 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> 
         preflight(job_file, overrides)
         _quiet_prefect()
         use_temporary_server()
+        if kind == "batch":
+            # From here a first SIGINT/SIGTERM winds the run down (the flow checks it at each step),
+            # a second one exits at once. The scale-out parent does not wind down: it keeps Python's
+            # KeyboardInterrupt.
+            stopping.install()
         manifest = _run(kind, args, overrides)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -204,7 +273,14 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> 
     except KeyboardInterrupt:
         print("interrupted: rows finished so far are on disk; run the same command again to resume", file=sys.stderr)
         return 130
+    except stopping.Interrupted as exc:
+        where = exc.on_disk or "before the run wrote anything"
+        print(f"interrupted ({exc.signum.name}): {where}; the same command resumes", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:
+        if (signum := stopping.requested()) is not None:  # the run broke off otherwise while winding down
+            print(f"interrupted ({signum.name}): {exc}; the same command resumes", file=sys.stderr)
+            return 128 + signum
         code = _exit_code(exc)
         if args.debug:
             traceback.print_exc()
@@ -216,7 +292,9 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> 
                 file=sys.stderr,
             )
             return 1
-        print(f"hint: {HINTS[code]}", file=sys.stderr)
+        print(f"hint: {_hint(exc, code)}", file=sys.stderr)
         return code
     print(f"{manifest['rows_ok']} ok, {manifest['rows_error']} error rows → {manifest['results']}")
+    for line in done_summary(manifest):
+        print(line)
     return 0

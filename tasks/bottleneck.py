@@ -96,7 +96,10 @@ class TelemetrySummary(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     samples: int = Field(0, ge=0, description="host samples in the window")
-    cpu_mean_pct: float | None = Field(None, description="mean host CPU, all cores")
+    cpu_mean_pct: float | None = Field(None, description="mean host CPU, all cores, every process on the machine")
+    job_cpu_mean_pct: float | None = Field(
+        None, description="mean CPU of the job's process and its children, as a share of all cores"
+    )
     rss_peak_mib: float | None = Field(None, description="peak RSS of the pipeline process")
     ram_available_min_mib: float | None = Field(None, description="lowest host RAM available")
     ram_total_mib: float | None = Field(None, description="host RAM total")
@@ -358,11 +361,11 @@ def _no_gpu_data(e: RunEvidence) -> Verdict | None:
     t = _t(e)
     if t.vram_peak_mib is not None:
         return None
-    evidence = ["No GPU telemetry (NVML unavailable): judging from throughput and in-flight only"]
-    if t.cpu_mean_pct is not None and t.cpu_mean_pct >= CPU_SATURATED_PCT:
+    evidence = ["No GPU telemetry (NVML unavailable): judging from throughput and in-flight only", *_cpu_lines(t)]
+    if _job_cpu_saturated(t):
         return Verdict(
             kind="cpu-bound",
-            headline=f"Host CPU saturated ({t.cpu_mean_pct:.0f} % mean) and no GPU seen",
+            headline=f"The job's CPU saturated ({t.job_cpu_mean_pct:.0f} % of all cores, mean) and no GPU seen",
             evidence=evidence,
             advice=["Run on a GPU host, or give the engine more threads/cores"],
         )
@@ -394,17 +397,17 @@ def _idle_gaps(e: RunEvidence) -> Verdict | None:
     if idle is None or idle <= IDLE_FRACTION_MAX:
         return None
     evidence = [f"GPU idle (util < {IDLE_UTIL_PCT:.0f} %) in {idle:.0%} of samples while rows remained"]
-    if t.cpu_mean_pct is not None and t.cpu_mean_pct >= CPU_SATURATED_PCT:
+    if _job_cpu_saturated(t):
         return Verdict(
             kind="cpu-bound",
-            headline="GPU waits on a saturated host CPU",
-            evidence=[*evidence, f"Host CPU {t.cpu_mean_pct:.0f} % mean"],
+            headline="GPU waits on the job's saturated CPU",
+            evidence=[*evidence, *_cpu_lines(t)],
             advice=["Profile prompt rendering / output validation; move it off the hot path"],
         )
     return Verdict(
         kind="client-bound",
         headline="Client-bound: the GPU sits idle between requests",
-        evidence=evidence,
+        evidence=[*evidence, *_cpu_lines(t)],
         advice=[
             f"Keep more requests in flight (now {e.in_flight}) so the server always has work",
             "Start the next chunk as soon as one ends (GPU slot hand-over gaps)",
@@ -650,6 +653,24 @@ def _kv_slots(e: RunEvidence) -> Verdict:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _job_cpu_saturated(t: TelemetrySummary) -> bool:
+    # The job's own CPU only: the machine's also counts other processes (a compiler, another job), which
+    # the job can neither use nor change.
+    return t.job_cpu_mean_pct is not None and t.job_cpu_mean_pct >= CPU_SATURATED_PCT
+
+
+def _cpu_lines(t: TelemetrySummary) -> list[str]:
+    """Both CPU figures, so a busy machine is not read as a busy job."""
+    if t.cpu_mean_pct is None:
+        return []
+    if t.job_cpu_mean_pct is None:
+        return [f"Host CPU {t.cpu_mean_pct:.0f} % mean (all processes; the job's own share was not recorded)"]
+    return [
+        f"CPU, mean over all cores: the job's process and its children {t.job_cpu_mean_pct:.0f} %, "
+        f"the whole host {t.cpu_mean_pct:.0f} %"
+    ]
 
 
 def _t(e: RunEvidence) -> TelemetrySummary:

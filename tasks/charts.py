@@ -97,8 +97,21 @@ def timeline_png(samples: pl.DataFrame, marks: pl.DataFrame) -> bytes | None:
             attempt = label.startswith("attempt")
             for ax in axes:
                 ax.axvline((t - t0) / 60, color=_RED if attempt else _GREY, lw=1.5 if attempt else 0.8, ls=":")
-            if starts.height <= 12 or attempt:  # beyond that chunk labels would overlap; the lines still show
-                name = label.removesuffix(" start")
+            name = label.removesuffix(" start")
+            if attempt:
+                # An attempt starts where its first chunk does: its label sits a row above the chunk labels,
+                # so the two never share a place at the same x (and no data is hidden under it).
+                axes[0].annotate(
+                    name,
+                    ((t - t0) / 60, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(0, 32),
+                    textcoords="offset points",
+                    fontsize=10,
+                    color=_RED,
+                    va="bottom",
+                )
+            elif starts.height <= 12:  # beyond that chunk labels would overlap; the lines still show
                 axes[0].annotate(
                     f"chunk {int(name[6:])}" if name.startswith("chunk-") else name,
                     ((t - t0) / 60, 1.0),
@@ -108,7 +121,7 @@ def timeline_png(samples: pl.DataFrame, marks: pl.DataFrame) -> bytes | None:
                     va="bottom",
                 )
         title = "GPU and host over the job" if gpu.height else "Host over the job (no GPU data)"
-        axes[0].set_title(f"{title} (dotted lines: chunk and attempt starts)", pad=40 if starts.height else 8)
+        axes[0].set_title(f"{title} (dotted lines: chunk and attempt starts)", pad=66 if starts.height else 8)
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)

@@ -558,6 +558,8 @@ def read_document(path: Path, what: str) -> Any:
         return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise SettingsError(f"{what} {path} is not valid {kind}: {exc}") from exc
+    except ValueError as exc:  # YAML reads `2026-02-30` as a date, and Python's date() refuses it
+        raise SettingsError(f"{what} {path} holds a date that does not exist (run_date?): {exc}") from exc
 
 
 def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobSettings:

@@ -135,10 +135,8 @@ def scan_input(path: Path) -> pl.LazyFrame:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise InputError(f"input {path}: unsupported format '{path.suffix}' (use {', '.join(FORMATS)})")
-    if path.is_dir():
-        raise InputError(f"input {path} is a directory, not a file")
-    if not path.is_file():
-        raise InputError(f"input {path} does not exist")
+    if (problem := sources.file_problem(path)) is not None:
+        raise InputError(problem)
     if fmt == "parquet":
         return pl.scan_parquet(path)
     if fmt == "csv":

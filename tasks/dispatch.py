@@ -37,6 +37,8 @@ class Dispatcher(Generic[T, R]):
     A lane that raises LaneFailed gets its batch put back at the front of the queue and sits out
     `retry_delay_s`; after `retries` failures it is retired for the run. When no lane is left, the
     last failure is raised. Any other exception is raised as it is, once the running batches end.
+
+    `clock` and `sleep` (monotonic seconds) time the benching; tests pass fakes to skip the waits.
     """
 
     def __init__(
@@ -48,6 +50,8 @@ class Dispatcher(Generic[T, R]):
         batch: int = 1,
         retries: int = 0,
         retry_delay_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.lanes = list(lanes)
         self.run = run
@@ -55,6 +59,7 @@ class Dispatcher(Generic[T, R]):
         self.batch = max(1, batch)
         self.retries = retries
         self.retry_delay_s = retry_delay_s
+        self.clock, self.sleep = clock, sleep
         self.failures = [0] * len(self.lanes)
         self.events: list[str] = []  # moves and retirements, with times, for the report
 
@@ -65,12 +70,12 @@ class Dispatcher(Generic[T, R]):
     def __call__(self, items: Sequence[T]) -> None:
         pending: deque[T] = deque(items)
         free = deque(range(len(self.lanes)))
-        benched: dict[int, float] = {}  # lane -> monotonic time it may take work again
+        benched: dict[int, float] = {}  # lane -> clock time it may take work again
         running: dict[Future[R], tuple[int, list[T]]] = {}
         last_failure: LaneFailed | None = None
         with ThreadPoolExecutor(max_workers=len(self.lanes), thread_name_prefix="lane") as pool:
             while pending or running:
-                now = time.monotonic()
+                now = self.clock()
                 for lane, at in list(benched.items()):
                     if at <= now:
                         del benched[lane]
@@ -86,7 +91,7 @@ class Dispatcher(Generic[T, R]):
                         raise LaneFailed(
                             f"every lane failed, {len(pending)} batch item(s) left undone; last: {last_failure}"
                         ) from last_failure
-                    time.sleep(max(0.0, min(benched.values()) - time.monotonic()))
+                    self.sleep(max(0.0, min(benched.values()) - self.clock()))
                     continue
                 timeout = max(0.0, min(benched.values()) - now) if benched else None
                 done, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
@@ -103,7 +108,7 @@ class Dispatcher(Generic[T, R]):
                             where = "to the other lanes" if exc.retryable else "to the other lanes for good"
                             self._event(f"{name} failed ({exc}); {len(batch)} item(s) go back {where}")
                         if exc.retryable and self.failures[lane] <= self.retries:
-                            benched[lane] = time.monotonic() + self.retry_delay_s
+                            benched[lane] = self.clock() + self.retry_delay_s
                         elif len(self.lanes) > 1:
                             self._event(f"{name} retired for this run after {self.failures[lane]} failure(s)")
                         continue

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 class BackendUnavailable(RuntimeError):
     """No endpoint answers, or none has the model: nothing can run."""
 
+    def __init__(self, message: str, backend: str = "ollama") -> None:
+        super().__init__(message)
+        self.backend = backend  # the hint differs: an Ollama server, an OpenAI-compatible one, a GGUF file
+
 
 class Job(NamedTuple):
     settings: JobSettings
@@ -97,5 +101,5 @@ def check_backends(settings: JobSettings) -> tuple[list[JobSettings], list[str],
             )
             log.warning(note)
     if not up:
-        raise BackendUnavailable(f"backend check failed: {'; '.join(problems)}")
+        raise BackendUnavailable(f"backend check failed: {'; '.join(problems)}", settings.backend)
     return up, problems, servers

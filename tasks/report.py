@@ -310,6 +310,8 @@ def render_report(
     rate = evidence.requests_per_s
     attempts = manifest.get("attempts", [])
     status = "complete" if manifest["complete"] else f"**incomplete** ({manifest['error']})"
+    if manifest.get("interrupted"):
+        status = f"**interrupted** by {manifest['interrupted']} ({manifest['error']}); the same command resumes"
     job_wall = sum(a["wall_s"] for a in attempts) or manifest["wall_s"]
     rate_cells = (
         [
@@ -354,6 +356,8 @@ def render_report(
         f"| memory-bandwidth util mean | {_fmt(telemetry.get('mem_util_mean'), '.0f', ' %')} |",
         f"| power mean / max | {_fmt(telemetry.get('power_mean_w'))} / {_fmt(telemetry.get('power_max_w'))} W |",
         f"| host CPU mean | {_fmt(telemetry.get('cpu_mean_pct'), '.0f', ' %')} |",
+        f"| the job's CPU mean (its process and children, of all cores) | "
+        f"{_fmt(telemetry.get('job_cpu_mean_pct'), '.0f', ' %')} |",
         f"| peak RSS of the job | {_fmt(telemetry.get('rss_peak_mib'))} MiB |",
         "",
         *([f"**{scope}**", ""] if rate and (scope := eta_scope(evidence)) else []),

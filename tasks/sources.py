@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
+from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
@@ -43,9 +45,26 @@ def read_frame(settings: JobSettings) -> pl.DataFrame:
     if settings.input_sql is not None:
         return sql.read_query(settings.input_sql)
     assert settings.input_path is not None
-    if not settings.input_path.is_file():
-        raise openai_batch.BatchFileError(f"input {settings.input_path} does not exist")
+    if (problem := file_problem(settings.input_path)) is not None:
+        raise openai_batch.BatchFileError(problem)
     return openai_batch.read_batch(settings.input_path)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be an input file (None when it is a regular file). A named pipe, a socket or a
+    device exists but is no file: the input is read several times (digest, checks, snapshot), a pipe once."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"input {path} does not exist"
+    except OSError as exc:
+        return f"input {path} cannot be read: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"input {path} is a directory, not a file"
+    kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"input {path} is {kind}, not a regular file: the job reads its input more than once; write it to a file"
 
 
 def frame_digest(frame: pl.DataFrame) -> str:

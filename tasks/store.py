@@ -43,6 +43,10 @@ class OutputDirError(RuntimeError):
     """The output directory belongs to another job, or another run holds it."""
 
 
+class OutputDirInUse(OutputDirError):
+    """A live run holds the directory (or a chunk of it): wait for it, never delete what it writes."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -305,17 +309,35 @@ def _flock(path: Path, what: str) -> Iterator[None]:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        owner = handle.read().strip() or "unknown"
+        owner = handle.read().strip() or "holder unknown"
         handle.close()
-        raise OutputDirError(f"{what} is in use by another run ({owner})") from None
+        raise OutputDirInUse(f"{what} is in use by another run ({owner})") from None
     try:
         handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
         handle.flush()
         yield
     finally:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
+
+
+def check_not_in_use(out: Path) -> None:
+    """Raise OutputDirInUse when a live run holds `out` (its .lock); reads only, creates nothing.
+    The command line asks before it starts a Prefect server; the run's own claim still decides."""
+    try:
+        handle = (out / ".lock").open("r")
+    except FileNotFoundError:
+        return  # never claimed, or not a directory yet
+    with handle:
+        try:
+            # A shared lock is refused while the run's exclusive one is held, and never blocks it for long.
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = handle.read().strip() or "holder unknown"
+            raise OutputDirInUse(f"output_dir {out} is in use by another run ({owner})") from None
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def holds_rows(out: Path) -> bool:

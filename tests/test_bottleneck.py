@@ -37,6 +37,7 @@ def samples(
     vram_used_mib: float = 10_752.0,  # 10.5 GiB, the team's measured baseline
     power_w: float = 280.0,
     cpu_pct: float = 6.0,
+    job_cpu_pct: float | None = None,
     ram_available_mib: float = 40_000.0,
     ollama: tuple[float, float] | None = None,
 ) -> pl.DataFrame:
@@ -47,6 +48,7 @@ def samples(
         row: dict[str, Any] = {
             "t": 1_000.0 + i,
             "cpu_pct": cpu_pct,
+            "job_cpu_pct": job_cpu_pct,
             "cpu_per_core": [cpu_pct] * 4,
             "ram_used_mib": 64_000.0 - ram_available_mib,
             "ram_available_mib": ram_available_mib,
@@ -133,10 +135,24 @@ def test_idle_gaps_are_client_bound_with_idle_fraction() -> None:
     assert any("40% of samples" in x for x in v.evidence)
 
 
-def test_idle_gaps_with_saturated_host_cpu_are_cpu_bound() -> None:
+def test_idle_gaps_with_the_job_saturating_the_cpu_are_cpu_bound() -> None:
     util = [0.0 if i % 2 else 100.0 for i in range(60)]
-    v = judge(evidence(samples(util=util, cpu_pct=95.0)))
+    v = judge(evidence(samples(util=util, cpu_pct=95.0, job_cpu_pct=90.0)))
     assert v.kind == "cpu-bound"
+    assert "CPU, mean over all cores: the job's process and its children 90 %, the whole host 95 %" in v.evidence
+
+
+def test_another_process_saturating_the_host_is_not_the_job_being_cpu_bound() -> None:
+    """A compiler beside the run fills the host's CPU: the verdict names both figures and judges on the job's."""
+    util = [0.0 if i % 2 else 100.0 for i in range(60)]
+    v = judge(evidence(samples(util=util, cpu_pct=97.0, job_cpu_pct=12.0)))
+    assert v.kind == "client-bound"
+    assert any("the job's process and its children 12 %, the whole host 97 %" in x for x in v.evidence)
+    no_gpu = judge(evidence(samples(util=None, cpu_pct=97.0, job_cpu_pct=12.0), backend="llamacpp"))
+    assert no_gpu.kind == "no-gpu-data"
+    # Samples from before the job's CPU was recorded: the host's figure is shown, never judged on.
+    older = judge(evidence(samples(util=None, cpu_pct=97.0), backend="llamacpp"))
+    assert older.kind == "no-gpu-data" and any("job's own share was not recorded" in x for x in older.evidence)
 
 
 def test_spill_comes_first() -> None:
@@ -183,7 +199,7 @@ def test_no_gpu_data_with_calibration_uses_it() -> None:
 
 
 def test_no_gpu_data_and_saturated_cpu_is_cpu_bound() -> None:
-    v = judge(evidence(samples(util=None, cpu_pct=97.0), backend="llamacpp"))
+    v = judge(evidence(samples(util=None, cpu_pct=97.0, job_cpu_pct=96.0), backend="llamacpp"))
     assert v.kind == "cpu-bound"
 
 

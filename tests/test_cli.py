@@ -18,8 +18,8 @@ import pytest
 import yaml
 from prefect.settings import PREFECT_API_URL
 
-from tests.support.ollama_emulator import Fault, OllamaEmulator
-from tests.support.processes import start_cli
+from harness.ollama_emulator import Fault, OllamaEmulator
+from harness.processes import start_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

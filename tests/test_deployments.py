@@ -41,9 +41,9 @@ import polars as pl
 import pytest
 import yaml
 
+from harness.ollama_emulator import OllamaEmulator
+from harness.processes import free_port, start, stop, wait_for
 from tasks.config import load_settings
-from tests.support.ollama_emulator import OllamaEmulator
-from tests.support.processes import free_port, start, stop, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
 
@@ -395,6 +395,9 @@ def test_bootstrap_is_idempotent_and_leaves_a_limit_alone(stack: Stack) -> None:
     first = stack.bootstrap_output
     assert "work pool 'gpu' (process): created" in first
     assert "global concurrency limit 'gpu': created, limit 1" in first
+    # A summary: no `prefect deploy` chatter, one worker hint, no lease hint for a server that has it.
+    assert len(first.splitlines()) <= 25 and first.count("prefect worker start") == 1, first
+    assert "LEASE_STORAGE" not in first and all(f"'{FLOW}/{d}'" in first for d in ("smoke", "shard")), first
     with _client() as client:
         client.update_global_concurrency_limit("gpu", GlobalConcurrencyLimitUpdate(limit=2))  # an operator raised it
         ids = {d: client.read_deployment_by_name(f"{FLOW}/{d}").id for d in ("smoke", "nightly", "production-170k")}
@@ -434,6 +437,9 @@ def test_smoke_run_from_the_cli_on_the_emulator(stack: Stack, emulator_run: dict
     # The job ran in the repository root although the worker did not: the pull step did that.
     manifest = json.loads((emulator_run["out"] / "manifest.json").read_text())
     assert manifest["input"] == "jobs/data/smoke.csv"
+    # The progress artifact moves at chunk ends and every 30 s, so `--watch` shows the run, not its updates.
+    updates = emulator_run["output"].count("prefect.artifact.updated")
+    assert updates <= 4, f"{updates} artifact updates in the watch output"
 
 
 def test_planted_ollama_key_is_used_but_never_written(stack: Stack, emulator_run: dict[str, Any]) -> None:

@@ -34,18 +34,55 @@ def test_a_failed_batch_moves_to_the_other_lane() -> None:
     assert any("b retired for this run after 1 failure(s)" in e for e in dispatcher.events)
 
 
+class FakeClock:
+    """Monotonic time that moves only when the dispatcher sleeps: benching costs no real waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
 def test_a_benched_lane_comes_back_after_the_delay() -> None:
+    clock = FakeClock()
     attempts: list[float] = []
 
     def run(lane: int, batch: list[int]) -> None:
-        attempts.append(time.monotonic())
+        attempts.append(clock())
         if len(attempts) < 3:
             raise LaneFailed("blip")
 
     done: list[list[int]] = []
-    Dispatcher(["only"], run, lambda _l, batch, _r: done.append(batch), retries=2, retry_delay_s=0.2)([7])
-    assert done == [[7]] and len(attempts) == 3
-    assert attempts[1] - attempts[0] >= 0.2 and attempts[2] - attempts[1] >= 0.2
+    dispatcher = Dispatcher(
+        ["only"],
+        run,
+        lambda _l, batch, _r: done.append(batch),
+        retries=2,
+        retry_delay_s=30,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    dispatcher([7])
+    assert done == [[7]] and attempts == [0, 30, 60]  # each retry exactly one delay after the failure
+    assert clock.sleeps == [30, 30]
+
+
+def test_a_lane_out_of_retries_is_not_benched_again() -> None:
+    clock = FakeClock()
+
+    def run(lane: int, batch: list[int]) -> None:
+        raise LaneFailed("down")
+
+    dispatcher = Dispatcher(["only"], run, lambda *_: None, retries=1, retry_delay_s=5, clock=clock, sleep=clock.sleep)
+    with pytest.raises(LaneFailed, match="every lane failed"):
+        dispatcher([1])
+    assert clock.sleeps == [5] and dispatcher.failures == [2]
 
 
 def test_every_lane_failing_raises_the_last_failure() -> None:
@@ -59,10 +96,15 @@ def test_every_lane_failing_raises_the_last_failure() -> None:
 
 def test_other_errors_are_raised_once_running_batches_end() -> None:
     finished: list[int] = []
+    x_failed = threading.Event()
 
     def run(lane: int, batch: list[int]) -> None:
         if lane == 0:
+            x_failed.set()
             raise ValueError("a bug, not a lane failure")
+        # Lane y's batch is still running when x's error comes out (the event orders them), and
+        # slow (the sleep is the scenario): a dispatcher that did not wait for it would miss its end.
+        x_failed.wait(5)
         time.sleep(0.1)
         finished.append(batch[0])
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +13,9 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import OllamaEmulator
 from tasks.config import Endpoint, SettingsError, load_settings
-from tests.support.ollama_emulator import OllamaEmulator
+from tests.conftest import when
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -62,15 +61,9 @@ def test_endpoint_killed_mid_run_moves_its_chunks(job: Any, two: tuple[OllamaEmu
     fast, slow = two
     settings = _endpoint_job(job, 96, two, outage_budget_s=0.5, request_timeout_s=2)
 
-    def kill_slow() -> None:
-        while len(slow.chat_prompts()) < 6:  # inside its first chunk
-            time.sleep(0.005)
-        slow.down()
-
-    killer = threading.Thread(target=kill_slow, daemon=True)
-    killer.start()
+    killer = when(lambda: len(slow.chat_prompts()) >= 6, slow.down)  # inside its first chunk
     manifest = batch_inference(overrides=settings)
-    killer.join(timeout=5)
+    killer.join(timeout_s=5)
     results = pl.read_parquet(Path(settings["output_dir"]) / "results.parquet")
     assert manifest["complete"] and results["id"].n_unique() == results.height == 96
     assert results["status"].unique().to_list() == ["ok"]

@@ -11,10 +11,10 @@ import polars as pl
 import pytest
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import OllamaEmulator, answer_for
 from tasks.dataset import ChunkSpec
 from tasks.store import OutputDirError, chunk_path
 from tests.conftest import make_rows, when, write_input
-from tests.support.ollama_emulator import OllamaEmulator, answer_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -17,10 +17,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
 from tasks.dataset import InputError
 from tasks.store import OutputDirError
 from tests.conftest import make_rows, when, write_input
-from tests.support.ollama_emulator import Fault, OllamaEmulator, answer_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -151,9 +151,10 @@ def test_resume_after_a_failed_run_matches_an_uninterrupted_run(
     settings = job(30, output_dir=str(tmp_path / "resumed"), in_flight=2, outage_budget_s=0.3)
 
     # Down once the second chunk has begun: by progress, not by the clock (a busy machine starts slower).
-    when(lambda: len(emulator.chat_prompts()) >= 10, emulator.down)
+    outage = when(lambda: len(emulator.chat_prompts()) >= 10, emulator.down)
     with pytest.raises(Exception, match="cannot reach Ollama"):
         batch_inference(overrides=settings)
+    outage.join()
     manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
     assert manifest["complete"] is False and not (tmp_path / "resumed" / "results.parquet").exists()
     assert 8 <= manifest["rows_ok"] < 30  # the first chunk finished before the outage

@@ -10,6 +10,7 @@ from typing import Any
 import polars as pl
 import pytest
 
+from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
 from tasks.backends import make_backend
 from tasks.bottleneck import best_in_flight
 from tasks.chunk import ChunkAborted, run_chunk
@@ -17,7 +18,6 @@ from tasks.config import JobSettings, SettingsError, load_settings
 from tasks.dataset import ChunkSpec, validate_input
 from tasks.schema import ChunkStats
 from tasks.store import chunk_path
-from tests.support.ollama_emulator import Fault, OllamaEmulator, answer_for
 
 
 def run(settings: JobSettings, chunk: ChunkSpec) -> ChunkStats:

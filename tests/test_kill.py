@@ -20,12 +20,12 @@ from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_API_URL
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import OllamaEmulator
+from harness.processes import start_cli
 from tasks.config import JobSettings, load_settings
 from tasks.dataset import ChunkSpec, validate_input
 from tasks.gpu_slot import GpuSlotTimeout, ensure_gpu_limit, gpu_slot
 from tasks.store import chunk_path, finished_rows
-from tests.support.ollama_emulator import OllamaEmulator
-from tests.support.processes import start_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

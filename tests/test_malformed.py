@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import PROXY_PAGE, Fault, OllamaEmulator, answer_for
 from tasks.backends import make_backend
 from tasks.backends.fake import FakeBackend
 from tasks.backends.llamacpp import LlamaCppBackend
@@ -26,7 +27,6 @@ from tasks.config import load_settings
 from tasks.dataset import ChunkSpec
 from tasks.schema import ChunkStats, ResultRow
 from tasks.store import ChunkWriter, read_journal
-from tests.support.ollama_emulator import PROXY_PAGE, Fault, OllamaEmulator, answer_for
 from tests.test_chunk import prompt, run, settings_for
 from tests.test_openai_backend import openai_job, run_one
 

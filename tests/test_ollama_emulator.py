@@ -16,7 +16,7 @@ import ollama
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.support.ollama_emulator import (
+from harness.ollama_emulator import (
     BUSY,
     CRASH,
     OOM,
@@ -25,6 +25,7 @@ from tests.support.ollama_emulator import (
     answer_for,
     completion_for,
 )
+from harness.processes import wait_for
 
 MODEL = "gemma3:12b"
 
@@ -222,7 +223,8 @@ def test_hang_is_read_timeout_and_holds_no_slot(emu: OllamaEmulator) -> None:
     with pytest.raises(httpx.ReadTimeout):
         connect(emu.host, timeout=0.5).chat(MODEL, msgs("hung"))
     assert connect(emu.host, timeout=2).chat(MODEL, msgs("next")).done
-    time.sleep(0.15)  # the emulator notices the client left and ends the hung handler
+    # The emulator notices the client left and ends the hung handler: soon, not at a set time.
+    wait_for(lambda: emu.requests[0].t_end is not None, 5, "the hung handler to end", interval_s=0.01)
     hung = emu.requests[0]
     assert hung.fault == "hang" and hung.status is None and hung.t_end is not None
 
@@ -241,7 +243,8 @@ def test_stop_and_release_end_hangs_promptly() -> None:
     threads = [threading.Thread(target=call) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    # Both requests hang (their fault taken, so release_hangs() reaches them) before the release.
+    wait_for(lambda: [r.fault for r in emu.requests] == ["hang", "hang"], 5, "two hung requests", interval_s=0.01)
     emu.release_hangs()
     threads[0].join(2)
     t0 = time.monotonic()
@@ -379,7 +382,7 @@ def test_down_and_up_on_same_port() -> None:
 
         t = threading.Thread(target=in_flight)
         t.start()
-        time.sleep(0.1)
+        wait_for(lambda: emu.in_flight == 1, 5, "the chat to be in flight", interval_s=0.01)  # then cut it
         emu.down()
         t.join(2)
         assert errors and isinstance(errors[0], (httpx.RemoteProtocolError, httpx.ReadError))

@@ -17,6 +17,9 @@ import yaml
 from pydantic import BaseModel, Field
 
 from flows.batch_inference import batch_inference
+from harness.llama_server import ALIAS
+from harness.ollama_emulator import Fault, OllamaEmulator
+from harness.processes import start_cli
 from tasks.backends import BackendError, make_backend
 from tasks.chunk import ChunkAborted, run_chunk
 from tasks.config import load_settings
@@ -24,9 +27,6 @@ from tasks.dataset import validate_input
 from tasks.schema import ResultRow
 from tasks.store import chunk_path, finished_rows
 from tests.conftest import make_rows, write_input
-from tests.support.llama_server import ALIAS
-from tests.support.ollama_emulator import Fault, OllamaEmulator
-from tests.support.processes import start_cli
 
 
 class Fit(BaseModel):

@@ -11,8 +11,8 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
 from tasks.dataset import InputError
-from tests.support.ollama_emulator import Fault, OllamaEmulator, answer_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
 from tasks.config import load_settings
 from tasks.dataset import validate_input
 from tasks.store import chunk_path
-from tests.support.ollama_emulator import Fault, OllamaEmulator, answer_for
 
 pytestmark = [pytest.mark.soak, pytest.mark.usefixtures("prefect_server")]
 

@@ -20,14 +20,14 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
 from flows.batch_inference import batch_inference
+from harness.ollama_emulator import OllamaEmulator
+from harness.postgres_server import PASSWORD, PostgresServer
 from tasks.config import SettingsError, SqlSink, load_settings
 from tasks.dataset import InputError, validate_input
 from tasks.schema import RESULT_SCHEMA
 from tasks.sink import SinkBehind
 from tasks.sql import SqlError, TableSink
 from tasks.store import finished_rows
-from tests.support.ollama_emulator import OllamaEmulator
-from tests.support.postgres_server import PASSWORD, PostgresServer
 from tests.test_kill import start_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

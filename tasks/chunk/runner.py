@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from tasks import stopping
 from tasks.backends import Backend, BackendError, Reply, token_counter
 from tasks.chunk.calibrate import AutoState, InFlightAuto
 from tasks.chunk.modes import AutoProbe, RequestModes, decide, engine_of, needs_describe
@@ -36,6 +38,16 @@ class ChunkAborted(RuntimeError):
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class ChunkInterrupted(stopping.Interrupted):
+    """A signal stopped the chunk; `stats` counts the rows it journaled in this attempt (none retried)."""
+
+    stats: ChunkStats | None = None
+
+
+class _Stopped(Exception):
+    """Inside the loop: a stop was asked before this row's next request went out; the row is left for a rerun."""
 
 
 class _ChunkRun:
@@ -207,7 +219,9 @@ class _ChunkRun:
         options (num_ctx) in force when it goes out.
         """
         async with self.changed:
-            await self.changed.wait_for(lambda: self.sending < self.policy.limit)
+            await self.changed.wait_for(lambda: self.sending < self.policy.limit or stopping.requested())
+            if stopping.requested():  # no new request after a stop, not even a retry of a row under way
+                raise _Stopped
             self.sending += 1
         ticket = self._sent()
         reply: Reply | None = None
@@ -315,11 +329,14 @@ class _ChunkRun:
     async def worker(self, index: int, queue: asyncio.Queue[PreparedRow]) -> None:
         while True:
             async with self.changed:  # parked by out-of-memory (or 'auto') until the limit comes up
-                await self.changed.wait_for(lambda: index < self.policy.limit or queue.empty())
-            if queue.empty():
+                await self.changed.wait_for(lambda: index < self.policy.limit or queue.empty() or stopping.requested())
+            if queue.empty() or stopping.requested():
                 return
             row = queue.get_nowait()
-            result = await self.process(row)
+            try:
+                result = await self.process(row)
+            except _Stopped:
+                return
             self.finished += 1
             self.errors += result.status == "error"
             due = self.writer.add(result)
@@ -356,6 +373,21 @@ class _ChunkRun:
             if step is not None:
                 raise ChunkAborted(step.message, retryable=step.retryable)
 
+    async def wind_down(self, signum: signal.Signals, senders: list[asyncio.Task[None]], total: int) -> None:
+        """A stop was asked: no new request goes out, those in flight get stopping.GRACE_S to answer
+        (their rows are kept), then the chunk ends; the rows not journaled are sent by a rerun."""
+        await self._changed()  # wakes parked workers and requests waiting for a slot: they see the stop
+        in_flight = self.sending
+        _, cut = await asyncio.wait(senders, timeout=stopping.GRACE_S)
+        self.note(
+            f"stopped by {signum.name} with {in_flight} request(s) in flight"
+            + (f", {len(cut)} cut after {stopping.GRACE_S:.0f} s" if cut else "")
+        )
+        left = total - self.finished
+        raise ChunkInterrupted(
+            signum, f"in {self.chunk.name}: {self.finished} row(s) journaled in this attempt, {left} left for a rerun"
+        )
+
     async def run(self, rows: list[PreparedRow]) -> None:
         queue: asyncio.Queue[PreparedRow] = asyncio.Queue()
         for row in rows:
@@ -363,18 +395,24 @@ class _ChunkRun:
         flusher = asyncio.create_task(self.periodic_flush())
         syncer = asyncio.create_task(self.sync_journal())
         helpers = [syncer] + ([asyncio.create_task(self.watch_auto())] if self.auto is not None else [])
-        workers = [asyncio.create_task(self.worker(i, queue)) for i in range(self.settings.workers)]
+        senders = [asyncio.create_task(self.worker(i, queue)) for i in range(self.settings.workers)]
+        workers = list(senders)
         work = asyncio.gather(*workers)
+        stop = asyncio.create_task(stopping.wait())
         try:
-            waiting: set[asyncio.Future[Any]] = {work, flusher}
+            waiting: set[asyncio.Future[Any]] = {work, flusher, stop}
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if flusher in done:
                 flusher.result()  # the watchdog fired
+            # The workers read the request too, and may all have returned before `stop` polled it.
+            if (signum := stopping.requested()) is not None and self.finished < len(rows):
+                await self.wind_down(signum, senders, len(rows))
             await work  # a worker's ChunkAborted surfaces here
         finally:
             for task in [*workers, flusher, *helpers]:
                 task.cancel()
-            await asyncio.gather(work, flusher, *helpers, return_exceptions=True)
+            stop.cancel()
+            await asyncio.gather(work, flusher, stop, *helpers, return_exceptions=True)
             await self.flush()  # finished rows reach disk even when the chunk aborts
 
 
@@ -409,6 +447,8 @@ async def _run_async(run: _ChunkRun, rows: list[PreparedRow]) -> None:
     await run.backend.open()
     try:
         while True:  # an outage that began at the hand-over gets the same budget as one mid-chunk
+            if (signum := stopping.requested()) is not None:
+                raise ChunkInterrupted(signum, f"in {run.chunk.name} before its first request")
             try:
                 await run.backend.check()
                 break
@@ -419,7 +459,7 @@ async def _run_async(run: _ChunkRun, rows: list[PreparedRow]) -> None:
                 step = run.policy.outage(err, time.monotonic())
                 if step.do == "abort":
                     raise ChunkAborted(step.message or str(err), retryable=True) from err
-                await asyncio.sleep(step.wait_s)
+                await stopping.sleep_async(step.wait_s)
         run.policy.unreachable_since = None
         await run.decide_modes()
         await run.run(rows)
@@ -472,19 +512,39 @@ def _run_claimed(
     run = _ChunkRun(settings, backend, writer, output_model, on_progress, auto)
     try:
         asyncio.run(_run_async(run, rows))
+    except ChunkInterrupted as exc:
+        # What this attempt journaled before the signal counts as sent (the manifest's rows_sent).
+        exc.stats = _stats(
+            run, settings, chunk, started, len(done), run.finished, run.finished - run.errors, run.errors
+        )
+        raise
     finally:
         writer.close()  # idempotent; on failure the finished rows are already journaled or checkpointed
     frame = writer.finish()
     by_status = frame["status"].value_counts()
     status_counts = dict(zip(by_status["status"].to_list(), by_status["count"].to_list(), strict=True))
+    ok, errors = status_counts.get("ok", 0), status_counts.get("error", 0)
+    return _stats(run, settings, chunk, started, len(done), len(rows), ok, errors)
+
+
+def _stats(
+    run: _ChunkRun,
+    settings: JobSettings,
+    chunk: ChunkSpec,
+    started: float,
+    resumed: int,
+    sent: int,
+    ok: int,
+    errors: int,
+) -> ChunkStats:
     return ChunkStats(
         index=chunk.index,
         rows=chunk.length,
         endpoint=settings.server_label,
-        resumed_rows=len(done),
-        sent_rows=len(rows),
-        ok=status_counts.get("ok", 0),
-        errors=status_counts.get("error", 0),
+        resumed_rows=resumed,
+        sent_rows=sent,
+        ok=ok,
+        errors=errors,
         requests=run.requests,
         prompt_tokens=run.prompt_tokens,
         completion_tokens=run.completion_tokens,

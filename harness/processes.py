@@ -65,7 +65,7 @@ def wait_for(check: Callable[[], T], timeout_s: float, what: str, interval_s: fl
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_cli(job_file: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -652,14 +652,14 @@ class OllamaEmulator:
     def _infer(self, h: _Handler, rec: RequestRecord, body: dict[str, Any], model: str, chat: bool) -> None:
         source: Prompt = (body.get("messages") or []) if chat else str(body.get("prompt") or "")
         rec.prompt = prompt_text(source)
-        cut = self._cut
+        # Taken before the fault is recorded: a hang seen in `requests` is one release_hangs() ends.
+        cut, release = self._cut, self._release
         fault = self._take_fault(rec.prompt)
         if fault is not None:
             rec.fault = fault.name
             if fault.status:
                 return self._reply(h, rec, fault.status, {"error": fault.error})
             if fault.name in ("drop", "hang"):
-                release = self._release
                 while fault.name == "hang" and not (release.wait(0.05) or cut.is_set() or h.client_gone()):
                     pass
                 h.close_connection = True  # closing without a status line

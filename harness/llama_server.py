@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.processes import free_port, start, stop
+from harness.processes import free_port, start, stop
 
 ALIAS = "gemma3-270m"
 
