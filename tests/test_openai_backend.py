@@ -294,8 +294,10 @@ def slot_params(server: Any) -> list[dict[str, Any]]:
 
 def test_real_server_backend_sampling_gives_the_same_greedy_answers(tmp_path: Path, llama_server: Any) -> None:
     # Free text, greedy: the CPU build runs the sampler chain as ggml ops on the CPU backend instead of
-    # llama.cpp's host samplers; the tokens must not change.
-    job = real_job(tmp_path, llama_server, 8, output_schema=None, options={"num_ctx": 2048, "num_predict": 24})
+    # llama.cpp's host samplers; the tokens must not change. One in flight: with 4, two runs with the same
+    # settings already differ now and then (a near-tie decided differently in another batch's arithmetic).
+    options = {"num_ctx": 2048, "num_predict": 24}
+    job = real_job(tmp_path, llama_server, 8, output_schema=None, options=options, in_flight=1)
     off, off_stats = run_one({**job, "backend_sampling": "off", "output_dir": str(tmp_path / "off")})
     assert not any(p["backend_sampling"] for p in slot_params(llama_server))
     on, on_stats = run_one({**job, "backend_sampling": "on", "output_dir": str(tmp_path / "on")})
@@ -315,7 +317,9 @@ def test_real_server_auto_tries_validation_with_backend_sampling_then_takes_the_
     assert any(
         "0 of 2 answers without a grammar matched the schema: the grammar from now on" in e for e in stats.events
     )
-    assert 2 <= stats.backend_sampling_requests <= 4 < stats.requests  # only the in-flight probe requests
+    # Only the probe went without the grammar: the 4 sent at once, and the retry of the first miss when it
+    # came back before the second.
+    assert 2 <= stats.backend_sampling_requests <= 5 < stats.requests
     assert not any(p["backend_sampling"] for p in slot_params(llama_server))  # the last requests: grammar
     assert_rows_valid(frame, 8)
     assert frame.filter(pl.col("status") == "ok").height >= 4  # the grammar's retries recover the probed rows
