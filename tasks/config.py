@@ -161,7 +161,9 @@ class JobSettings(BaseModel):
         "each job keeps its own history.",
     )
     input_path: Path | None = Field(
-        None, description="Input rows: .parquet, .csv or .jsonl/.ndjson, or an OpenAI batch request file (.jsonl)."
+        None,
+        description="Input rows: .parquet, .csv or .jsonl/.ndjson, or an OpenAI batch request file (.jsonl). "
+        "Set this or input_sql.",
     )
     input_format: Literal["auto", "table", "openai_batch"] = Field(
         "auto",
@@ -220,7 +222,8 @@ class JobSettings(BaseModel):
         default_factory=list,
         description="Several servers (backend 'ollama' or 'openai'): chunks run on whichever endpoint is free, "
         "each endpoint holding its own GPU limit; a failing endpoint's chunks move to the others. "
-        "Unset: the one server of ollama_host / base_url, guarded by gpu_limit.",
+        "E.g. [{host: http://127.0.0.1:11434}, {host: http://127.0.0.1:11435}]. Unset: the one server of "
+        "ollama_host / base_url, guarded by gpu_limit.",
     )
     model_path: Path | None = Field(
         None,
@@ -278,7 +281,8 @@ class JobSettings(BaseModel):
         le=131072,
         description="Ollama: when out-of-memory persists at 1 in flight, halve options.num_ctx (the model reloads "
         "with a smaller KV cache) down to this floor before giving up; the rest of the run keeps the lowered "
-        "value and the report lists each step. Unset: stop the chunk with advice instead.",
+        "value and the report lists each step. Answers do not change for prompts that fit; longer ones are cut and "
+        "flagged `truncated`. Unset: stop the chunk with advice instead.",
     )
     chunk_retries: int = Field(
         2,
