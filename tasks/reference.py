@@ -33,7 +33,11 @@ NESTED: list[tuple[type[BaseModel], str]] = [
     (SqlSink, "`sink`"),
     (Endpoint, "each entry of `endpoints`"),
     (GenerationOptions, "`options`"),
-    (Host, "each entry of a scale-out run's `hosts` (a parameter of `flows/scale_out.py`, not a job-file key)"),
+    (
+        Host,
+        "each entry of a scale-out run's `hosts` (a parameter of `flows/scale_out.py`, not a job-file key; see "
+        "[operations.md](operations.md#several-hosts-a-parent-flow-and-one-worker-per-gpu-host))",
+    ),
 ]
 
 HEADER = """\
