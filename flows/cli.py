@@ -200,6 +200,9 @@ def _quiet_prefect() -> None:
     # logs an ERROR for each attempt). Set before Prefect reads its settings.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Prefect gives a temporary server 20 s to start; on a busy small machine it took up to 78 s here,
+    # and the run then failed before its first row. Waiting longer costs nothing when it starts fast.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _parser(kind: Literal["batch", "scale_out"]) -> argparse.ArgumentParser:
