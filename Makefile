@@ -9,7 +9,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 export LLAMA_CPP_BUILD_JOBS ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test-fast: install
 # BENCH_ARGS=--quick for a ~3 min run; `python -m bench.benchmark --compare OLD NEW` compares two results.
 bench: install
 	$(BIN)/python -m bench.benchmark $(BENCH_ARGS)
+
+# Regenerate docs/job-file.md from the settings' Field descriptions in tasks/config.py.
+docs: install
+	$(BIN)/python -m tasks.reference
 
 lint: install
 	$(BIN)/ruff check flows tasks tests deployments jobs bench harness

@@ -991,7 +991,7 @@ def meta(profile: Profile) -> dict[str, Any]:
         "versions": {
             n: package_version(n) for n in ("prefect", "ollama", "httpx", "polars", "pydantic", "llama-cpp-python")
         },
-        # The server's database decides the chunk hand-over (README, Performance): say which one ran.
+        # The server's database decides the chunk hand-over (bench/README.md): say which one ran.
         "prefect_database": "postgresql" if "postgresql" in os.environ.get(PG_URL_ENV, "") else "sqlite",
     }
 

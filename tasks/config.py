@@ -157,15 +157,19 @@ class JobSettings(BaseModel):
     name: str = Field(
         "batch",
         pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
-        description="Job name; Prefect artifact keys are derived from it so each job keeps its own history.",
+        description="Job name; Prefect artifact keys are derived from it (<name>-progress, -chunks, -report) so "
+        "each job keeps its own history.",
     )
     input_path: Path | None = Field(
-        None, description="Input rows: .parquet, .csv or .jsonl/.ndjson, or an OpenAI batch request file (.jsonl)."
+        None,
+        description="Input rows: .parquet, .csv or .jsonl/.ndjson, or an OpenAI batch request file (.jsonl). "
+        "Set this or input_sql.",
     )
     input_format: Literal["auto", "table", "openai_batch"] = Field(
         "auto",
         description="'openai_batch': one OpenAI Batch API request per line (custom_id, body.messages); 'auto' "
-        "detects it from the first line of a .jsonl file; 'table': rows whose columns fill prompt_template.",
+        "takes a .jsonl whose first line has custom_id and body for one; 'table': rows whose columns fill "
+        "prompt_template.",
     )
     input_sql: SqlInput | None = Field(None, description="Read the rows from a database query instead of a file.")
     sink: SqlSink | None = Field(None, description="Also upsert every finished chunk into this database table.")
@@ -174,17 +178,22 @@ class JobSettings(BaseModel):
         description="Write openai-output.jsonl (OpenAI/vLLM batch output lines); unset: when the input is an "
         "OpenAI batch file.",
     )
-    id_column: str = Field("id", min_length=1, description="Column holding a unique, non-null id per row.")
+    id_column: str = Field(
+        "id", min_length=1, description="Column holding a unique, non-null id per row (written as text)."
+    )
     prompt_template: str | None = Field(
         None,
         min_length=1,
-        description="User message with {column} fields filled from the row, e.g. 'Score this: {text}'.",
+        description="User message with {column} fields filled from the row, e.g. 'Score this: {text}' ({{ and }} "
+        "for literal braces). Required unless the input is an OpenAI batch file.",
     )
     system_prompt: str | None = Field(None, description="Optional system message sent before every prompt.")
     trim_field: str | None = Field(
         None,
         description="A template field cut (and the row flagged `trimmed`) when the prompt would not fit "
-        "num_ctx - num_predict; unset, an overlong prompt is sent whole and flagged `truncated` if cut.",
+        "num_ctx - num_predict; counted with the model's tokenizer on llamacpp, with the server's tokenizer and "
+        "chat template on 'openai' where it offers them (llama.cpp, vLLM), a conservative estimate (3 bytes/token) "
+        "on Ollama. Unset, an overlong prompt is sent whole and flagged `truncated` if cut.",
     )
     backend: Literal["ollama", "llamacpp", "openai"] = Field(
         "llamacpp",
@@ -213,12 +222,19 @@ class JobSettings(BaseModel):
         default_factory=list,
         description="Several servers (backend 'ollama' or 'openai'): chunks run on whichever endpoint is free, "
         "each endpoint holding its own GPU limit; a failing endpoint's chunks move to the others. "
-        "Unset: the one server of ollama_host / base_url, guarded by gpu_limit.",
+        "E.g. [{host: http://127.0.0.1:11434}, {host: http://127.0.0.1:11435}]. Unset: the one server of "
+        "ollama_host / base_url, guarded by gpu_limit.",
     )
     model_path: Path | None = Field(
-        None, description="GGUF file for llamacpp; unset means Gemma 3 270M Q4_K_M from its PyPI package."
+        None,
+        description="GGUF file for llamacpp (any GGUF, also one Ollama stored: ~/.ollama/models/blobs/sha256-...); "
+        "unset means Gemma 3 270M Q4_K_M from its PyPI package.",
     )
-    options: GenerationOptions = Field(default_factory=GenerationOptions, description="Generation options.")
+    options: GenerationOptions = Field(
+        default_factory=GenerationOptions,
+        description="Sampling and runner options, sent identically with every request (a changed runner option "
+        "reloads the model in Ollama); see GenerationOptions below.",
+    )
     keep_alive: int | str = Field(-1, description="Ollama keep_alive: -1 keeps the model loaded for the whole job.")
     chunk_size: int = Field(5000, ge=1, le=1_000_000, description="Rows per chunk (one Prefect task each).")
     in_flight: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
@@ -235,10 +251,19 @@ class JobSettings(BaseModel):
         description="Highest level 'auto' tries (never above the server's slots: server_slots, or what "
         "llama.cpp's server says); unset: the server's slots, else 16.",
     )
-    request_timeout_s: float = Field(300.0, gt=0, le=86400, description="Per-request timeout in seconds.")
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="Total time per request in seconds (the ollama client has none by default).",
+    )
     max_attempts: int = Field(3, ge=1, le=20, description="Attempts per row before it becomes an error row.")
     outage_budget_s: float = Field(
-        300.0, ge=0, le=86400, description="How long a chunk waits for an unreachable backend before failing."
+        300.0,
+        ge=0,
+        le=86400,
+        description="How long a chunk waits for an unreachable backend before failing, also when the outage "
+        "began between two chunks.",
     )
     stall_timeout_s: float = Field(
         900.0,
@@ -256,12 +281,20 @@ class JobSettings(BaseModel):
         le=131072,
         description="Ollama: when out-of-memory persists at 1 in flight, halve options.num_ctx (the model reloads "
         "with a smaller KV cache) down to this floor before giving up; the rest of the run keeps the lowered "
-        "value and the report lists each step. Unset: stop the chunk with advice instead.",
+        "value and the report lists each step. Answers do not change for prompts that fit; longer ones are cut and "
+        "flagged `truncated`. Unset: stop the chunk with advice instead.",
     )
-    chunk_retries: int = Field(2, ge=0, le=20, description="Prefect retries of a chunk whose backend went away.")
+    chunk_retries: int = Field(
+        2,
+        ge=0,
+        le=20,
+        description="Prefect retries of a failed chunk; a retry resumes after the checkpointed rows. With several "
+        "endpoints (or hosts): how often a failing endpoint gets work again, after chunk_retry_delay_s.",
+    )
     chunk_retry_delay_s: float = Field(60.0, ge=0, le=86400, description="Wait before a chunk retry.")
     output_dir: Path = Field(
-        description="Where chunks, results.parquet and manifest.json go; '{date}' becomes the run's scheduled date."
+        description="Where chunks, results.parquet and manifest.json go; '{date}' becomes the run's scheduled date "
+        "(the only placeholder: no format specs or attributes)."
     )
     run_date: date | None = Field(
         None,
@@ -280,11 +313,14 @@ class JobSettings(BaseModel):
         "next seed up to max_attempts; 'auto': on a llama.cpp server validate while the first answers match (7 of "
         "the first 8), else the grammar; the grammar on other engines. Changes answers.",
     )
+    # Off by default: measured on an H100 (llama.cpp server, Gemma-3-12B-shaped model, 16-token answers), one
+    # request took 12.5 s with it and 0.64 s without, and at 8 and 64 in flight none finished within 60 s.
     backend_sampling: Literal["auto", "on", "off"] = Field(
-        "auto",
+        "off",
         description="llama.cpp's GPU-side sampling (experimental): only the sampled token comes back to the host. "
         "'auto': asked for on a llama.cpp server (its /props answers) for requests without a grammar; 'on': on "
-        "every grammar-free request of backend 'openai'; 'off': never. Never sent with a grammar.",
+        "every grammar-free request of backend 'openai'; 'off' (the default): never. Never sent with a grammar. "
+        "Measure before turning it on: on an H100 with a Gemma-3-12B-shaped model it made requests ~20x slower.",
     )
     gpu_limit: str = Field(
         "gpu", pattern=LIMIT_NAME, description="Prefect global concurrency limit held per chunk (one endpoint)."

@@ -88,7 +88,7 @@ def test_structured_output_owns_the_directory_and_grammar_keeps_old_fingerprints
     auto = load_settings(None, BASE)
     grammar = load_settings(None, {**BASE, "structured_output": "grammar"})
     validate = load_settings(None, {**BASE, "structured_output": "validate"})
-    assert auto.structured_output == "auto" and auto.backend_sampling == "auto"
+    assert auto.structured_output == "auto" and auto.backend_sampling == "off"
     fingerprints = {s.answer_fingerprint("d1", "{}") for s in (auto, grammar, validate)}
     assert len(fingerprints) == 3  # a grammar or the schema in the prompt: other answers
     # What the version before the setting computed for BASE (the engine always got the grammar then):
@@ -97,7 +97,9 @@ def test_structured_output_owns_the_directory_and_grammar_keeps_old_fingerprints
     differ = answer_differences(grammar.model_dump(mode="json"), validate.model_dump(mode="json"))
     assert differ == ["structured_output: 'grammar' -> 'validate'"]
     # Backend sampling is plumbing: greedy answers are the same with it (test_openai_backend shows it).
-    sampled = load_settings(None, {**BASE, "backend": "openai", "base_url": "http://h/v1", "model": "m"})
+    sampled = load_settings(
+        None, {**BASE, "backend": "openai", "base_url": "http://h/v1", "model": "m", "backend_sampling": "auto"}
+    )
     unsampled = load_settings(None, {**sampled.model_dump(mode="json"), "backend_sampling": "off"})
     assert sampled.answer_fingerprint("d1", None) == unsampled.answer_fingerprint("d1", None)
 

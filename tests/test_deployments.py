@@ -330,7 +330,7 @@ def test_prefect_yaml_settings_are_on_the_server(stack: Stack) -> None:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     names = [d["name"] for d in spec["deployments"]]
     assert names == ["smoke", "nightly", "production-170k", "shard", "nightly-2-hosts"]
-    # The server runs with the settings the README's Operate section prescribes (secrets come back masked).
+    # The server runs with the settings docs/operations.md's Operate section prescribes (secrets come back masked).
     server = httpx.get(f"{stack.api_url}/admin/settings", headers=_basic(stack.auth), timeout=10).json()
     assert server["server"]["concurrency"]["lease_storage"] == LEASE_STORAGE
     assert stack.auth not in json.dumps(server)

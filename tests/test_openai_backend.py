@@ -312,7 +312,7 @@ def test_real_server_auto_tries_validation_with_backend_sampling_then_takes_the_
 ) -> None:
     # Gemma 3 270M is a base model: told the schema, it answers prose. auto starts without the grammar (and
     # with backend sampling), sees two invalid answers, and sends everything after with the grammar.
-    frame, stats = run_one(real_job(tmp_path, llama_server, 8, max_attempts=3))
+    frame, stats = run_one(real_job(tmp_path, llama_server, 8, max_attempts=3, backend_sampling="auto"))
     assert (stats.engine, stats.structured_output) == ("llama.cpp", "grammar")
     assert any(
         "0 of 2 answers without a grammar matched the schema: the grammar from now on" in e for e in stats.events

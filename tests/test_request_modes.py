@@ -49,14 +49,13 @@ def test_the_decision_table(structured: str, sampling: str, engine: str, want: t
 
 
 def test_without_an_output_schema_auto_samples_on_a_llama_cpp_server_only() -> None:
-    assert (
-        decide(settings(), "llama.cpp", None).structured,
-        decide(settings(), "llama.cpp", None).backend_sampling,
-    ) == (
+    auto = settings(backend_sampling="auto")
+    assert (decide(auto, "llama.cpp", None).structured, decide(auto, "llama.cpp", None).backend_sampling) == (
         None,
         True,
     )
-    assert decide(settings(), "openai-compatible", None).backend_sampling is False
+    assert decide(auto, "openai-compatible", None).backend_sampling is False
+    assert decide(settings(), "llama.cpp", None).backend_sampling is False  # off unless asked (see config)
     # The embedded model and Ollama are known without asking; only an OpenAI-compatible server is asked.
     assert engine_of(settings("llamacpp"), None) == "llama.cpp (embedded)"
     assert decide(settings("llamacpp"), engine_of(settings("llamacpp"), None), SCHEMA).structured == "grammar"
