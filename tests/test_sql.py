@@ -106,7 +106,7 @@ def test_query_in_typed_upsert_out(job: Any, pg: PostgresServer, emulator: Ollam
 def test_sigkill_mid_run_then_rerun_leaves_each_id_once(
     job: Any, pg: PostgresServer, emulator: OllamaEmulator, tmp_path: Path
 ) -> None:
-    emulator.latency_s = 0.05
+    emulator.latency_s = 0.2  # a chunk of 16 at 4 in flight takes ~0.8 s: time to see chunk 0 in the table
     limit = f"gpu-sql-kill-{os.getpid()}"
     settings, table = sql_job(job, pg, 48, tmp_path, chunk_size=16, gpu_limit=limit)
     job_file = tmp_path / "job.yaml"
@@ -115,7 +115,8 @@ def test_sigkill_mid_run_then_rerun_leaves_each_id_once(
     chunks = validate_input(parsed).chunks
     proc = start_flow(job_file, tmp_path / "flow.log")
     deadline = time.monotonic() + 120
-    while sum(len(finished_rows(parsed.output_dir, c)) for c in chunks) < 24:  # chunk 0 upserted, chunk 1 half
+    # Chunk 0 upserted (the sink delivers on its own thread, so wait for the table too) and chunk 1 under way.
+    while sum(len(finished_rows(parsed.output_dir, c)) for c in chunks) < 24 or len(table_rows(pg, table)) < 16:
         assert proc.poll() is None, (tmp_path / "flow.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.02)
