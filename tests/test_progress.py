@@ -87,9 +87,10 @@ def test_progress_never_goes_back_when_a_chunk_moves_to_another_endpoint(
     monkeypatch.setattr(batch_flow, "terminal_sink", lambda: record)
     with (
         OllamaEmulator(models=["gemma3:12b"], parallel=8, latency_s=0.01) as fast,
-        OllamaEmulator(models=["gemma3:12b"], parallel=8, latency_s=0.1) as slow,
+        # Slow enough that its chunk (12 rounds of 4) outlasts the fast chunk even on a loaded CI machine.
+        OllamaEmulator(models=["gemma3:12b"], parallel=8, latency_s=0.5) as slow,
     ):
-        settings = job(96, name="backwards", chunk_size=48, checkpoint_rows=4, outage_budget_s=0.5, request_timeout_s=2)
+        settings = job(96, name="backwards", chunk_size=48, checkpoint_rows=4, outage_budget_s=0.5, request_timeout_s=5)
         del settings["ollama_host"]
         settings["endpoints"] = [{"host": emu.host} for emu in (fast, slow)]
 
