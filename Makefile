@@ -48,9 +48,9 @@ test-fast: install
 bench: install
 	$(BIN)/python -m bench.benchmark $(BENCH_ARGS)
 
-# Regenerate docs/job-file.md from the settings' Field descriptions in tasks/config.py.
+# Regenerate docs/job-file.md from the settings' Field descriptions in tasks/settings/model.py.
 docs: install
-	$(BIN)/python -m tasks.reference
+	$(BIN)/python -m tasks.settings.reference
 
 lint: install
 	$(BIN)/ruff check flows tasks tests deployments jobs bench harness

@@ -45,7 +45,7 @@ import yaml  # noqa: E402
 
 from harness.ollama_emulator import OllamaEmulator, RequestRecord, completion_for  # noqa: E402
 from harness.processes import free_port, start, stop, wait_for  # noqa: E402
-from tasks.store import package_version  # noqa: E402
+from tasks.storage.manifest import package_version  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 MODEL = "gemma3:12b"
@@ -597,7 +597,7 @@ def bench_job(b: Bench) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- 4. embedded model
 def bench_embedded(b: Bench) -> dict[str, Any]:
     """Tokens/s through the flow on Gemma 3 270M ÷ a bare llama-cpp-python loop on the same prompts."""
-    from tasks.backends.llamacpp import default_model_path
+    from tasks.inference.backends.llamacpp import default_model_path
 
     rows = b.profile.embedded_rows
     skills = ["Python", "Rust", "CUDA", "Kubernetes", "SQL", "Prefect", "PyTorch", "Go", "Terraform", "Spark"]
@@ -718,7 +718,7 @@ def bench_engine(b: Bench) -> dict[str, Any]:
     e = b.engine
     server = None
     if e.url is None:
-        from tasks.backends.llamacpp import default_model_path
+        from tasks.inference.backends.llamacpp import default_model_path
 
         server = LlamaServer(
             default_model_path(), b.work / "logs" / "llama-server.log", parallel=max(e.levels), ctx_per_slot=1024
@@ -809,7 +809,7 @@ def bench_engine(b: Bench) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- telemetry
 def bench_telemetry(samples: int = 200) -> dict[str, Any]:
     """The run's telemetry Sampler: CPU per sample, against the bare psutil reads each sample makes."""
-    from tasks.telemetry import Sampler
+    from tasks.analysis.telemetry import Sampler
 
     sampler = Sampler(interval_s=0.005, gpu_source=None)  # host fields only, as the bare loop reads
     sampler.start()
@@ -945,7 +945,7 @@ def helper_bare_llama(spec: dict[str, Any]) -> dict[str, Any]:
     if not llm.metadata.get("tokenizer.chat_template") and llm.metadata.get("general.architecture", "").startswith(
         "gemma"
     ):
-        llm.chat_format = "gemma"  # as tasks/backends/llamacpp.py does for a GGUF without a template
+        llm.chat_format = "gemma"  # as tasks/inference/backends/llamacpp.py does for a GGUF without a template
     load_s = time.perf_counter() - started
     opts = spec["options"]
     tokens, contents = 0, []

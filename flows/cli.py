@@ -16,10 +16,11 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from datetime import date
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -59,7 +60,7 @@ class UsageError(Exception):
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`--set options.num_ctx=8192` → {"options": {"num_ctx": 8192}}; values parse as YAML."""
-    from tasks.config import SettingsError
+    from tasks.settings.model import SettingsError
 
     overrides: dict[str, Any] = {}
     for pair in pairs:
@@ -80,11 +81,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def _exit_code(exc: BaseException) -> int | None:
     """The exit code of a user error, None for anything else (a bug, a failed run)."""
-    from tasks.config import SettingsError
-    from tasks.dataset import InputError
-    from tasks.job import BackendUnavailable
-    from tasks.sink import SinkRefused
-    from tasks.store import OutputDirError
+    from tasks.inference.endpoints import BackendUnavailable
+    from tasks.io.sink import SinkRefused
+    from tasks.plan.dataset import InputError
+    from tasks.settings.model import SettingsError
+    from tasks.storage.outdir import OutputDirError
 
     for kind, code in (
         (SettingsError, EXIT_SETTINGS),
@@ -100,7 +101,7 @@ def _exit_code(exc: BaseException) -> int | None:
 
 def _hint(exc: BaseException, code: int) -> str:
     """What to do about a user error: its exit code's hint, or a closer one where the error says more."""
-    from tasks.store import OutputDirInUse
+    from tasks.storage.outdir import OutputDirInUse
 
     if code == EXIT_BACKEND:
         return BACKEND_HINTS.get(getattr(exc, "backend", ""), HINTS[code])
@@ -110,19 +111,15 @@ def _hint(exc: BaseException, code: int) -> str:
 
 
 def preflight(job_file: str | None, overrides: dict[str, Any]) -> None:
-    """What the flow checks first, without Prefect: settings, input, output directory, backends, sink."""
-    from tasks.dataset import validate_input
-    from tasks.job import check_backends, plan_job
-    from tasks.sink import open_sink
-    from tasks.store import check_not_in_use, check_output_dir
+    """The checks the run makes first (tasks/run.py check_job), without Prefect and changing nothing."""
+    from tasks.plan.dataset import validate_input
+    from tasks.plan.job import plan_job
+    from tasks.run import Direct, check_job
 
     job = plan_job(job_file, overrides, date.today(), validate=partial(validate_input, pin=False))
-    check_not_in_use(job.settings.output_dir)
-    check_output_dir(job.settings.output_dir, job.fingerprint, job.record)
-    sink = open_sink(job.settings, job.plan, create=False)  # reads only: a missing table is made by the run
+    sink = check_job(job, Direct(), dry_run=True).sink
     if sink is not None:
         sink.close()
-    check_backends(job.settings)
 
 
 def _one_line(text: str | None, width: int = 100) -> str:
@@ -228,7 +225,8 @@ def _hosts(args: argparse.Namespace) -> list[Any]:
     """Scale-out hosts from --host and --hosts, checked with the job before anything starts."""
     from pydantic import ValidationError
 
-    from tasks.config import Host, read_document
+    from tasks.settings.load import read_document
+    from tasks.settings.model import Host
 
     listed = read_document(args.hosts, "--hosts file") if args.hosts else []
     try:
@@ -240,18 +238,21 @@ def _hosts(args: argparse.Namespace) -> list[Any]:
     return hosts
 
 
-def _run(kind: Literal["batch", "scale_out"], args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+def _run(
+    kind: Literal["batch", "scale_out"], args: argparse.Namespace, overrides: dict[str, Any], flow: Callable[..., Any]
+) -> dict[str, Any]:
     job_file = str(args.config) if args.config else None
     if kind == "batch":
-        from flows.batch_inference import batch_inference
+        return cast(dict[str, Any], flow(job_file=job_file, overrides=overrides))
+    return cast(
+        dict[str, Any],
+        flow(hosts=_hosts(args), job_file=job_file, overrides=overrides, chunks_per_run=args.chunks_per_run),
+    )
 
-        return batch_inference(job_file=job_file, overrides=overrides)
-    from flows.scale_out import scale_out
 
-    return scale_out(hosts=_hosts(args), job_file=job_file, overrides=overrides, chunks_per_run=args.chunks_per_run)
-
-
-def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> int:
+def main(kind: Literal["batch", "scale_out"], argv: list[str], load_flow: Callable[[], Callable[..., Any]]) -> int:
+    """Check the job, then run the flow that `load_flow` imports: only after the checks passed, since
+    importing Prefect takes seconds. The flow's module hands it in, so this module imports no flow."""
     args = _parser(kind).parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
@@ -266,7 +267,7 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str] | None = None) -> 
             # a second one exits at once. The scale-out parent does not wind down: it keeps Python's
             # KeyboardInterrupt.
             stopping.install()
-        manifest = _run(kind, args, overrides)
+        manifest = _run(kind, args, overrides, load_flow())
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

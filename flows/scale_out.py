@@ -17,9 +17,16 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":  # the command line checks the job before Prefect is even imported
+    from typing import Any
+
     from flows.cli import main
 
-    sys.exit(main("scale_out", sys.argv[1:]))
+    def _flow() -> Any:  # this file again, under its package name: the flow Prefect deploys
+        from flows.scale_out import scale_out
+
+        return scale_out
+
+    sys.exit(main("scale_out", sys.argv[1:], _flow))
 
 import time
 from typing import Annotated, Any
@@ -31,15 +38,20 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, State
 from pydantic import Field
 
-from flows.batch_inference import prepare_job
-from tasks import store
-from tasks.chunk import finished_chunk_stats
-from tasks.config import Host, merge_overrides
-from tasks.dataset import ChunkSpec
-from tasks.dispatch import Dispatcher, LaneFailed
-from tasks.openai_batch import write_output as write_openai_output
-from tasks.report import publish_artifacts, render_scale_out_report
-from tasks.sources import wants_openai_output
+from tasks.analysis.report import render_scale_out_report
+from tasks.inference.dispatch import Dispatcher, LaneFailed
+from tasks.inference.runner import finished_chunk_stats
+from tasks.io.openai_batch import write_output as write_openai_output
+from tasks.io.sources import wants_openai_output
+from tasks.plan.dataset import ChunkSpec
+from tasks.plan.job import plan_job
+from tasks.prefect_steps import plan_chunks, publish_artifacts, scheduled_day
+from tasks.settings.load import merge_overrides
+from tasks.settings.model import Host
+from tasks.storage.files import write_atomic
+from tasks.storage.manifest import Manifest, read_shard_manifests
+from tasks.storage.outdir import check_output_dir, claim_output_dir
+from tasks.storage.results import consolidate
 
 POLL_S = 2.0
 
@@ -75,13 +87,13 @@ def scale_out(
     started = time.time()
     if not hosts:
         raise ValueError("hosts: name at least one work queue")
-    settings, plan, fingerprint, record = prepare_job(job_file, overrides)
+    settings, plan, fingerprint, record = plan_job(job_file, overrides, scheduled_day(), validate=plan_chunks)
     out = settings.output_dir
-    store.check_output_dir(out, fingerprint, record)  # refused before any shard starts or a file is written
+    check_output_dir(out, fingerprint, record)  # refused before any shard starts or a file is written
     # The children get the directory this run resolved, so a shard that starts after midnight
     # does not fill {date} with its own day.
     base = merge_overrides(overrides or {}, {"output_dir": str(out)})
-    with store.claim_output_dir(out, fingerprint, record):
+    with claim_output_dir(out, fingerprint, record):
         todo = [c for c in plan.chunks if finished_chunk_stats(settings, c) is None]
         logger.info(
             "%d rows in %d chunks, %d to do, over hosts %s",
@@ -121,7 +133,7 @@ def scale_out(
         failure: BaseException | None = None
         try:
             dispatcher(todo)
-            logger.info("wrote %s", results := store.consolidate(out, plan.chunks, plan.total_rows))
+            logger.info("wrote %s", results := consolidate(out, plan.chunks, plan.total_rows))
             if wants_openai_output(settings):
                 target = out / "openai-output.jsonl"
                 logger.info("wrote %s", write_openai_output(results, target, settings.model, fingerprint))
@@ -129,12 +141,12 @@ def scale_out(
             failure = exc
             raise
         finally:
-            manifest = store.build_manifest(settings, plan, fingerprint, started, failure)
-            manifest["hosts"] = [h.queue for h in hosts]
-            store.write_json_atomic(manifest, out / "manifest.json")
+            manifest = Manifest.counted(settings, plan, fingerprint, started, failure)
+            manifest.hosts = [h.queue for h in hosts]
+            manifest.write(out)
             # This run's shards only: an earlier, interrupted run of the job left its own there.
-            shards = [m for m in store.read_shard_manifests(out) if m["started_at"] >= started]
+            shards = [m for m in read_shard_manifests(out) if m.started_at >= started]
             report = render_scale_out_report(settings, manifest, shards, dispatcher.events)
-            store.write_atomic(out / "report.md", lambda tmp: tmp.write_text(report, encoding="utf-8"))
+            write_atomic(out / "report.md", lambda tmp: tmp.write_text(report, encoding="utf-8"))
             publish_artifacts(settings.name, report, f"{settings.name} over hosts")
-    return manifest
+    return manifest.model_dump(mode="json")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from tasks.config import read_document
+from tasks.settings.load import read_document
 
 # Kinds of error a row can end with; the report groups errors by these.
 ErrorKind = Literal[

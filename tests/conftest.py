@@ -188,7 +188,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    from tasks.backends.llamacpp import default_model_path
+    from tasks.inference.backends.llamacpp import default_model_path
 
     server = LlamaServer(default_model_path(), tmp_path_factory.mktemp("llama-server") / "server.log")
     try:

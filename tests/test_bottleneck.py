@@ -8,23 +8,25 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tasks.backends.protocol import model_geometry
-from tasks.bottleneck import (
+from tasks.analysis.kv import (
     GEMMA3_12B,
+    best_in_flight,
+    calibration_knee,
+    eta_hours,
+    kv_cache_gib_per_slot,
+    slots_that_fit,
+)
+from tasks.analysis.telemetry import SCHEMA, summarize
+from tasks.analysis.verdict import (
     LevelReading,
     RunEvidence,
     TelemetrySummary,
     Verdict,
-    best_in_flight,
-    calibration_knee,
-    eta_hours,
     eta_scope,
     judge,
-    kv_cache_gib_per_slot,
     render_markdown,
-    slots_that_fit,
 )
-from tasks.telemetry import SCHEMA, summarize
+from tasks.inference.backends.protocol import model_geometry
 
 GIB_MIB = 1024.0
 CARD_MIB = 16_376.0  # an RTX 4080 16 GB as NVML reports it
@@ -327,7 +329,7 @@ def test_an_unknown_model_shape_is_said_not_guessed() -> None:
 
 
 def test_geometry_from_gguf_metadata_sizes_the_kv_cache() -> None:
-    from tasks.report import kv_geometry
+    from tasks.analysis.report import kv_geometry
 
     meta = {
         "general.architecture": "gemma3",
@@ -443,8 +445,8 @@ def test_a_gpu_that_works_harder_with_more_in_flight_is_not_host_bound() -> None
 
 
 def test_a_run_that_moved_its_level_gives_the_verdict_util_power_and_latency_per_level() -> None:
-    from tasks.chunk.runner import level_windows
-    from tasks.report import level_readings
+    from tasks.analysis.report import level_readings
+    from tasks.inference.runner import level_windows
     from tasks.schema import ChunkStats
 
     # 'auto' held 1 in flight for 10 s, then 8 for 10 s, then 1 again for 5 s; answers came back throughout.

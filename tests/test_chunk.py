@@ -12,15 +12,16 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tasks.backends import BackendError
-from tasks.backends.fake import HANG, FakeBackend
-from tasks.bottleneck import best_in_flight
-from tasks.chunk import ChunkAborted, run_chunk
-from tasks.chunk.policy import OOM_STREAK_LIMIT, RAISE_AFTER, ChunkPolicy, RowTries, Step
-from tasks.config import JobSettings, load_settings
-from tasks.dataset import validate_input
+from tasks.analysis.kv import best_in_flight
+from tasks.inference.backends import BackendError
+from tasks.inference.backends.fake import HANG, FakeBackend
+from tasks.inference.policy import OOM_STREAK_LIMIT, RAISE_AFTER, ChunkPolicy, RowTries, Step
+from tasks.inference.runner import ChunkAborted, run_chunk
+from tasks.plan.dataset import validate_input
 from tasks.schema import ChunkStats
-from tasks.store import chunk_path, finished_rows
+from tasks.settings.load import load_settings
+from tasks.settings.model import JobSettings
+from tasks.storage.journal import chunk_path, finished_rows
 
 OOM = BackendError("oom", "oom", "HTTP 500: CUDA error: out of memory")
 CRASH = BackendError("runner_crash", "retry", "HTTP 500: llama runner process unexpectedly stopped")

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import JobSettings, SettingsError, answer_differences, load_settings, template_fields
+from tasks.settings.fingerprint import answer_differences
+from tasks.settings.load import load_settings
+from tasks.settings.model import JobSettings, SettingsError
+from tasks.settings.template import template_fields
 
 BASE = {"input_path": "in.parquet", "prompt_template": "Score {text}", "output_dir": "out"}
 LEGACY_FINGERPRINT = "3d412d82556a52e9"  # BASE's answer_fingerprint("d1", "{}") before structured_output existed

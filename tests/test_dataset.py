@@ -7,8 +7,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks.config import SettingsError, load_settings
-from tasks.dataset import InputError, estimate_tokens, plan_chunks, prepare_chunk, validate_input
+from tasks.plan.dataset import InputError, plan_chunks, validate_input
+from tasks.plan.prompts import estimate_tokens, prepare_chunk
+from tasks.settings.load import load_settings
+from tasks.settings.model import SettingsError
 from tests.conftest import make_rows, write_input
 
 

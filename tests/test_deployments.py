@@ -43,7 +43,7 @@ import yaml
 
 from harness.ollama_emulator import OllamaEmulator
 from harness.processes import free_port, start, stop, wait_for
-from tasks.config import load_settings
+from tasks.settings.load import load_settings
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from tasks.dispatch import Dispatcher, LaneFailed
+from tasks.inference.dispatch import Dispatcher, LaneFailed
 
 
 def test_a_failed_batch_moves_to_the_other_lane() -> None:

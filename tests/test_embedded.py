@@ -66,9 +66,10 @@ def test_cut_off_json_becomes_an_error_row_with_raw_text(tmp_path: Path) -> None
 
 
 def test_trimming_uses_the_models_own_tokenizer(tmp_path: Path) -> None:
-    from tasks.backends import token_counter
-    from tasks.config import load_settings
-    from tasks.dataset import prepare_chunk, validate_input
+    from tasks.inference.backends import token_counter
+    from tasks.plan.dataset import validate_input
+    from tasks.plan.prompts import prepare_chunk
+    from tasks.settings.load import load_settings
 
     frame = make_rows(1).with_columns(text=pl.lit("a long candidate history " * 400))
     job = embedded_job(tmp_path, trim_field="text", options={"num_ctx": 512, "num_predict": 48})

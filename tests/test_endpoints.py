@@ -14,7 +14,8 @@ from prefect.client.orchestration import get_client
 
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import OllamaEmulator
-from tasks.config import Endpoint, SettingsError, load_settings
+from tasks.settings.load import load_settings
+from tasks.settings.model import Endpoint, SettingsError
 from tests.conftest import when
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -12,8 +12,9 @@ import pytest
 
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import OllamaEmulator, answer_for
-from tasks.dataset import ChunkSpec
-from tasks.store import OutputDirError, chunk_path
+from tasks.plan.dataset import ChunkSpec
+from tasks.storage.journal import chunk_path
+from tasks.storage.outdir import OutputDirError
 from tests.conftest import make_rows, when, write_input
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -18,8 +18,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
-from tasks.dataset import InputError
-from tasks.store import OutputDirError
+from tasks.plan.dataset import InputError
+from tasks.storage.outdir import OutputDirError
 from tests.conftest import make_rows, when, write_input
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -22,7 +22,15 @@ import yaml
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import OllamaEmulator, RequestRecord
 from harness.processes import free_port, start, start_cli, stop, wait_for
-from tasks.gpu_slot import LOCK_DIR_ENV, MachineLock, _read_holders, ensure_gpu_limit, gpu_slot, keep_slots, machine_key
+from tasks.inference.gpu_slot import (
+    LOCK_DIR_ENV,
+    MachineLock,
+    _read_holders,
+    ensure_gpu_limit,
+    gpu_slot,
+    keep_slots,
+    machine_key,
+)
 
 ROW = re.compile(r"candidate (\d+) writes")
 

@@ -11,13 +11,14 @@ import polars as pl
 import pytest
 
 from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
-from tasks.backends import make_backend
-from tasks.bottleneck import best_in_flight
-from tasks.chunk import ChunkAborted, run_chunk
-from tasks.config import JobSettings, SettingsError, load_settings
-from tasks.dataset import ChunkSpec, validate_input
+from tasks.analysis.kv import best_in_flight
+from tasks.inference.backends import make_backend
+from tasks.inference.runner import ChunkAborted, run_chunk
+from tasks.plan.dataset import ChunkSpec, validate_input
 from tasks.schema import ChunkStats
-from tasks.store import chunk_path
+from tasks.settings.load import load_settings
+from tasks.settings.model import JobSettings, SettingsError
+from tasks.storage.journal import chunk_path
 
 
 def run(settings: JobSettings, chunk: ChunkSpec) -> ChunkStats:

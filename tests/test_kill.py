@@ -22,10 +22,11 @@ from prefect.settings import PREFECT_API_URL
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import OllamaEmulator
 from harness.processes import start_cli
-from tasks.config import JobSettings, load_settings
-from tasks.dataset import ChunkSpec, validate_input
-from tasks.gpu_slot import GpuSlotTimeout, ensure_gpu_limit, gpu_slot
-from tasks.store import chunk_path, finished_rows
+from tasks.inference.gpu_slot import GpuSlotTimeout, ensure_gpu_limit, gpu_slot
+from tasks.plan.dataset import ChunkSpec, validate_input
+from tasks.settings.load import load_settings
+from tasks.settings.model import JobSettings
+from tasks.storage.journal import chunk_path, finished_rows
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,3 +38,103 @@ def test_bench_imports_nothing_of_tests() -> None:
         if module == "tests" or module.startswith("tests.")
     }
     assert not offenders, f"bench/ must not import tests/ (move what both need to harness/): {sorted(offenders)}"
+
+
+PACKAGES = ("flows", "tasks", "deployments", "harness", "bench")
+
+
+def module_name(root: Path, path: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (`from pkg import sub` counts as importing pkg.sub)."""
+    modules = {module_name(root, p): p for pkg in packages for p in (root / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name in modules)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+                edges.add(node.module)
+                edges.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules)
+        edges.discard(name)  # a flow's __main__ block loads its own module under its package name
+        graph[name] = edges
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_circles_are_found_even_through_a_function_level_import(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg import b\n")
+    (pkg / "b.py").write_text("def f():\n    from pkg.c import x\n")
+    (pkg / "c.py").write_text("import pkg.a\n")
+    (pkg / "d.py").write_text("from pkg.d import y\n")  # itself: not a circle
+    assert circles(import_graph(tmp_path, ("pkg",))) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_the_house_has_no_import_circle() -> None:
+    graph = import_graph(ROOT, PACKAGES)
+    assert len(graph) > 40, "the project's modules were not found"
+    assert circles(graph) == []
+
+
+def test_tasks_import_no_flow_and_the_run_needs_no_prefect() -> None:
+    """tasks/ is what flows are made of; tasks/run.py is the whole run without Prefect (tests, pre-flight)."""
+    graph = import_graph(ROOT, PACKAGES)
+    upward = sorted(
+        f"{m} -> {d}" for m, deps in graph.items() if m.startswith("tasks") for d in deps if d.startswith("flows")
+    )
+    assert upward == []
+    probe = "import sys, tasks.run; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect')[:3])"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_module_imports_on_its_own() -> None:
+    """Each module in a fresh interpreter, as `python -m` would load it: an import order that only
+    works after another module was loaded first fails here."""
+    graph = import_graph(ROOT, ("flows", "tasks", "deployments", "harness"))
+
+    def load(module: str) -> str | None:
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True)
+        return None if done.returncode == 0 else f"{module}: {done.stderr.strip().splitlines()[-1]}"
+
+    with ThreadPoolExecutor(4) as pool:
+        failed = [f for f in pool.map(load, sorted(graph)) if f]
+    assert failed == []

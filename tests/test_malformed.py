@@ -19,14 +19,14 @@ import pytest
 
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import PROXY_PAGE, Fault, OllamaEmulator, answer_for
-from tasks.backends import make_backend
-from tasks.backends.fake import FakeBackend
-from tasks.backends.llamacpp import LlamaCppBackend
-from tasks.backends.protocol import RAW_KEPT, Reply, bad_response
-from tasks.config import load_settings
-from tasks.dataset import ChunkSpec
+from tasks.inference.backends import make_backend
+from tasks.inference.backends.fake import FakeBackend
+from tasks.inference.backends.llamacpp import LlamaCppBackend
+from tasks.inference.backends.protocol import RAW_KEPT, Reply, bad_response
+from tasks.plan.dataset import ChunkSpec
 from tasks.schema import ChunkStats, ResultRow
-from tasks.store import ChunkWriter, read_journal
+from tasks.settings.load import load_settings
+from tasks.storage.journal import ChunkWriter, read_journal
 from tests.test_chunk import prompt, run, settings_for
 from tests.test_openai_backend import openai_job, run_one
 

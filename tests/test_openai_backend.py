@@ -20,12 +20,12 @@ from flows.batch_inference import batch_inference
 from harness.llama_server import ALIAS
 from harness.ollama_emulator import Fault, OllamaEmulator
 from harness.processes import start_cli
-from tasks.backends import BackendError, make_backend
-from tasks.chunk import ChunkAborted, run_chunk
-from tasks.config import load_settings
-from tasks.dataset import validate_input
+from tasks.inference.backends import BackendError, make_backend
+from tasks.inference.runner import ChunkAborted, run_chunk
+from tasks.plan.dataset import validate_input
 from tasks.schema import ResultRow
-from tasks.store import chunk_path, finished_rows
+from tasks.settings.load import load_settings
+from tasks.storage.journal import chunk_path, finished_rows
 from tests.conftest import make_rows, write_input
 
 
@@ -159,7 +159,7 @@ def test_a_refused_connection_is_an_outage(job: Any, emulator: OllamaEmulator) -
 
 
 def test_settings_name_what_openai_needs(tmp_path: Path) -> None:
-    from tasks.config import SettingsError
+    from tasks.settings.model import SettingsError
 
     base = {"input_path": "x.csv", "prompt_template": "{text}", "output_dir": str(tmp_path), "backend": "openai"}
     with pytest.raises(SettingsError, match="needs base_url"):

@@ -12,7 +12,7 @@ from openai.types.chat import ChatCompletion
 
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
-from tasks.dataset import InputError
+from tasks.plan.dataset import InputError
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

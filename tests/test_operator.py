@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from harness.ollama_emulator import OllamaEmulator
-from tasks.store import claim_output_dir
+from tasks.storage.outdir import claim_output_dir
 from tests.test_cli import cli, job_file
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import flows.batch_inference as batch_flow
 from harness.ollama_emulator import OllamaEmulator
-from tasks.progress import (
+from tasks.analysis.progress import (
     ARTIFACT_CHUNK_END_EVERY_S,
     ARTIFACT_EVERY_S,
     Progress,

@@ -1,16 +1,16 @@
-"""docs/job-file.md is what `python -m tasks.reference` writes from tasks/config.py today."""
+"""docs/job-file.md is what `python -m tasks.settings.reference` writes from tasks/settings/model.py today."""
 
 from __future__ import annotations
 
-from tasks.config import Endpoint, GenerationOptions, Host, JobSettings, SqlInput, SqlSink
-from tasks.reference import COMMAND, TARGET, render
+from tasks.settings.model import Endpoint, GenerationOptions, Host, JobSettings, SqlInput, SqlSink
+from tasks.settings.reference import COMMAND, TARGET, render
 
 
 def test_the_committed_job_file_reference_is_current() -> None:
     expected = render()
     current = TARGET.read_text(encoding="utf-8") if TARGET.exists() else ""
     assert current == expected, (
-        f"docs/job-file.md is stale: tasks/config.py changed since it was generated. Regenerate it with "
+        f"docs/job-file.md is stale: tasks/settings/model.py changed since it was generated. Regenerate it with "
         f"`{COMMAND}` (or `make docs`) and commit the result."
     )
 

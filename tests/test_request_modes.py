@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tasks.chunk.modes import AutoProbe, decide, engine_of, needs_describe, schema_instruction
-from tasks.config import load_settings
+from tasks.inference.modes import AutoProbe, decide, engine_of, needs_describe, schema_instruction
+from tasks.settings.load import load_settings
 
 SCHEMA: dict[str, Any] = {
     "title": "Fit",

@@ -24,9 +24,9 @@ from prefect.settings import PREFECT_API_URL
 
 from harness.ollama_emulator import Fault, OllamaEmulator
 from harness.processes import start_cli
-from tasks.config import load_settings
-from tasks.dataset import validate_input
-from tasks.store import finished_rows
+from tasks.plan.dataset import validate_input
+from tasks.settings.load import load_settings
+from tasks.storage.journal import finished_rows
 
 STOP_LIMIT_S = 10.0  # signal to exit, what systemd's and Kubernetes' grace periods leave
 

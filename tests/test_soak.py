@@ -16,9 +16,9 @@ import yaml
 
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
-from tasks.config import load_settings
-from tasks.dataset import validate_input
-from tasks.store import chunk_path
+from tasks.plan.dataset import validate_input
+from tasks.settings.load import load_settings
+from tasks.storage.journal import chunk_path
 
 pytestmark = [pytest.mark.soak, pytest.mark.usefixtures("prefect_server")]
 

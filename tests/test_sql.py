@@ -22,12 +22,13 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import OllamaEmulator
 from harness.postgres_server import PASSWORD, PostgresServer
-from tasks.config import SettingsError, SqlSink, load_settings
-from tasks.dataset import InputError, validate_input
+from tasks.io.sink import SinkBehind
+from tasks.io.sql import SqlError, TableSink
+from tasks.plan.dataset import InputError, validate_input
 from tasks.schema import RESULT_SCHEMA
-from tasks.sink import SinkBehind
-from tasks.sql import SqlError, TableSink
-from tasks.store import finished_rows
+from tasks.settings.load import load_settings
+from tasks.settings.model import SettingsError, SqlSink
+from tasks.storage.journal import finished_rows
 from tests.test_kill import start_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -210,8 +211,8 @@ def test_wrong_password_bad_query_and_incompatible_table_fail_before_any_request
 
 
 def test_env_reference_in_the_uri(pg: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.config import SqlInput
-    from tasks.sql import read_query
+    from tasks.io.sql import read_query
+    from tasks.settings.model import SqlInput
 
     source = candidates(pg, 3)
     monkeypatch.delenv("PGPASSWORD")

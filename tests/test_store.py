@@ -10,21 +10,20 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks.dataset import ChunkSpec
+from tasks.plan.dataset import ChunkSpec
 from tasks.schema import ResultRow
-from tasks.store import (
+from tasks.storage.files import file_fingerprint
+from tasks.storage.journal import (
     ChunkWriter,
-    OutputDirError,
     check_chunk_files,
     chunk_path,
-    claim_output_dir,
     clean_finished_parts,
-    consolidate,
-    file_fingerprint,
     finished_rows,
     journal_paths,
     part_paths,
 )
+from tasks.storage.outdir import OutputDirError, claim_output_dir
+from tasks.storage.results import consolidate
 
 
 def row(i: int, chunk: int = 0, status: str = "ok") -> ResultRow:

@@ -15,10 +15,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks import telemetry
-from tasks.backends.ollama import OllamaBackend
-from tasks.store import write_parquet_atomic
-from tasks.telemetry import Sampler, open_gpu_source, summarize
+from tasks.analysis import telemetry
+from tasks.analysis.telemetry import Sampler, open_gpu_source, summarize
+from tasks.inference.backends.ollama import OllamaBackend
+from tasks.storage.files import write_parquet_atomic
 
 GIB = 1024**3
 
@@ -116,7 +116,7 @@ def test_sampler_without_gpu_samples_host_only() -> None:
 def test_gpu_lost_mid_run_keeps_sampling_host(caplog: pytest.LogCaptureFixture) -> None:
     fake = FakeGpu(n=1, fail_after=2)
     s = Sampler(interval_s=0.01, gpu_source=fake)
-    with caplog.at_level(logging.WARNING, logger="tasks.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="tasks.analysis.telemetry"):
         s.start()
         _wait_for(lambda: s.samples >= 8)
         assert _stop_timed(s) < 1.0
@@ -135,7 +135,7 @@ def test_open_gpu_source_without_gpu_returns_none_and_warns_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Real pynvml, no patching: this host has no NVIDIA driver.
-    with caplog.at_level(logging.WARNING, logger="tasks.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="tasks.analysis.telemetry"):
         source = open_gpu_source()
     if source is not None:  # pragma: no cover - only on a GPU host
         source.close()
@@ -333,7 +333,7 @@ def test_energy_per_thousand_rows() -> None:
 
 
 def test_the_report_states_energy_or_why_there_is_none() -> None:
-    from tasks.report import energy_cell
+    from tasks.analysis.report import energy_cell
 
     assert energy_cell({"energy_wh": 12.345, "wh_per_1000_rows": 4.5678}) == "12.35 Wh, 4.57 Wh per 1,000 rows"
     assert energy_cell({"energy_wh": 0.5, "wh_per_1000_rows": None}) == "0.50 Wh, no rows finished"

@@ -13,7 +13,7 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
-from tasks.chunk.calibrate import AutoState, InFlightAuto
+from tasks.inference.calibrate import AutoState, InFlightAuto
 
 # rows/s by level, llama.cpp's server with 64 slots (FACTS: "A real engine on a real GPU" and
 # "The production model's shape on a real engine"); tokens a row in the second item.

@@ -1,0 +1,81 @@
+"""A job file read: YAML or JSON plus overrides, validated, with one message naming the file and field."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tasks.settings.model import Endpoint, GenerationOptions, JobSettings, SettingsError, SqlInput, SqlSink
+
+
+def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overrides(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_document(path: Path, what: str) -> Any:
+    """Parse a file the user named, JSON (.json) or YAML; a failure is one message naming `what` and the file."""
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    if not path.is_file():
+        raise SettingsError(f"{what} {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(f"{what} {path} is not valid {kind}: {exc}") from exc
+    except ValueError as exc:  # YAML reads `2026-02-30` as a date, and Python's date() refuses it
+        raise SettingsError(f"{what} {path} holds a date that does not exist (run_date?): {exc}") from exc
+
+
+def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobSettings:
+    """Read a YAML job file, apply overrides (nested dicts merge), validate.
+
+    Relative paths stay relative to the working directory, which a deployment's pull step
+    sets to the project root.
+    """
+    data: dict[str, Any] = {}
+    source = "overrides"
+    if job_file is not None:
+        path = Path(job_file)
+        loaded = read_document(path, "job file")
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SettingsError(f"job file {path} must hold a mapping of settings, not {type(loaded).__name__}")
+        data = loaded or {}
+        source = str(path)
+    data = merge_overrides(data, overrides or {})
+    try:
+        return JobSettings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err) for err in exc.errors())
+        # `from None`: pydantic's own text repeats each input value, and a refused URI may hold a password.
+        raise SettingsError(f"invalid job settings in {source}: {problems}") from None
+
+
+_NESTED: dict[str, type[BaseModel]] = {
+    "options": GenerationOptions,
+    "endpoints": Endpoint,
+    "input_sql": SqlInput,
+    "sink": SqlSink,
+}
+
+
+def _describe(err: Any) -> str:
+    """One validation problem in the job file's words; an unknown key gets the closest known one."""
+    where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+    if err["type"] != "extra_forbidden":
+        return f"{where}: {err['msg']}"
+    *parents, key = [p for p in err["loc"] if isinstance(p, str)]
+    model: type[BaseModel] = _NESTED.get(parents[-1], JobSettings) if parents else JobSettings
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    hint = f"; did you mean `{close[0]}`?" if close else f"; known keys: {', '.join(model.model_fields)}"
+    return f"{where}: unknown setting{hint}"

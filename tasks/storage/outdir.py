@@ -1,0 +1,149 @@
+"""The output directory as a whole: whose configuration owns it, the lock of the run using it, and the 'auto' level remembered beside it."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tasks.settings.fingerprint import answer_differences
+from tasks.storage.files import write_json_atomic
+
+
+class OutputDirError(RuntimeError):
+    """The output directory belongs to another job, or another run holds it."""
+
+
+class OutputDirInUse(OutputDirError):
+    """A live run holds the directory (or a chunk of it): wait for it, never delete what it writes."""
+
+
+@contextmanager
+def flock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking flock on `path`, with this holder written in; the kernel releases
+    it when the holder dies, so a killed run leaves no stale lock behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "holder unknown"
+        handle.close()
+        raise OutputDirInUse(f"{what} is in use by another run ({owner})") from None
+    try:
+        handle.truncate(0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+
+
+def check_not_in_use(out: Path) -> None:
+    """Raise OutputDirInUse when a live run holds `out` (its .lock); reads only, creates nothing.
+    The command line asks before it starts a Prefect server; the run's own claim still decides."""
+    try:
+        handle = (out / ".lock").open("r")
+    except FileNotFoundError:
+        return  # never claimed, or not a directory yet
+    with handle:
+        try:
+            # A shared lock is refused while the run's exclusive one is held, and never blocks it for long.
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = handle.read().strip() or "holder unknown"
+            raise OutputDirInUse(f"output_dir {out} is in use by another run ({owner})") from None
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def holds_rows(out: Path) -> bool:
+    """Whether any result row is on disk: a chunk file, a checkpoint part or a journal."""
+    chunks = out / "chunks"
+    return chunks.is_dir() and any(p.suffix in (".parquet", ".jsonl") for p in chunks.iterdir())
+
+
+def check_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> bool:
+    """Refuse a directory whose rows another configuration wrote, naming the settings that differ.
+
+    Reads only. True when the directory is this job's already (job.json with this fingerprint).
+    A job.json without a single row on disk (a run stopped before its first row) does not own it.
+    """
+    record_path = out / "job.json"
+    if not record_path.exists():
+        if job_record is None:
+            raise OutputDirError(f"output_dir {out} has no job.json: a shard runs only inside its parent's directory")
+        return False
+    previous = json.loads(record_path.read_text(encoding="utf-8"))
+    if previous.get("fingerprint") == fingerprint:
+        return True
+    if job_record is not None and not holds_rows(out):
+        return False
+    differ = answer_differences(previous.get("settings", {}), (job_record or {}).get("settings", {}))
+    if job_record is not None and previous.get("input_digest") not in (None, job_record.get("input_digest")):
+        settings = job_record["settings"]
+        source = f"file {settings['input_path']}" if settings.get("input_path") else job_record.get("input", "query")
+        differ.append(f"contents of the input {source}")
+    what = "; ".join(differ) or "the input file's or the output schema's contents"
+    raise OutputDirError(
+        f"output_dir {out} holds rows written with other answer-changing settings ({what}); "
+        "use another output_dir, or delete this one to start over"
+    )
+
+
+def _check_job_record(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> None:
+    if not check_output_dir(out, fingerprint, job_record) and job_record is not None:
+        write_json_atomic({"fingerprint": fingerprint, **job_record}, out / "job.json")
+
+
+@contextmanager
+def claim_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any]) -> Iterator[None]:
+    """Hold the directory for one run, refusing another run or another configuration."""
+    with flock(out / ".lock", f"output_dir {out}"):
+        _check_job_record(out, fingerprint, job_record)
+        yield
+
+
+@contextmanager
+def join_output_dir(out: Path, fingerprint: str) -> Iterator[None]:
+    """A shard's entry into the directory its parent holds: same configuration, no directory lock
+    (hosts work side by side); each chunk is locked on its own (claim_chunk)."""
+    _check_job_record(out, fingerprint, None)
+    yield
+
+
+AUTO_MEMORY = "in-flight-auto.json"
+
+
+def auto_memory_path(output_dir: Path) -> Path:
+    """Beside output_dir, so a nightly job whose output_dir carries the date finds last night's level."""
+    return output_dir.parent / AUTO_MEMORY
+
+
+def remembered_level(path: Path, key: str) -> int | None:
+    """The in-flight level 'auto' last settled on for `key` (job, endpoint, model), or None."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None  # none yet, or unreadable: start cold
+    return int(entry["level"]) if isinstance(entry, dict) and isinstance(entry.get("level"), int) else None
+
+
+def remember_level(path: Path, key: str, level: int, curve: dict[int, float] | None) -> None:
+    """Record the level 'auto' settled on for `key`; other keys are kept (the last writer wins a race)."""
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    known[key] = {"level": level, "curve": curve or {}, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json_atomic(known, path)

@@ -1,0 +1,54 @@
+"""The finished chunks consolidated into results.parquet, and the error rows counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from tasks.plan.dataset import ChunkSpec
+from tasks.storage.files import file_fingerprint, owner_fingerprint, write_atomic
+from tasks.storage.journal import chunk_path, part_paths
+
+
+def consolidate(out: Path, chunks: list[ChunkSpec], total_rows: int) -> Path:
+    """Concatenate the chunk files (each sorted, chunks in input order) into results.parquet."""
+    paths = [chunk_path(out, c) for c in chunks]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise RuntimeError(f"cannot consolidate: {len(missing)} chunk file(s) missing, first {missing[0]}")
+    fingerprint = owner_fingerprint(out)
+    foreign = [p.name for p in paths if (f := file_fingerprint(p)) is not None and f != fingerprint]
+    if foreign:  # the start-of-run check sets these aside; one appearing since is never published
+        raise RuntimeError(f"cannot consolidate: {', '.join(foreign[:3])} made under another configuration")
+    target = out / "results.parquet"
+    # Streaming sink: the results never sit in memory whole, however many rows the job has.
+    write_atomic(target, lambda tmp: pl.scan_parquet(paths).sink_parquet(tmp))
+    count = pl.scan_parquet(target).select(pl.len(), pl.col("row_index").n_unique()).collect().row(0)
+    if count != (total_rows, total_rows):
+        raise RuntimeError(f"results.parquet has {count[0]} rows ({count[1]} unique) for {total_rows} input rows")
+    return target
+
+
+def counts(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
+    """ok / error rows in the finished chunk files."""
+    paths = [chunk_path(out, c) for c in chunks if chunk_path(out, c).exists()]
+    if not paths:
+        return {"ok": 0, "error": 0}
+    frame = pl.scan_parquet(paths).group_by("status").len().collect()
+    found = dict(zip(frame["status"].to_list(), frame["len"].to_list(), strict=True))
+    return {"ok": found.get("ok", 0), "error": found.get("error", 0)}
+
+
+def error_kinds(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
+    """Error rows by kind over everything on disk (finished chunks and checkpoint parts)."""
+    paths = [p for c in chunks for p in ([chunk_path(out, c)] if chunk_path(out, c).exists() else part_paths(out, c))]
+    if not paths:
+        return {}
+    frame = pl.scan_parquet(paths).filter(pl.col("status") == "error").group_by("error_kind").len().collect()
+    return {str(k): int(n) for k, n in frame.iter_rows()}
+
+
+def error_rows(out: Path, chunks: list[ChunkSpec]) -> int:
+    """Error rows on disk (finished chunks and checkpoint parts)."""
+    return sum(error_kinds(out, chunks).values())
