@@ -88,7 +88,8 @@ def work_pools(config: dict[str, Any]) -> list[str]:
 def gpu_limits(config: dict[str, Any]) -> list[str]:
     """The global concurrency limits the deployed jobs acquire per chunk: each job's gpu_limit (or
     one per endpoint), and for a scale-out deployment one per host (`gpu-<queue>` unless set)."""
-    from tasks.config import Host, load_settings, merge_overrides
+    from tasks.settings.load import load_settings, merge_overrides
+    from tasks.settings.model import Host
 
     names: list[str] = []
     for deployment in config["deployments"]:
@@ -198,7 +199,7 @@ def ensure_work_pool(client: Any, name: str) -> str:
 
 
 def ensure_global_limit(name: str, limit: int = 1) -> str:
-    from tasks.gpu_slot import ensure_gpu_limit
+    from tasks.inference.gpu_slot import ensure_gpu_limit
 
     gcl = ensure_gpu_limit(name, limit)
     if gcl is None:
