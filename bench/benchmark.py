@@ -249,7 +249,6 @@ class Bench:
     api_url: str
     server_pid: int
     src: Path  # the code snapshot flows and helpers run from (python -m from this directory)
-    engine: Engine = field(default_factory=Engine)
 
     def server_cpu_s(self) -> float:
         """CPU seconds the Prefect server (and the processes it started) used so far."""
@@ -711,11 +710,10 @@ def seed_like_rows(path: Path, rows: int) -> Path:
     return path
 
 
-def bench_engine(b: Bench) -> dict[str, Any]:
+def bench_engine(b: Bench, e: Engine) -> dict[str, Any]:
     """The product against a real llama.cpp server: in_flight 1, each fixed level, and auto, one run each."""
     from harness.llama_server import LlamaServer
 
-    e = b.engine
     server = None
     if e.url is None:
         from tasks.backends.llamacpp import default_model_path
@@ -1039,14 +1037,14 @@ def run_benchmark(profile: Profile, only: set[str], keep: bool, engine: Engine |
     src, result["meta"]["code_digest_flows_tasks"] = snapshot_code(work)
     try:
         with prefect_server(work / "prefect-home") as (api_url, server_pid):
-            b = Bench(profile, work, api_url, server_pid, src, engine or Engine())
+            b = Bench(profile, work, api_url, server_pid, src)
             steps = [
                 ("orchestration", lambda: bench_orchestration(b)),
                 ("saturation", lambda: bench_saturation(b)),
                 ("embedded", lambda: bench_embedded(b)),  # CPU-bound: before the big job's aftermath
                 ("job", lambda: bench_job(b)),
                 ("resume", lambda: bench_resume(b, result["job"])),
-                ("engine", lambda: bench_engine(b)),
+                ("engine", lambda: bench_engine(b, engine or Engine())),
                 ("telemetry", lambda: bench_telemetry()),
             ]
             for name, step in steps:
