@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -36,6 +35,7 @@ import polars as pl  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.clients import BARE_ROWS, client_spec, run_client  # noqa: E402
 from bench.common import (  # noqa: E402
     CHUNK_SIZE,
     FULL,
@@ -70,7 +70,6 @@ SAT_LATENCY_S, SAT_PER_TOKEN_S = 0.006, 0.020
 # Section 3: "fast answers": 4 slots x 5 ms = 800 rows/s, ~200x a real 12B model, so 170K rows take
 # minutes. in_flight = 2 x slots: at 5 ms a request, the client's own turnaround would otherwise idle slots.
 JOB_PARALLEL, JOB_LATENCY_S, JOB_IN_FLIGHT = 4, 0.005, 8
-BARE_ROWS = 5000  # rows the bare-client baseline sends (one chunk's worth)
 
 
 # ----------------------------------------------------------------------------- infrastructure
@@ -585,98 +584,6 @@ def bench_resume(b: Bench, job_section: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- helpers (own processes)
-def client_spec(host: str, texts: list[str]) -> dict[str, Any]:
-    return {"host": host, "model": MODEL, "texts": texts, "template": TEMPLATE, "options": OPTIONS}
-
-
-def helper_bare_client(spec: dict[str, Any]) -> dict[str, Any]:
-    """The least a pipeline can do: ollama.AsyncClient.chat from `in_flight` asyncio workers, nothing else."""
-    import asyncio
-
-    import httpx
-    import ollama
-
-    async def run() -> float:
-        client = ollama.AsyncClient(host=spec["host"], timeout=httpx.Timeout(300.0))
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        for text in spec["texts"]:
-            queue.put_nowait(text)
-
-        async def worker() -> None:
-            while not queue.empty():
-                text = queue.get_nowait()
-                await client.chat(
-                    model=spec["model"],
-                    messages=[{"role": "user", "content": spec["template"].format(text=text)}],
-                    options=spec["options"],
-                    keep_alive=-1,
-                    stream=False,
-                )
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(spec["in_flight"])))
-        return time.perf_counter() - started
-
-    return {"rows": len(spec["texts"]), "seconds": asyncio.run(run())}
-
-
-def helper_naive(spec: dict[str, Any]) -> dict[str, Any]:
-    """The users' current approach: the ollama client, one request at a time."""
-    import httpx
-    import ollama
-
-    client = ollama.Client(host=spec["host"], timeout=httpx.Timeout(300.0))
-    started = time.perf_counter()
-    answers = []
-    for text in spec["texts"]:
-        resp = client.chat(
-            model=spec["model"],
-            messages=[{"role": "user", "content": spec["template"].format(text=text)}],
-            options=spec["options"],
-            keep_alive=-1,
-            stream=False,
-        )
-        answers.append(resp.message.content)
-    return {"rows": len(answers), "seconds": time.perf_counter() - started}
-
-
-def helper_bare_llama(spec: dict[str, Any]) -> dict[str, Any]:
-    """A bare llama-cpp-python loop with the embedded backend's constructor arguments."""
-    from llama_cpp import Llama
-
-    started = time.perf_counter()
-    llm = Llama(
-        model_path=spec["model_path"],
-        n_ctx=spec["n_ctx"],
-        n_threads=os.cpu_count() or 1,
-        n_gpu_layers=-1,
-        verbose=False,
-    )
-    if not llm.metadata.get("tokenizer.chat_template") and llm.metadata.get("general.architecture", "").startswith(
-        "gemma"
-    ):
-        llm.chat_format = "gemma"  # as tasks/backends/llamacpp.py does for a GGUF without a template
-    load_s = time.perf_counter() - started
-    opts = spec["options"]
-    tokens, contents = 0, []
-    started = time.perf_counter()
-    for messages in spec["messages"]:
-        out = llm.create_chat_completion(
-            messages=messages,
-            max_tokens=opts["num_predict"],
-            temperature=opts["temperature"],
-            seed=opts["seed"],
-            top_k=40,
-            top_p=0.95,
-        )
-        tokens += out["usage"]["completion_tokens"]
-        contents.append(out["choices"][0]["message"].get("content") or "")
-    seconds = time.perf_counter() - started
-    llm.close()
-    return {"tokens": tokens, "seconds": seconds, "load_s": load_s, "contents": contents}
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -781,10 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare-llama", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--bare-client", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    helpers = ((helper_naive, args.naive), (helper_bare_llama, args.bare_llama), (helper_bare_client, args.bare_client))
-    for helper, paths in helpers:
-        if paths:
-            paths[1].write_text(json.dumps(helper(json.loads(paths[0].read_text()))))
+    for mode, paths in (("naive", args.naive), ("bare-llama", args.bare_llama), ("bare-client", args.bare_client)):
+        if paths:  # a bare client's own process, started by Bench.run_helper
+            run_client(mode, *paths)
             return 0
     if args.compare:
         compare(*args.compare)

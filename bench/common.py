@@ -259,7 +259,11 @@ class Bench:
         return run
 
     def run_helper(self, mode: str, spec: dict[str, Any]) -> tuple[dict[str, Any], ProcessRun]:
-        """Run bench/benchmark.py's --naive / --bare-client / --bare-llama helper in a fresh process; returns its JSON."""
+        """Run a bare client of bench/clients.py in a fresh process; returns its JSON.
+
+        It runs as `python -m bench.benchmark --MODE SPEC OUT` from the code snapshot, so it imports what a
+        benchmark process imports (its process wall is a figure: saturation's speedup_vs_naive_end_to_end).
+        """
         spec_path = self.work / "helpers" / f"{mode}-{time.monotonic_ns()}.json"
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         out_path = spec_path.with_suffix(".out.json")
