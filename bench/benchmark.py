@@ -46,6 +46,7 @@ from bench.common import (  # noqa: E402
     snapshot_code,
     strip_private,
 )
+from bench.compare import compare  # noqa: E402
 from bench.embedded import bench_embedded  # noqa: E402
 from bench.engine import Engine, bench_engine  # noqa: E402
 from bench.job import bench_job  # noqa: E402
@@ -111,27 +112,6 @@ def run_benchmark(profile: Profile, only: set[str], keep: bool, engine: Engine |
         ],
     }
     return strip_private(result)
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, float]:
-    if isinstance(obj, dict):
-        return {k: v for key, val in obj.items() for k, v in flatten(val, f"{prefix}{key}.").items()}
-    if isinstance(obj, list):
-        return {k: v for i, val in enumerate(obj) for k, v in flatten(val, f"{prefix}{i}.").items()}
-    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        return {prefix.rstrip("."): float(obj)}
-    return {}
-
-
-def compare(old_path: Path, new_path: Path) -> None:
-    """Side by side: every figure of two result files, and new ÷ old."""
-    old, new = (flatten(json.loads(p.read_text())) for p in (old_path, new_path))
-    width = max(len(k) for k in old.keys() | new.keys())
-    print(f"{'figure':<{width}}  {'old':>12}  {'new':>12}  new/old")
-    for key in sorted(old.keys() | new.keys()):
-        a, b = old.get(key), new.get(key)
-        ratio = f"{b / a:.3f}" if a and b is not None else ""
-        print(f"{key:<{width}}  {'' if a is None else f'{a:12.4g}'}  {'' if b is None else f'{b:12.4g}'}  {ratio}")
 
 
 def main(argv: list[str] | None = None) -> int:
