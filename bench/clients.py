@@ -89,7 +89,7 @@ def bare_llama(spec: dict[str, Any]) -> dict[str, Any]:
     if not llm.metadata.get("tokenizer.chat_template") and llm.metadata.get("general.architecture", "").startswith(
         "gemma"
     ):
-        llm.chat_format = "gemma"  # as tasks/backends/llamacpp.py does for a GGUF without a template
+        llm.chat_format = "gemma"  # as tasks/inference/backends/llamacpp.py does for a GGUF without a template
     load_s = time.perf_counter() - started
     opts = spec["options"]
     tokens, contents = 0, []

@@ -27,9 +27,9 @@ from typing import Any
 import polars as pl
 import psutil
 import yaml
+from tasks.storage.manifest import package_version
 
 from harness.processes import free_port, start, stop, wait_for
-from tasks.store import package_version
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "gemma3:12b"

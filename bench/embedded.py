@@ -16,7 +16,7 @@ from bench.common import Bench, log, r
 
 def bench_embedded(b: Bench) -> dict[str, Any]:
     """Tokens/s through the flow on Gemma 3 270M ÷ a bare llama-cpp-python loop on the same prompts."""
-    from tasks.backends.llamacpp import default_model_path
+    from tasks.inference.backends.llamacpp import default_model_path
 
     rows = b.profile.embedded_rows
     skills = ["Python", "Rust", "CUDA", "Kubernetes", "SQL", "Prefect", "PyTorch", "Go", "Terraform", "Spark"]

@@ -63,7 +63,7 @@ def bench_engine(b: Bench, e: Engine) -> dict[str, Any]:
 
     server = None
     if e.url is None:
-        from tasks.backends.llamacpp import default_model_path
+        from tasks.inference.backends.llamacpp import default_model_path
 
         server = LlamaServer(
             default_model_path(), b.work / "logs" / "llama-server.log", parallel=max(e.levels), ctx_per_slot=1024

@@ -20,11 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
-from tasks.bottleneck import RunEvidence, TelemetrySummary, judge  # noqa: E402
-from tasks.charts import timeline_png  # noqa: E402
-from tasks.store import write_parquet_atomic  # noqa: E402
-from tasks.telemetry import Sampler, summarize  # noqa: E402
+from tasks.analysis.charts import timeline_png  # noqa: E402
+from tasks.analysis.telemetry import Sampler, summarize  # noqa: E402
+from tasks.analysis.verdict import RunEvidence, TelemetrySummary, judge  # noqa: E402
+from tasks.storage.files import write_parquet_atomic  # noqa: E402
 
 HIDDEN, FFN, LAYERS = 3840, 15360, 48  # Gemma 3 12B's MLP shape
 

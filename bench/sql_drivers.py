@@ -57,9 +57,10 @@ def main() -> None:
         # The sink's cost per chunk: one 5,000-row chunk of result rows upserted (insert, then update).
         from datetime import UTC, datetime
 
-        from tasks.config import SqlSink
+        from tasks.io.sql import TableSink
+        from tasks.settings.model import SqlSink
+
         from tasks.schema import RESULT_SCHEMA, ResultRow, rows_to_frame
-        from tasks.sql import TableSink
 
         now = datetime.now(UTC)
         rows = [

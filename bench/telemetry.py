@@ -15,7 +15,7 @@ from bench.common import r
 
 def bench_telemetry(samples: int = 200) -> dict[str, Any]:
     """The run's telemetry Sampler: CPU per sample, against the bare psutil reads each sample makes."""
-    from tasks.telemetry import Sampler
+    from tasks.analysis.telemetry import Sampler
 
     sampler = Sampler(interval_s=0.005, gpu_source=None)  # host fields only, as the bare loop reads
     sampler.start()
