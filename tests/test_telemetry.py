@@ -239,8 +239,8 @@ def test_frame_survives_flush_and_parquet_roundtrip(tmp_path: Path) -> None:
 
 
 def test_sampling_cost_is_measured_per_sample() -> None:
-    # The budget (< 1 % of a core at 1 s) is a figure of bench/benchmark.py's telemetry section, taken
-    # against a baseline there: a CPU time asserted here fails on a busy machine, not on a slow sampler.
+    # The budget (< 1 % of a core at 1 s) is a figure of the benchmark's telemetry section (bench/telemetry.py),
+    # taken against a baseline there: a CPU time asserted here fails on a busy machine, not on a slow sampler.
     s = Sampler(interval_s=0.005, gpu_source=FakeGpu(n=1))
     s.start()
     _wait_for(lambda: s.samples >= 100)
