@@ -1,0 +1,89 @@
+"""The whole run without Prefect (tasks/run.py): run_job on the fake backend, resume, manifest and report.
+
+No server: the steps are plain calls (`Direct`) that hand each chunk the fake backend. The flow runs
+the same run_job with Prefect's steps (tests/test_flow.py and the end-to-end tests).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import polars as pl
+import pytest
+
+from tasks.analysis.progress import Progress, Snapshot
+from tasks.analysis.telemetry import Sampler
+from tasks.inference.backends import BackendError
+from tasks.inference.backends.fake import FakeBackend
+from tasks.inference.runner import ChunkAborted, run_chunk
+from tasks.plan.dataset import ChunkSpec, validate_input
+from tasks.plan.job import Job, plan_job
+from tasks.run import Checks, Direct, run_job
+from tasks.schema import ChunkStats
+from tasks.settings.model import JobSettings
+from tasks.storage.manifest import Manifest
+
+DOWN = BackendError("unreachable", "unreachable", "cannot reach Ollama at http://127.0.0.1:9")
+
+
+class FakeSteps(Direct):
+    """Plain steps whose endpoint is the fake backend: checked without a request, each chunk on `fake`."""
+
+    def __init__(self, fake: FakeBackend) -> None:
+        self.fake = fake
+
+    def check_backends(self, settings: JobSettings) -> Checks:
+        return [settings], [], []
+
+    def run_chunk(
+        self, lane: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler, auto: dict[str, Any] | None
+    ) -> ChunkStats:
+        progress.chunk_started(chunk.index)
+        return run_chunk(lane, chunk, self.fake, on_progress=lambda d, e: progress.update(chunk.index, d, e), auto=auto)
+
+
+def planned(offline_job: Any, n: int, **overrides: Any) -> Job:
+    from datetime import date
+
+    return plan_job(None, offline_job(n, **overrides), date(2026, 12, 5), validate=validate_input)
+
+
+def test_a_run_without_prefect_writes_results_manifest_and_report(offline_job: Any) -> None:
+    job = planned(offline_job, 20, chunk_size=8)
+    fake = FakeBackend()
+    fake.always("not json at all {", match="candidate 3 writes")  # still an answer: free text
+    seen: list[Snapshot] = []
+    manifest = run_job(job, FakeSteps(fake), [seen.append])
+    out = job.settings.output_dir
+    assert manifest.complete and (manifest.rows_ok, manifest.rows_error, manifest.chunks) == (20, 0, 3)
+    assert pl.read_parquet(out / "results.parquet")["row_index"].to_list() == list(range(20))
+    on_disk = Manifest.model_validate_json((out / "manifest.json").read_text())
+    assert on_disk == manifest and [a.rows_sent for a in on_disk.attempts] == [20]
+    assert "Run report: test" in (out / "report.md").read_text()
+    assert seen[-1].final and seen[-1].done == 20
+    assert len(fake.history) == 20
+
+
+def test_a_broken_run_resumes_and_its_manifest_keeps_both_attempts(offline_job: Any) -> None:
+    job = planned(offline_job, 24, chunk_size=8, in_flight=1, outage_budget_s=0)
+    down = FakeBackend()
+    down.always(DOWN, match="candidate 12 writes")
+    with pytest.raises(ChunkAborted, match="cannot reach Ollama"):
+        run_job(job, FakeSteps(down), [])
+    out = job.settings.output_dir
+    broken = json.loads((out / "manifest.json").read_text())
+    # Counted on disk: chunk 0's file; chunk 1's four journaled rows count once its file is written.
+    assert not broken["complete"] and broken["rows_ok"] == 8 and "ChunkAborted" in broken["error"]
+    up = FakeBackend()
+    manifest = run_job(job, FakeSteps(up), [])
+    assert manifest.complete and manifest.rows_ok == 24
+    assert sorted(r.prompt.split("candidate ")[1] for r in up.history) == sorted(
+        f"{i} writes Python" for i in range(12, 24)
+    )
+    assert [a.complete for a in manifest.attempts] == [False, True]
+    assert [a.rows_sent for a in manifest.attempts] == [
+        8,
+        12,
+    ]  # chunk 1's first 4 rows count in neither: sent_rows counts what an attempt finished
+    assert "2 attempts" in (out / "report.md").read_text()
