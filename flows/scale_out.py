@@ -87,7 +87,8 @@ def scale_out(
     started = time.time()
     if not hosts:
         raise ValueError("hosts: name at least one work queue")
-    settings, plan, fingerprint, record = plan_job(job_file, overrides, scheduled_day(), validate=plan_chunks)
+    job = plan_job(job_file, overrides, scheduled_day(), validate=plan_chunks)
+    settings, plan, fingerprint, record = job.settings, job.plan, job.fingerprint, job.record
     out = settings.output_dir
     check_output_dir(out, fingerprint, record)  # refused before any shard starts or a file is written
     # The children get the directory this run resolved, so a shard that starts after midnight

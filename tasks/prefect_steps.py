@@ -30,6 +30,7 @@ from tasks.inference.gpu_slot import ensure_gpu_limit, gpu_slot, keep_slots
 from tasks.inference.runner import ChunkAborted
 from tasks.io.sink import ChunkSink, open_sink
 from tasks.plan.dataset import ChunkSpec, JobPlan, validate_input
+from tasks.plan.job import ChunkInputs, OutputModel
 from tasks.run import Checks, Steps, chunk_on_endpoint
 from tasks.schema import ChunkStats
 from tasks.settings.model import JobSettings
@@ -52,9 +53,9 @@ def check_backend(settings: JobSettings) -> Checks:
 
 
 @task(name="check-sink", cache_policy=NO_CACHE)
-def check_sink(settings: JobSettings, plan: JobPlan, create: bool) -> ChunkSink | None:
+def check_sink(settings: JobSettings, output_model: OutputModel, create: bool) -> ChunkSink | None:
     """Before any request: the sink database answers and its table takes the result columns (created when missing)."""
-    return open_sink(settings, plan, create=create)
+    return open_sink(settings, output_model, create=create)
 
 
 def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
@@ -72,7 +73,12 @@ def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(name="run-chunk", task_run_name="{chunk.name}", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_fatal)
 def run_chunk_task(
-    settings: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler, auto: dict[str, Any] | None = None
+    settings: JobSettings,
+    chunk: ChunkSpec,
+    inputs: ChunkInputs,
+    progress: Progress,
+    sampler: Sampler,
+    auto: dict[str, Any] | None = None,
 ) -> ChunkStats:
     """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed.
     `auto`: where 'auto' in-flight left off on this endpoint (the last chunk's ChunkStats.auto)."""
@@ -81,7 +87,7 @@ def run_chunk_task(
     say = get_run_logger().warning
     # The endpoint names the GPU's machine lock: jobs of other Prefect servers on this machine wait too.
     with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=say, about=about, endpoint=settings.server_label):
-        return chunk_on_endpoint(settings, chunk, progress, sampler, auto)
+        return chunk_on_endpoint(settings, chunk, inputs, progress, sampler, auto)
 
 
 def publish_artifacts(key: str, report: str, description: str, table: list[dict[str, Any]] | None = None) -> None:
@@ -118,8 +124,8 @@ class PrefectSteps:
         self.log: logging.Logger | logging.LoggerAdapter[Any] = get_run_logger()
         self._chunk_task = run_chunk_task.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
 
-    def check_sink(self, settings: JobSettings, plan: JobPlan, *, create: bool) -> ChunkSink | None:
-        return check_sink(settings, plan, create)
+    def check_sink(self, settings: JobSettings, output_model: OutputModel, *, create: bool) -> ChunkSink | None:
+        return check_sink(settings, output_model, create)
 
     def check_backends(self, settings: JobSettings) -> Checks:
         up, problems, servers = check_backend(settings)
@@ -128,9 +134,15 @@ class PrefectSteps:
         return up, problems, servers
 
     def run_chunk(
-        self, lane: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler, auto: dict[str, Any] | None
+        self,
+        lane: JobSettings,
+        chunk: ChunkSpec,
+        inputs: ChunkInputs,
+        progress: Progress,
+        sampler: Sampler,
+        auto: dict[str, Any] | None,
     ) -> ChunkStats:
-        return self._chunk_task(lane, chunk, progress, sampler, auto)
+        return self._chunk_task(lane, chunk, inputs, progress, sampler, auto)
 
     def retrying(self, retries: int, delay_s: float) -> Steps:
         return PrefectSteps(retries, delay_s)

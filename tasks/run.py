@@ -35,8 +35,8 @@ from tasks.inference.runner import ChunkAborted, ChunkInterrupted, finished_chun
 from tasks.io.openai_batch import write_output as write_openai_output
 from tasks.io.sink import ChunkSink, open_sink
 from tasks.io.sources import wants_openai_output
-from tasks.plan.dataset import ChunkSpec, JobPlan
-from tasks.plan.job import Job
+from tasks.plan.dataset import ChunkSpec
+from tasks.plan.job import ChunkInputs, Job, OutputModel
 from tasks.schema import ChunkStats
 from tasks.settings.model import JobSettings
 from tasks.storage.files import read_parquet_or_none, write_atomic, write_parquet_atomic
@@ -61,12 +61,18 @@ class Steps(Protocol):
 
     log: logging.Logger | logging.LoggerAdapter[Any]
 
-    def check_sink(self, settings: JobSettings, plan: JobPlan, *, create: bool) -> ChunkSink | None: ...
+    def check_sink(self, settings: JobSettings, output_model: OutputModel, *, create: bool) -> ChunkSink | None: ...
 
     def check_backends(self, settings: JobSettings) -> Checks: ...
 
     def run_chunk(
-        self, lane: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler, auto: dict[str, Any] | None
+        self,
+        lane: JobSettings,
+        chunk: ChunkSpec,
+        inputs: ChunkInputs,
+        progress: Progress,
+        sampler: Sampler,
+        auto: dict[str, Any] | None,
     ) -> ChunkStats: ...
 
     def retrying(self, retries: int, delay_s: float) -> Steps:
@@ -85,16 +91,22 @@ class Direct:
 
     log: logging.Logger | logging.LoggerAdapter[Any] = logging.getLogger("tasks.run")
 
-    def check_sink(self, settings: JobSettings, plan: JobPlan, *, create: bool) -> ChunkSink | None:
-        return open_sink(settings, plan, create=create)
+    def check_sink(self, settings: JobSettings, output_model: OutputModel, *, create: bool) -> ChunkSink | None:
+        return open_sink(settings, output_model, create=create)
 
     def check_backends(self, settings: JobSettings) -> Checks:
         return check_backends(settings)
 
     def run_chunk(
-        self, lane: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler, auto: dict[str, Any] | None
+        self,
+        lane: JobSettings,
+        chunk: ChunkSpec,
+        inputs: ChunkInputs,
+        progress: Progress,
+        sampler: Sampler,
+        auto: dict[str, Any] | None,
     ) -> ChunkStats:
-        return chunk_on_endpoint(lane, chunk, progress, sampler, auto)
+        return chunk_on_endpoint(lane, chunk, inputs, progress, sampler, auto)
 
     def retrying(self, retries: int, delay_s: float) -> Steps:
         return self
@@ -107,9 +119,19 @@ class Direct:
 
 
 def chunk_on_endpoint(
-    lane: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler, auto: dict[str, Any] | None
+    lane: JobSettings,
+    chunk: ChunkSpec,
+    inputs: ChunkInputs,
+    progress: Progress,
+    sampler: Sampler,
+    auto: dict[str, Any] | None,
 ) -> ChunkStats:
-    """One chunk on its endpoint, reporting progress; whatever holds the GPU slot wraps this."""
+    """One chunk on its endpoint, reporting progress; whatever holds the GPU slot wraps this.
+
+    The backend is made here, per chunk, by the one factory (make_backend) from the lane as it is now:
+    an out-of-memory in an earlier chunk may have lowered num_ctx, which the embedded model is loaded
+    with, and a client lives on the chunk's own event loop.
+    """
     sampler.mark(f"{chunk.name} start")
     progress.chunk_started(chunk.index)  # a retry or another endpoint: earlier tries' rows stay counted
     return run_chunk(
@@ -118,6 +140,7 @@ def chunk_on_endpoint(
         make_backend(lane),
         on_progress=lambda done, errs: progress.update(chunk.index, done, errs),
         auto=auto,
+        inputs=inputs,
     )
 
 
@@ -146,7 +169,7 @@ def check_job(job: Job, steps: Steps, *, shard: bool = False, dry_run: bool = Fa
         check_not_in_use(out)
     # A refused directory or an unreachable backend leaves output_dir untouched.
     check_output_dir(out, job.fingerprint, None if shard else job.record)
-    sink = steps.check_sink(job.settings, job.plan, create=not dry_run)  # a refused sink sends nothing
+    sink = steps.check_sink(job.settings, job.output_model, create=not dry_run)  # a refused sink sends nothing
     lanes, left_out, servers = steps.check_backends(job.settings)
     for problem in left_out:
         steps.log.warning("endpoint left out of this run: %s", problem)
@@ -174,13 +197,16 @@ def auto_starts(lanes: list[JobSettings], history: Manifest | None) -> dict[int,
         if mine:
             starts[i] = mine[-1]
         elif level is not None:
-            starts[i] = AutoState(ceiling=lane.workers, level=min(level, lane.workers), settled=True).model_dump()
+            starts[i] = AutoState(
+                ceiling=lane.in_flight_ceiling, level=min(level, lane.in_flight_ceiling), settled=True
+            ).model_dump()
     return starts
 
 
 def run_chunks(
     steps: Steps,
     settings: JobSettings,
+    inputs: ChunkInputs,
     lanes: list[JobSettings],
     chunks: list[ChunkSpec],
     progress: Progress,
@@ -206,7 +232,7 @@ def run_chunks(
 
     def run(lane: int, batch: list[ChunkSpec]) -> ChunkStats:
         try:
-            return chunk_steps.run_chunk(lanes[lane], batch[0], progress, sampler, states.get(lane))
+            return chunk_steps.run_chunk(lanes[lane], batch[0], inputs, progress, sampler, states.get(lane))
         except ChunkInterrupted as exc:
             if exc.stats is not None:  # every lane's, not only the one whose exception ends the dispatch
                 on_interrupted(exc.stats)
@@ -332,7 +358,7 @@ def run_job(
     written, saying how many rows are on disk.
     """
     started = time.time()
-    settings, plan, fingerprint, record = job
+    settings, plan, fingerprint, record = job.settings, job.plan, job.fingerprint, job.record
     out = settings.output_dir
     if shard is None:
         key, report_dir = settings.name, out
@@ -410,6 +436,7 @@ def run_job(
             run_chunks(
                 steps,
                 settings,
+                job.inputs,
                 lanes,
                 todo,
                 progress,

@@ -18,7 +18,7 @@ from tasks.inference.backends import BackendError
 from tasks.inference.backends.fake import FakeBackend
 from tasks.inference.runner import ChunkAborted, run_chunk
 from tasks.plan.dataset import ChunkSpec, validate_input
-from tasks.plan.job import Job, plan_job
+from tasks.plan.job import ChunkInputs, Job, plan_job
 from tasks.run import Checks, Direct, run_job
 from tasks.schema import ChunkStats
 from tasks.settings.model import JobSettings
@@ -37,10 +37,17 @@ class FakeSteps(Direct):
         return [settings], [], []
 
     def run_chunk(
-        self, lane: JobSettings, chunk: ChunkSpec, progress: Progress, sampler: Sampler, auto: dict[str, Any] | None
+        self,
+        lane: JobSettings,
+        chunk: ChunkSpec,
+        inputs: ChunkInputs,
+        progress: Progress,
+        sampler: Sampler,
+        auto: dict[str, Any] | None,
     ) -> ChunkStats:
         progress.chunk_started(chunk.index)
-        return run_chunk(lane, chunk, self.fake, on_progress=lambda d, e: progress.update(chunk.index, d, e), auto=auto)
+        on_progress = lambda done, errors: progress.update(chunk.index, done, errors)  # noqa: E731
+        return run_chunk(lane, chunk, self.fake, on_progress, auto, inputs)
 
 
 def planned(offline_job: Any, n: int, **overrides: Any) -> Job:

@@ -174,7 +174,7 @@ def build_evidence(
         parallel_slots=slots,
         slots_source=said,
         kv_geometry=kv_geometry(server.geometry if server else None),
-        in_flight=ran[-1].in_flight if ran else settings.workers,
+        in_flight=ran[-1].in_flight if ran else settings.in_flight_ceiling,
         # 'auto' carries its curve from chunk to chunk: the last chunk's holds the latest reading of each level.
         calibration=next((s.calibration for s in sorted(stats, key=lambda s: -s.finished_at) if s.calibration), None),
         levels=levels,

@@ -19,6 +19,7 @@ from tasks.inference.modes import AutoProbe, RequestModes, decide, engine_of, ne
 from tasks.inference.policy import ChunkPolicy, RowTries, Step
 from tasks.io.sources import output_model as job_output_model
 from tasks.plan.dataset import ChunkSpec, job_snapshot, snapshot_response_format
+from tasks.plan.job import ChunkInputs
 from tasks.plan.prompts import PreparedRow, prepare_chunk
 from tasks.schema import ChunkStats, ResultRow, output_columns
 from tasks.settings.model import GenerationOptions, JobSettings
@@ -75,7 +76,9 @@ class _ChunkRun:
         self.on_progress = on_progress
         # 'auto': the controller names the level, carried on from the last chunk (or run) when given.
         self.auto = (
-            InFlightAuto.start(settings.workers, time.monotonic(), auto) if settings.in_flight == "auto" else None
+            InFlightAuto.start(settings.in_flight_ceiling, time.monotonic(), auto)
+            if settings.in_flight == "auto"
+            else None
         )
         ceiling = self.auto.level if self.auto else int(settings.in_flight)
         self.policy = ChunkPolicy(
@@ -396,7 +399,7 @@ class _ChunkRun:
         flusher = asyncio.create_task(self.periodic_flush())
         syncer = asyncio.create_task(self.sync_journal())
         helpers = [syncer] + ([asyncio.create_task(self.watch_auto())] if self.auto is not None else [])
-        senders = [asyncio.create_task(self.worker(i, queue)) for i in range(self.settings.workers)]
+        senders = [asyncio.create_task(self.worker(i, queue)) for i in range(self.settings.in_flight_ceiling)]
         workers = list(senders)
         work = asyncio.gather(*workers)
         stop = asyncio.create_task(stopping.wait())
@@ -477,21 +480,30 @@ def finished_chunk_stats(settings: JobSettings, chunk: ChunkSpec) -> ChunkStats 
     return ChunkStats(index=chunk.index, rows=chunk.length, resumed_rows=chunk.length, started_at=now, finished_at=now)
 
 
+def inputs_of(settings: JobSettings) -> ChunkInputs:
+    """A chunk run on its own, without its run's plan: the snapshot its output directory pins, and its output model."""
+    snapshot = job_snapshot(settings)
+    return ChunkInputs(snapshot, job_output_model(settings, snapshot_response_format(snapshot)))
+
+
 def run_chunk(
     settings: JobSettings,
     chunk: ChunkSpec,
     backend: Backend,
     on_progress: ProgressCallback | None = None,
     auto: dict[str, Any] | None = None,
+    inputs: ChunkInputs | None = None,
 ) -> ChunkStats:
     """Process every row of `chunk` not yet on disk with `backend` (opened and closed here); write the chunk file.
 
     `auto`: the 'auto' in-flight state the last chunk on this endpoint ended with (ChunkStats.auto).
+    `inputs`: the run's (Job.inputs); a chunk run on its own works them out from its output directory.
     """
     with claim_chunk(settings.output_dir, chunk):
         if (finished := finished_chunk_stats(settings, chunk)) is not None:
             return finished
-        return _run_claimed(settings, chunk, backend, on_progress, AutoState.model_validate(auto) if auto else None)
+        state = AutoState.model_validate(auto) if auto else None
+        return _run_claimed(settings, chunk, backend, on_progress, state, inputs or inputs_of(settings))
 
 
 def _run_claimed(
@@ -500,11 +512,11 @@ def _run_claimed(
     backend: Backend,
     on_progress: ProgressCallback | None,
     auto: AutoState | None,
+    inputs: ChunkInputs,
 ) -> ChunkStats:
     out = settings.output_dir
     started = time.time()
-    snapshot = job_snapshot(settings)
-    output_model = job_output_model(settings, snapshot_response_format(snapshot))
+    snapshot, output_model = inputs
     writer = ChunkWriter(
         out, chunk, output_columns(output_model), settings.checkpoint_rows, settings.checkpoint_every_s
     )

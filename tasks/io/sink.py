@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from pydantic import BaseModel
 
-from tasks.io.sources import output_model
 from tasks.io.sql import SqlError, TableSink
-from tasks.plan.dataset import ChunkSpec, JobPlan
+from tasks.plan.dataset import ChunkSpec
 from tasks.schema import RESULT_SCHEMA, output_columns
 from tasks.settings.model import JobSettings
 from tasks.storage.files import write_json_atomic
@@ -35,13 +35,13 @@ class SinkRefused(SqlError):
     """Before any request: the sink database cannot be reached, or its table cannot take the results."""
 
 
-def open_sink(settings: JobSettings, plan: JobPlan, *, create: bool) -> ChunkSink | None:
+def open_sink(settings: JobSettings, output_model: type[BaseModel] | None, *, create: bool) -> ChunkSink | None:
     """The job's sink, checked: reachable, its table compatible with the result columns (the parsed
     fields included). `create` makes a missing table; without it (the command line's pre-flight)
     nothing in the database changes. None when the job has no sink."""
     if settings.sink is None:
         return None
-    sink = ChunkSink(settings, output_columns(output_model(settings, plan.response_format)))
+    sink = ChunkSink(settings, output_columns(output_model))
     try:
         sink.table.prepare(create=create)
     except SqlError as exc:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import date
+from pathlib import Path
 from typing import Any, NamedTuple
+
+from pydantic import BaseModel
 
 from tasks.io.sources import output_model as job_output_model
 from tasks.plan.dataset import JobPlan, validate_input
@@ -12,12 +15,27 @@ from tasks.schema import load_output_model, output_columns
 from tasks.settings.load import load_settings
 from tasks.settings.model import JobSettings, SettingsError
 
+OutputModel = type[BaseModel] | None  # what answers parse into, when anything
+
+
+class ChunkInputs(NamedTuple):
+    """What every chunk of a run reads, worked out once at planning (Job.inputs)."""
+
+    snapshot: Path  # the validated input rows
+    output_model: OutputModel
+
 
 class Job(NamedTuple):
     settings: JobSettings
     plan: JobPlan
     fingerprint: str
     record: dict[str, Any]  # what job.json keeps about the configuration that owns output_dir
+    output_model: OutputModel  # output_schema, or an OpenAI batch file's response_format
+
+    @property
+    def inputs(self) -> ChunkInputs:
+        """What every chunk reads, passed down rather than worked out again per chunk."""
+        return ChunkInputs(self.plan.snapshot, self.output_model)
 
 
 def plan_job(
@@ -46,4 +64,4 @@ def plan_job(
         "total_rows": plan.total_rows,
         "chunks": len(plan.chunks),
     }
-    return Job(settings, plan, settings.answer_fingerprint(plan.input_digest, schema_json), record)
+    return Job(settings, plan, settings.answer_fingerprint(plan.input_digest, schema_json), record, output_model)

@@ -363,7 +363,7 @@ class JobSettings(BaseModel):
         return value
 
     @property
-    def workers(self) -> int:
+    def in_flight_ceiling(self) -> int:
         """Request slots a chunk opens: the fixed level, or the ceiling 'auto' may reach."""
         if self.in_flight != "auto":
             return int(self.in_flight)
