@@ -1,4 +1,23 @@
-"""The output directory as a whole: whose configuration owns it, the lock of the run using it, and the 'auto' level remembered beside it."""
+"""The output directory as a whole: whose configuration owns it, the lock of the run using it, and the
+'auto' level remembered beside it.
+
+Layout of an output directory:
+    job.json                       fingerprint of the configuration that owns the directory
+    input-<digest>.parquet         the validated input rows, read once at planning; every chunk reads it
+    .lock                          flock held by the running job
+    chunks/chunk-00007.parquet     a finished chunk (all its rows, sorted by row_index)
+    chunks/chunk-00007.part-00002.parquet   checkpointed rows of a chunk still running
+    chunks/chunk-00007.journal-00003.jsonl  rows finished since the last checkpoint, one line each
+    chunks/finished.jsonl          one line per chunk file written, so a deleted one is noticed
+    set-aside/                     chunk, part and journal files a rerun could not use, kept for a look
+    results.parquet                every input row once, in input order (written last)
+    manifest.json, report.md       counts, timings, versions; the run report (tasks/storage/manifest.py)
+
+Every chunk, part and journal file records the configuration fingerprint it was made under
+(Parquet key-value metadata, a journal's first line): a file of another configuration is set
+aside, never published (tasks/storage/journal.py). Beside the directory, in its parent,
+in-flight-auto.json keeps the level 'auto' settled on per job, server and model.
+"""
 
 from __future__ import annotations
 
