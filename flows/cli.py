@@ -82,10 +82,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def _exit_code(exc: BaseException) -> int | None:
     """The exit code of a user error, None for anything else (a bug, a failed run)."""
     from tasks.inference.endpoints import BackendUnavailable
-    from tasks.io.sink import SinkRefused
     from tasks.plan.dataset import InputError
     from tasks.settings.model import SettingsError
     from tasks.storage.outdir import OutputDirError
+    from tasks.storage.sink import SinkRefused
 
     for kind, code in (
         (SettingsError, EXIT_SETTINGS),

@@ -28,12 +28,12 @@ from tasks.analysis.telemetry import Sampler
 from tasks.inference.endpoints import check_backends
 from tasks.inference.gpu_slot import ensure_gpu_limit, gpu_slot, keep_slots
 from tasks.inference.runner import ChunkAborted
-from tasks.io.sink import ChunkSink, open_sink
 from tasks.plan.dataset import ChunkSpec, JobPlan, validate_input
 from tasks.plan.job import ChunkInputs, OutputModel
 from tasks.run import Checks, Steps, chunk_on_endpoint
 from tasks.schema import ChunkStats
 from tasks.settings.model import JobSettings
+from tasks.storage.sink import ChunkSink, open_sink
 
 
 @task(name="plan-chunks", cache_policy=NO_CACHE)

@@ -33,7 +33,6 @@ from tasks.inference.dispatch import Dispatcher, LaneFailed
 from tasks.inference.endpoints import check_backends
 from tasks.inference.runner import ChunkAborted, ChunkInterrupted, finished_chunk_stats, run_chunk
 from tasks.io.openai_batch import write_output as write_openai_output
-from tasks.io.sink import ChunkSink, open_sink
 from tasks.io.sources import wants_openai_output
 from tasks.plan.dataset import ChunkSpec
 from tasks.plan.job import ChunkInputs, Job, OutputModel
@@ -52,6 +51,7 @@ from tasks.storage.outdir import (
     remembered_level,
 )
 from tasks.storage.results import consolidate, error_kinds, error_rows
+from tasks.storage.sink import ChunkSink, open_sink
 
 Checks = tuple[list[JobSettings], list[str], list[ServerInfo]]  # endpoints up, problems of the others, servers
 

@@ -6,8 +6,7 @@ import functools
 
 import pytest
 
-from tasks.analysis.kv import best_in_flight
-from tasks.inference.calibrate import MIN_COHORT, AutoState, InFlightAuto, cohort_size, levels
+from tasks.inference.calibrate import MIN_COHORT, AutoState, InFlightAuto, best_in_flight, cohort_size, levels
 from tests.support.engine_sim import H100_LONG, H100_SHORT, H200_270M, best_fixed, simulate
 
 CURVES = {"h100-short": H100_SHORT, "h100-long": H100_LONG, "h200-270m": H200_270M}

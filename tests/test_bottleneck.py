@@ -8,14 +8,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tasks.analysis.kv import (
-    GEMMA3_12B,
-    best_in_flight,
-    calibration_knee,
-    eta_hours,
-    kv_cache_gib_per_slot,
-    slots_that_fit,
-)
+from tasks.analysis.kv import GEMMA3_12B, eta_hours, kv_cache_gib_per_slot, slots_that_fit
 from tasks.analysis.telemetry import SCHEMA, summarize
 from tasks.analysis.verdict import (
     LevelReading,
@@ -27,6 +20,7 @@ from tasks.analysis.verdict import (
     render_markdown,
 )
 from tasks.inference.backends.protocol import model_geometry
+from tasks.inference.calibrate import best_in_flight, calibration_knee
 
 GIB_MIB = 1024.0
 CARD_MIB = 16_376.0  # an RTX 4080 16 GB as NVML reports it

@@ -12,9 +12,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tasks.analysis.kv import best_in_flight
 from tasks.inference.backends import BackendError
 from tasks.inference.backends.fake import HANG, FakeBackend
+from tasks.inference.calibrate import best_in_flight
 from tasks.inference.policy import OOM_STREAK_LIMIT, RAISE_AFTER, ChunkPolicy, RowTries, Step
 from tasks.inference.runner import ChunkAborted, run_chunk
 from tasks.plan.dataset import validate_input

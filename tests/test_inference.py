@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 
 from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
-from tasks.analysis.kv import best_in_flight
 from tasks.inference.backends import make_backend
+from tasks.inference.calibrate import best_in_flight
 from tasks.inference.runner import ChunkAborted, run_chunk
 from tasks.plan.dataset import ChunkSpec, validate_input
 from tasks.schema import ChunkStats

@@ -22,13 +22,13 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import OllamaEmulator
 from harness.postgres_server import PASSWORD, PostgresServer
-from tasks.io.sink import SinkBehind
 from tasks.io.sql import SqlError, TableSink
 from tasks.plan.dataset import InputError, validate_input
 from tasks.schema import RESULT_SCHEMA
 from tasks.settings.load import load_settings
 from tasks.settings.model import SettingsError, SqlSink
 from tasks.storage.journal import finished_rows
+from tasks.storage.sink import SinkBehind
 from tests.test_kill import start_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -1,4 +1,4 @@
-"""KV-cache arithmetic and the in-flight level to keep from a calibration curve."""
+"""KV-cache arithmetic (how many more slots fit in the VRAM left) and the ETA of the production job."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field
 
-NEAR_BEST = 0.97  # in-flight levels within 3 % of the best tokens/s count as the best: more only adds latency
 VRAM_MARGIN_GIB = 0.5  # room left for compute buffers and fragmentation when adding KV slots
 
 
@@ -56,23 +55,6 @@ def slots_that_fit(headroom_mib: float, num_ctx: int, geometry: KvGeometry = GEM
     """How many more KV slots fit in the measured VRAM headroom, keeping a safety margin."""
     usable = headroom_mib / 1024 - VRAM_MARGIN_GIB
     return max(0, math.floor(usable / geometry.gib_per_slot(num_ctx)))
-
-
-def best_in_flight(curve: dict[int, float]) -> int:
-    """The in-flight level to keep: the smallest within NEAR_BEST of the best calibrated throughput.
-    `in_flight: auto` keeps this one, and the report advises it, so the two never disagree."""
-    top = max(curve.values())
-    return min(n for n, v in curve.items() if v >= NEAR_BEST * top)
-
-
-def calibration_knee(curve: dict[int, float]) -> int | None:
-    """The level to keep when a higher level was measured and did not beat it (the engine is saturated
-    there); None while the highest level measured is the best (still scaling). A dip at one level
-    does not make a knee: on a real server a low reading at 2 in flight preceded +117 % at 8."""
-    if not curve:
-        return None
-    knee = best_in_flight(curve)
-    return knee if knee < max(curve) else None
 
 
 def eta_hours(rows_total: int, rows_per_s: float) -> float:

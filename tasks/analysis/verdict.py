@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.analysis.kv import KvGeometry, best_in_flight, calibration_knee, eta_hours, slots_that_fit
+from tasks.analysis.kv import KvGeometry, eta_hours, slots_that_fit
+from tasks.inference.calibrate import best_in_flight, calibration_knee
 
 VerdictKind = Literal[
     "gpu-bound",

@@ -38,7 +38,25 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from tasks.analysis.kv import best_in_flight
+NEAR_BEST = 0.97  # in-flight levels within 3 % of the best tokens/s count as the best: more only adds latency
+
+
+def best_in_flight(curve: dict[int, float]) -> int:
+    """The in-flight level to keep: the smallest within NEAR_BEST of the best calibrated throughput.
+    `in_flight: auto` keeps this one, and the report advises it, so the two never disagree."""
+    top = max(curve.values())
+    return min(n for n, v in curve.items() if v >= NEAR_BEST * top)
+
+
+def calibration_knee(curve: dict[int, float]) -> int | None:
+    """The level to keep when a higher level was measured and did not beat it (the engine is saturated
+    there); None while the highest level measured is the best (still scaling). A dip at one level
+    does not make a knee: on a real server a low reading at 2 in flight preceded +117 % at 8."""
+    if not curve:
+        return None
+    knee = best_in_flight(curve)
+    return knee if knee < max(curve) else None
+
 
 MIN_COHORT = 8  # completions a window holds at least: fewer and one slow prompt sways the reading
 FLAT = 0.92  # a level at or above FLAT x the best is "flat", not worse: the search goes on past it
