@@ -7,7 +7,8 @@ A spec is WORKLOAD:LEVEL:ROWS: WORKLOAD is a name and num_predict (`short-16`), 
 `auto`; every run gets the same first ROWS candidate records (bench.gpu.rows), greedy, free-text
 answers, two chunks. Each run writes to its own output directory under the work folder (so no run
 resumes another); `auto` runs of one workload share a job name, so the second finds the level the
-first settled on. rows/s is the manifest's rows_sent / sending_s (the chunks' sending time).
+first settled on. rows/s is the manifest's rows_sent / sending_s (the chunks' sending time); rows_per_s_span counts the
+hand-overs between chunks too (first chunk's start to last chunk's end).
 Runs use the Prefect server at PREFECT_API_URL when set, else a temporary one each.
 """
 
@@ -71,10 +72,16 @@ def figures(manifest: dict[str, Any]) -> dict[str, Any]:
     tokens = sum(s.get("completion_tokens", 0) for s in stats)
     p50 = [s["latency_p50_ms"] for s in stats if s.get("latency_p50_ms") is not None]
     tel = manifest.get("telemetry") or {}
+    # First chunk's start to last chunk's end: the sending windows and the hand-overs between chunks,
+    # what a bare client's rows / (first send .. last answer) is compared with.
+    timed = sorted((s["started_at"], s["finished_at"]) for s in stats if s.get("started_at") and s.get("finished_at"))
+    span = timed[-1][1] - timed[0][0] if timed else 0.0
     return {
         "rows_ok": manifest.get("rows_ok"),
         "rows_error": manifest.get("rows_error"),
         "rows_per_s": round(sent / sending, 3) if sending else None,
+        "rows_per_s_span": round(sent / span, 3) if span else None,
+        "handover_s": [round(b[0] - a[1], 3) for a, b in zip(timed, timed[1:], strict=False)],
         "gen_tokens_per_s": round(tokens / sending, 1) if sending else None,
         "latency_p50_s": round(sorted(p50)[len(p50) // 2] / 1000, 3) if p50 else None,
         "in_flight_by_chunk": [s.get("in_flight") for s in stats],

@@ -7,11 +7,13 @@ for the GPU figures), so it runs on a GPU machine before anything else is instal
     python -m bench.gpu.load --url http://127.0.0.1:8080 --levels 1,2,4,8 --max-tokens 16 --out short.json
     python -m bench.gpu.load --levels 32 --max-tokens 128 --rows 300     # a whole job, as the product runs it
 
-A level's figures come from requests that *finished while the pool was full*: it keeps C in flight
-until at least max(1.5 C, 12) requests finished and 6 s passed (60 s at most), then cancels what
-is left. rows/s is Little's law, C / mean latency of those requests: equal-length requests finish
-in bursts of C, so counting completions in a short window over- or under-counts by a whole burst,
-while the mean latency of a full pool does not depend on where the window falls.
+A level's figures come from a cohort fixed by start order: the requests sent after the first C
+(the first round, which starts all at once, is left out), max(C, 12) of them. The level keeps C in
+flight until every member of the cohort came back (or --max-level-s passed), then cancels what is
+left. rows/s is Little's law, C / mean latency of the cohort: equal-length requests finish in bursts
+of C, so counting completions in a short window over- or under-counts by a whole burst, and the
+first finishers of a window are the quick ones; a cohort chosen when its requests are sent is
+neither. A level takes about two rounds and a cohort's worth of requests.
 
 With --rows N it sends exactly rows 0..N-1 instead, and rows/s is N over the time from the first
 request to the last answer (fill and drain included): the product's own job, without the product.
@@ -85,25 +87,29 @@ class Gpu:
 
 @dataclass
 class Level:
-    """One level's finished requests: (start, end, completion tokens)."""
+    """One level's cohort: (start, end, completion tokens) of each member that came back."""
 
     in_flight: int
     done: list[tuple[float, float, int]] = field(default_factory=list)
     failed: int = 0
+    cut: int = 0  # cohort members still out when the level's time ran out (its reading leans fast)
 
 
 async def run_level(
     client: httpx.AsyncClient, body: dict[str, Any], prompts: list[str], level: Level, max_s: float
 ) -> tuple[float, float]:
-    """Keep level.in_flight requests out until enough finished; returns the measured (t0, t1)."""
+    """Keep level.in_flight requests out until the cohort came back; returns the measured (t0, t1)."""
+    first, size = level.in_flight, max(level.in_flight, 12)
+    cohort = range(first, first + size)  # request numbers, in the order they are sent
+    left = set(cohort)
     enough = asyncio.Event()
-    need = max(int(1.5 * level.in_flight), 12)
-    t0 = time.monotonic()
     counter = iter(range(10**9))
+    t0 = time.monotonic()
 
     async def one() -> None:
         while not enough.is_set():
-            prompt = prompts[next(counter) % len(prompts)]
+            number = next(counter)
+            prompt = prompts[number % len(prompts)]
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
             started = time.monotonic()
             try:
@@ -112,16 +118,19 @@ async def run_level(
                 tokens = int(resp.json()["usage"]["completion_tokens"])
             except (httpx.HTTPError, KeyError, ValueError):
                 level.failed += 1
-                continue
-            if not enough.is_set():
-                level.done.append((started, time.monotonic(), tokens))
-                if len(level.done) >= need and time.monotonic() - t0 >= 6.0:
+                tokens = -1
+            if number in left:
+                left.discard(number)
+                if tokens >= 0:
+                    level.done.append((started, time.monotonic(), tokens))
+                if not left:
                     enough.set()
 
     workers = [asyncio.create_task(one()) for _ in range(level.in_flight)]
-    with contextlib.suppress(TimeoutError):  # a slow level ends at max_s with what finished
+    with contextlib.suppress(TimeoutError):  # a slow level ends at max_s with what came back
         await asyncio.wait_for(enough.wait(), max_s)
     t1 = time.monotonic()
+    level.cut = len(left)
     for worker in workers:
         worker.cancel()  # the server cancels a request whose connection closes
     await asyncio.gather(*workers, return_exceptions=True)
@@ -176,10 +185,10 @@ def figures(level: Level, t0: float, t1: float, gpu: Gpu) -> dict[str, Any]:
         "in_flight": level.in_flight,
         "finished": len(latencies),
         "failed": level.failed,
+        "cut": level.cut,
         "seconds": round(t1 - t0, 1),
         "rows_per_s": round(rows_per_s, 3),
         "gen_tokens_per_s": round(rows_per_s * statistics.fmean(tokens), 1),
-        "rows_per_s_counted": round(len(latencies) / (t1 - t0), 3),
         "latency_p50_s": round(statistics.median(latencies), 3),
         "completion_tokens_mean": round(statistics.fmean(tokens), 1),
         **gpu.window(t0, t1),

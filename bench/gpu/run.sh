@@ -9,6 +9,8 @@
 #   bash bench/gpu/run.sh prefect      start a Prefect server for the flow runs (background)
 #   bash bench/gpu/run.sh load ARGS    python -m bench.gpu.load ARGS        (the bare client)
 #   bash bench/gpu/run.sh flow ARGS    python -m bench.gpu.flow_runs ARGS   (the product)
+#   bash bench/gpu/run.sh sitting ARGS python -m bench.gpu.sitting ARGS --dir /tmp/gpu-bench/results
+#                                      (a workload's sweep, or its jobs: bare client, fixed, auto)
 set -euo pipefail
 W=/tmp/gpu-bench
 mkdir -p "$W/in" "$W/site"
@@ -67,5 +69,9 @@ load)
 flow)
     shift
     PREFECT_API_URL=http://127.0.0.1:4200/api python3 -m bench.gpu.flow_runs --model "$MODEL" "$@"
+    ;;
+sitting)
+    shift
+    PREFECT_API_URL=http://127.0.0.1:4200/api python3 -m bench.gpu.sitting "$@" --model "$MODEL" --dir "$W/results"
     ;;
 esac

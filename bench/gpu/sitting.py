@@ -1,0 +1,72 @@
+"""One workload of a GPU sitting, in two steps that each fit one device call:
+
+    python -m bench.gpu.sitting sweep short --tokens 16 --levels 1,2,4,8,16,32,64 --dir DIR
+    python -m bench.gpu.sitting jobs short --tokens 16 --rows 200 --dir DIR
+
+`sweep`: the engine's curve with the bare client (bench.gpu.load) → DIR/sweep-short.json.
+`jobs`: the same ROWS rows three ways, at the sweep's best level (calibrate.best_in_flight, the rule
+`in_flight: auto` keeps and the report advises): the bare client (--rows), the product at that fixed
+level, and the product with `in_flight: auto` → DIR/bare-short.json, DIR/flow-short.json, and each
+flow run's report, chart and manifest under DIR/short/. The ratios (auto ÷ fixed, flow ÷ bare) are
+then read from one sitting. `--extra-level N` adds a flow run at another fixed level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.inference.calibrate import best_in_flight
+
+
+def module(name: str, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", name, *args], check=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=["sweep", "jobs"])
+    parser.add_argument("workload", help="a name: short, long")
+    parser.add_argument("--tokens", type=int, required=True, help="max_tokens / num_predict of every request")
+    parser.add_argument("--levels", default="1,2,4,8,16,32,64")
+    parser.add_argument("--max-level-s", default="60")
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--extra-level", type=int, action="append", default=[])
+    parser.add_argument("--model", default="gemma3-12b-shape")
+    parser.add_argument("--url", default="http://127.0.0.1:8080")
+    parser.add_argument("--dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    sweep = args.dir / f"sweep-{args.workload}.json"
+    common = ["--url", args.url, "--model", args.model, "--max-tokens", str(args.tokens)]
+    if args.step == "sweep":
+        module(
+            "bench.gpu.load", *common, "--levels", args.levels, "--max-level-s", args.max_level_s, "--out", str(sweep)
+        )
+        return
+    curve = {lv["in_flight"]: lv["rows_per_s"] for lv in json.loads(sweep.read_text())["levels"] if lv.get("finished")}
+    best = best_in_flight(curve)
+    print(json.dumps({"workload": args.workload, "curve": curve, "best": best}), flush=True)
+    bare = args.dir / f"bare-{args.workload}.json"
+    module("bench.gpu.load", *common, "--levels", str(best), "--rows", str(args.rows), "--out", str(bare))
+    workload = f"{args.workload}-{args.tokens}"
+    specs = [f"{workload}:fixed-{n}:{args.rows}" for n in [best, *args.extra_level]] + [f"{workload}:auto:{args.rows}"]
+    module(
+        "bench.gpu.flow_runs",
+        *specs,
+        "--url",
+        f"{args.url}/v1",
+        "--model",
+        args.model,
+        "--keep",
+        str(args.dir / args.workload),
+        "--out",
+        str(args.dir / f"flow-{args.workload}.json"),
+    )
+
+
+if __name__ == "__main__":
+    main()
