@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tasks.settings.model import Endpoint, GenerationOptions, Host, JobSettings, SqlInput, SqlSink
 from tasks.settings.reference import COMMAND, TARGET, render
 
 
 def test_the_committed_job_file_reference_is_current() -> None:
+    assert Path(__file__).resolve().parents[1] / "docs" / "job-file.md" == TARGET  # the repository's docs/
     expected = render()
     current = TARGET.read_text(encoding="utf-8") if TARGET.exists() else ""
     assert current == expected, (

@@ -23,7 +23,7 @@ from pydantic_core import PydanticUndefined
 
 from tasks.settings.model import Endpoint, GenerationOptions, Host, JobSettings, SqlInput, SqlSink
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: tasks/settings/reference.py
 TARGET = ROOT / "docs" / "job-file.md"
 COMMAND = "python -m tasks.settings.reference"  # or `make docs`
 
