@@ -414,9 +414,12 @@ def test_the_h100_long_answer_curve_names_the_host_loop_with_its_evidence_and_re
     assert any("Keep in-flight requests at 32 (auto chose it)" in a for a in v.advice)
     assert any("did not use llama.cpp's backend sampling" in a and "structured_output: validate" in a for a in v.advice)
     assert any("vLLM, SGLang" in a for a in v.advice)
+    assert any("--cache-ram 0" in a for a in v.advice)  # llama-server's host prompt cache
     assert any("170,000-row production job takes 19.1 h" in a for a in v.advice), v.advice
     used = judge(h100_long(backend_sampling=True))
     assert any("This run used llama.cpp's backend sampling" in a for a in used.advice)
+    ollama = judge(h100_long(backend_sampling=False, engine="ollama"))
+    assert ollama.kind == "host-bound" and not any("--cache-ram" in a for a in ollama.advice), ollama.advice
 
 
 def test_util_and_power_falling_with_small_gains_is_host_bound_even_with_a_busy_mean() -> None:

@@ -50,8 +50,10 @@ serve)
     until [ -f "$W/built" ]; do tail -n 1 "$W/build.log"; sleep 10; done
     until [ -f "$W/model.gguf" ]; do cat "$W/model.log"; sleep 5; done
     cat "$W/model.log"
+    # --cache-ram 0: the host prompt cache copies every idle slot's state at each new request; with 64 slots
+    # of this model it thrashed and stalled the server for minutes (bench/README.md, H100 2026-12-05b)
     setsid nohup "$W/build/bin/llama-server" -m "$W/model.gguf" --alias "$MODEL" --host 127.0.0.1 --port 8080 \
-        --parallel "$slots" -c $((slots * 1024)) -ngl 99 -fa on --no-webui > "$W/server.log" 2>&1 < /dev/null &
+        --parallel "$slots" -c $((slots * 1024)) -ngl 99 -fa on --cache-ram 0 --no-webui > "$W/server.log" 2>&1 < /dev/null &
     for _ in $(seq 120); do curl -sf http://127.0.0.1:8080/health >/dev/null && break; sleep 1; done
     curl -s http://127.0.0.1:8080/props | python3 -c "import json,sys; p=json.load(sys.stdin); \
         print('slots', p['total_slots'], 'n_ctx', p['default_generation_settings']['n_ctx'], p.get('build_info'))"

@@ -421,27 +421,27 @@ def _level_lines(e: RunEvidence) -> list[str]:
 def _host_remedies(e: RunEvidence) -> list[str]:
     """What raises a host-bound engine's ceiling, and what this run's ETA is without it."""
     if e.engine == "llama.cpp":
-        if e.backend_sampling:
-            sampling = (
-                "This run used llama.cpp's backend sampling (GPU-side: only the sampled token comes back to the "
-                "host); what is left on the host is per-sequence bookkeeping"
-            )
-        else:
-            sampling = (
-                "This run did not use llama.cpp's backend sampling: set backend_sampling: auto (or on) and "
-                "structured_output: validate (a JSON-schema grammar keeps sampling on the CPU), so the vocabulary "
-                "is sampled on the GPU and only the sampled token comes back to the host"
-            )
+        remedies = [
+            "This run used llama.cpp's backend sampling (GPU-side: only the sampled token comes back to the "
+            "host); what is left on the host is per-sequence bookkeeping"
+            if e.backend_sampling
+            else "This run did not use llama.cpp's backend sampling: set backend_sampling: auto (or on) and "
+            "structured_output: validate (a JSON-schema grammar keeps sampling on the CPU), so the vocabulary "
+            "is sampled on the GPU and only the sampled token comes back to the host",
+            # The server does not say whether its prompt cache is on (/props), so this is advice, not a finding.
+            "Run llama-server with --cache-ram 0: its host prompt cache copies every idle slot's state to host "
+            "memory at each new request, which a batch of distinct records never reuses; with a large model and "
+            "many slots it can stall the server for minutes",
+        ]
     else:
-        sampling = (
+        remedies = [
             "On llama.cpp's server, backend sampling (backend_sampling: auto, without a grammar) samples on the "
             "GPU and returns only the sampled token to the host"
-        )
-    remedies = [
-        sampling,
+        ]
+    remedies.append(
         "An engine that samples on the GPU and batches sequences in one step (vLLM, SGLang) removes the per-token "
-        "host loop; a faster CPU core or a simpler output schema only raises the ceiling a little",
-    ]
+        "host loop; a faster CPU core or a simpler output schema only raises the ceiling a little"
+    )
     if e.production_rows and e.requests_per_s > 0:
         remedies.append(
             f"At this ceiling ({e.requests_per_s:.2f} req/s) the {e.production_rows:,}-row production job takes "

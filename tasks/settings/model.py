@@ -313,14 +313,14 @@ class JobSettings(BaseModel):
         "next seed up to max_attempts; 'auto': on a llama.cpp server validate while the first answers match (7 of "
         "the first 8), else the grammar; the grammar on other engines. Changes answers.",
     )
-    # Off by default: measured on an H100 (llama.cpp server, Gemma-3-12B-shaped model, 16-token answers), one
-    # request took 12.5 s with it and 0.64 s without, and at 8 and 64 in flight none finished within 60 s.
+    # Off by default: experimental, and its gain on a 12B model is unmeasured. The one H100 measurement (12.5 s
+    # a request with it, 0.64 s without) ran while the server's host prompt cache thrashed: it measured that.
     backend_sampling: Literal["auto", "on", "off"] = Field(
         "off",
         description="llama.cpp's GPU-side sampling (experimental): only the sampled token comes back to the host. "
         "'auto': asked for on a llama.cpp server (its /props answers) for requests without a grammar; 'on': on "
         "every grammar-free request of backend 'openai'; 'off' (the default): never. Never sent with a grammar. "
-        "Measure before turning it on: on an H100 with a Gemma-3-12B-shaped model it made requests ~20x slower.",
+        "Measure it on your card before turning it on.",
     )
     gpu_limit: str = Field(
         "gpu", pattern=LIMIT_NAME, description="Prefect global concurrency limit held per chunk (one endpoint)."
