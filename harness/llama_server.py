@@ -40,7 +40,8 @@ class LlamaServer:
         self.parallel = parallel
         args = [str(binary), "-m", str(model), "--alias", ALIAS, "--host", "127.0.0.1", "--port", str(self.port)]
         args += ["--parallel", str(parallel), "-c", str(parallel * ctx_per_slot), "--threads", str(os.cpu_count() or 2)]
-        args += ["--no-webui", "--log-disable"]
+        # --cache-ram 0 as the README starts it: a batch never reuses the host prompt cache (docs/how-it-works.md)
+        args += ["--cache-ram", "0", "--no-webui", "--log-disable"]
         self.proc: subprocess.Popen[bytes] = start(args, dict(os.environ), log.parent, log)
         self._wait_ready(120.0)
 
