@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,6 +52,29 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
         with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError, PermissionError):
             if child.is_running():
                 os.killpg(os.getpgid(child.pid), signal.SIGKILL)
+
+
+def exit_code(proc: subprocess.Popen[bytes], log: Path, limit_s: float) -> int:
+    """`proc`'s exit code. Past `limit_s` its process group is killed and the test fails with the log's tail."""
+    try:
+        return proc.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"still running after {limit_s:.0f}s:\n{log.read_text()[-4000:]}") from None
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """`proc`, whose process group is killed on the way out if it still runs: a failing test leaves none behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def wait_for(check: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.25) -> T:

@@ -23,7 +23,7 @@ from tasks import stopping
 from tasks.analysis.charts import timeline_png
 from tasks.analysis.progress import Progress
 from tasks.analysis.progress import Sink as ProgressSink
-from tasks.analysis.report import build_evidence, chunk_row, level_readings, render_report
+from tasks.analysis.report import build_evidence, chunk_row, level_readings, render_report, rounded
 from tasks.analysis.telemetry import Sampler, energy_wh, summarize, wh_per_1000_rows
 from tasks.analysis.verdict import judge
 from tasks.inference.backends import ServerInfo, make_backend
@@ -273,10 +273,6 @@ def _merged(previous: pl.DataFrame | None, new: pl.DataFrame) -> pl.DataFrame:
     return new if previous is None else pl.concat([previous, new], how="diagonal_relaxed")
 
 
-def _round3(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
 def write_report(
     steps: Steps,
     job: Job,
@@ -304,8 +300,8 @@ def write_report(
     telemetry = summarize(samples, first, time.time()) if samples.height else {}
     # This run's energy: its own samples and the rows it finished (earlier attempts' are in their manifests).
     wh = energy_wh(sampler.frame())
-    manifest.energy_wh = _round3(wh)
-    manifest.wh_per_1000_rows = _round3(wh_per_1000_rows(wh, manifest.rows_sent))
+    manifest.energy_wh = rounded(wh, 3)
+    manifest.wh_per_1000_rows = rounded(wh_per_1000_rows(wh, manifest.rows_sent), 3)
     evidence = build_evidence(
         settings,
         stats,

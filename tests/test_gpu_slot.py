@@ -21,7 +21,7 @@ import yaml
 
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import OllamaEmulator, RequestRecord
-from harness.processes import free_port, start, start_cli, stop, wait_for
+from harness.processes import exit_code, free_port, start, start_cli, stop, wait_for
 from tasks.inference.gpu_slot import (
     LOCK_DIR_ENV,
     MachineLock,
@@ -50,12 +50,7 @@ def _job_file(tmp: Path, name: str, settings: dict[str, Any]) -> Path:
 
 
 def _finish(proc: subprocess.Popen[bytes], log: Path, limit_s: float) -> str:
-    try:
-        code = proc.wait(timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError(f"still running after {limit_s:.0f}s:\n{log.read_text()[-4000:]}") from None
+    code = exit_code(proc, log, limit_s)
     text = log.read_text()
     assert code == 0, text[-4000:]
     return text

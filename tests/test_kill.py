@@ -21,7 +21,7 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import OllamaEmulator
-from harness.processes import start_cli
+from harness.processes import exit_code, start_cli
 from tasks.inference.gpu_slot import GpuSlotTimeout, ensure_gpu_limit, gpu_slot
 from tasks.plan.dataset import ChunkSpec, validate_input
 from tasks.settings.load import load_settings
@@ -56,12 +56,7 @@ def kill_when(proc: subprocess.Popen[bytes], log: Path, ready: Any, limit_s: flo
 def rerun(job_file: Path, log: Path, env: dict[str, str] | None = None, limit_s: float = 60) -> float:
     """The CLI again, to the end; returns its wall time. A rerun that waits past `limit_s` fails."""
     started = time.monotonic()
-    proc = start_flow(job_file, log, env)
-    try:
-        assert proc.wait(timeout=limit_s) == 0, log.read_text()[-4000:]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"the rerun was still waiting after {limit_s:.0f}s:\n{log.read_text()[-4000:]}") from None
+    assert exit_code(start_flow(job_file, log, env), log, limit_s) == 0, log.read_text()[-4000:]
     return time.monotonic() - started
 
 

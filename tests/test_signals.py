@@ -23,7 +23,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL
 
 from harness.ollama_emulator import Fault, OllamaEmulator
-from harness.processes import start_cli
+from harness.processes import exit_code, reaped, start_cli
 from tasks.plan.dataset import validate_input
 from tasks.settings.load import load_settings
 from tasks.storage.journal import finished_rows
@@ -58,13 +58,7 @@ def exit_after(proc: subprocess.Popen[bytes], log: Path, limit_s: float = 60) ->
     started = time.monotonic()
     with log.open("a") as handle:  # the log's own clock, to read the run's lines against
         handle.write(f"[test] signal sent at {datetime.now():%H:%M:%S.%f}\n")
-    try:
-        code = proc.wait(timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError(f"still running {limit_s:.0f}s after the signal:\n{log.read_text()[-4000:]}") from None
-    return code, time.monotonic() - started
+    return exit_code(proc, log, limit_s), time.monotonic() - started
 
 
 def session_env() -> dict[str, str]:
@@ -88,15 +82,15 @@ def test_ctrl_c_on_a_temporary_server_stops_within_seconds_and_a_rerun_completes
     proc = start_cli(path, log, env)
     servers: list[psutil.Process] = []
     try:
-        until(lambda: on_disk_now() >= 6, proc, log)
-        servers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "uvicorn" in " ".join(c.cmdline())]
-        assert len(servers) == 1, "no temporary Prefect server under the run"
-        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-        code, seconds = exit_after(proc, log)
+        with reaped(proc):
+            until(lambda: on_disk_now() >= 6, proc, log)
+            servers = [
+                c for c in psutil.Process(proc.pid).children(recursive=True) if "uvicorn" in " ".join(c.cmdline())
+            ]
+            assert len(servers) == 1, "no temporary Prefect server under the run"
+            os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+            code, seconds = exit_after(proc, log)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
         _, alive = psutil.wait_procs(servers, timeout=10)
         for leftover in alive:  # never leave one behind, even when the test fails
             leftover.kill()
@@ -145,15 +139,10 @@ def test_sigterm_stops_a_5000_row_chunk_within_seconds_without_a_retry(
     path = job_file(tmp_path, settings)
     on_disk_now = rows_on_disk(path)
     log = tmp_path / "run.log"
-    proc = start_cli(path, log, session_env())
-    try:
+    with reaped(start_cli(path, log, session_env())) as proc:
         until(lambda: on_disk_now() >= 8, proc, log)
         proc.send_signal(signal.SIGTERM)
         code, seconds = exit_after(proc, log)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     said = log.read_text()
     print(f"SIGTERM to exit: {seconds:.2f} s")
     assert code == 143 and seconds < STOP_LIMIT_S, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
@@ -181,17 +170,12 @@ def test_a_second_ctrl_c_exits_at_once(job: Any, emulator: OllamaEmulator, tmp_p
     emulator.inject(Fault.hang(), times=None)
     settings = job(8, in_flight=4, gpu_limit=f"gpu-second-{os.getpid()}")
     log = tmp_path / "run.log"
-    proc = start_cli(job_file(tmp_path, settings), log, session_env())
-    try:
+    with reaped(start_cli(job_file(tmp_path, settings), log, session_env())) as proc:
         until(lambda: len([r for r in emulator.requests if r.path == "/api/chat"]) >= 4, proc, log)
         os.killpg(proc.pid, signal.SIGINT)
         until(lambda: "SIGINT: stopping" in log.read_text(), proc, log, limit_s=30)
         os.killpg(proc.pid, signal.SIGINT)
         code, seconds = exit_after(proc, log)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     said = log.read_text()
     print(f"second SIGINT to exit: {seconds:.2f} s")
     assert code == 130 and seconds < 2.0, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"

@@ -32,7 +32,8 @@ def _fmt(value: float | None, spec: str = ".0f", unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
-def _round(value: float | None, digits: int | None = None) -> float | None:
+def rounded(value: float | None, digits: int | None = None) -> float | None:
+    """`value` rounded for a manifest or a table; None stays None."""
     return None if value is None else round(value, digits)
 
 
@@ -50,16 +51,16 @@ def chunk_row(stats: ChunkStats, samples: pl.DataFrame) -> dict[str, Any]:
         "req_per_s": round(stats.sent_rows / secs, 2) if secs else None,
         "prompt_tok_per_s": round(stats.prompt_tokens / secs, 1) if secs else None,
         "gen_tok_per_s": round(stats.completion_tokens / secs, 1) if secs else None,
-        "latency_p50_ms": _round(stats.latency_p50_ms),
-        "latency_p95_ms": _round(stats.latency_p95_ms),
+        "latency_p50_ms": rounded(stats.latency_p50_ms),
+        "latency_p95_ms": rounded(stats.latency_p95_ms),
         "in_flight": stats.in_flight,
         "num_ctx": stats.num_ctx,
         "vram_peak_mib": telemetry.get("vram_peak_mib"),
-        "vram_mean_mib": _round(telemetry.get("vram_mean_mib")),
+        "vram_mean_mib": rounded(telemetry.get("vram_mean_mib")),
         "vram_headroom_mib": telemetry.get("vram_headroom_mib"),
-        "gpu_util_mean": _round(telemetry.get("gpu_util_mean"), 1),
-        "power_mean_w": _round(telemetry.get("power_mean_w")),
-        "cpu_mean_pct": _round(telemetry.get("cpu_mean_pct"), 1),
+        "gpu_util_mean": rounded(telemetry.get("gpu_util_mean"), 1),
+        "power_mean_w": rounded(telemetry.get("power_mean_w")),
+        "cpu_mean_pct": rounded(telemetry.get("cpu_mean_pct"), 1),
         "seconds": round(stats.seconds, 1) if stats.sent_rows else 0.0,
     }
 

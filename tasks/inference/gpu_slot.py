@@ -417,6 +417,32 @@ def _server_url(client: SyncPrefectClient) -> str:
 
 
 @dataclass
+class _Wait:
+    """One wait for the GPU (the machine lock, or the Prefect slot): it fails at slot_timeout_s, says who
+    holds it every SAY_EVERY_S, and a stop (Ctrl-C, SIGTERM) ends it at once instead of waiting it out."""
+
+    what: str  # "the GPU of http://host:11434", "GPU slot 'gpu'"
+    started: float
+    timeout_s: float
+    say: Say
+    hint: str = ""  # what to do when the timeout is reached
+    said: float = -SAY_EVERY_S
+
+    def round(self, holder: Callable[[], str], poll_s: float) -> None:
+        """One poll that did not get it; `holder()` (who has it) is asked only when it is told."""
+        waited = time.monotonic() - self.started
+        if waited >= self.timeout_s:
+            raise GpuSlotTimeout(f"{self.what} not free after {self.timeout_s:.0f}s: {holder()}. {self.hint}".rstrip())
+        if waited - self.said >= SAY_EVERY_S:
+            self.say(
+                f"waiting for {self.what} ({waited:.0f}s so far, up to slot_timeout_s={self.timeout_s:.0f}): {holder()}"
+            )
+            self.said = waited
+        if stopping.sleep(poll_s):
+            stopping.check(f"while waiting for {self.what}")
+
+
+@dataclass
 class _Slot:
     """What a chunk holds: the machine lock (if it named its endpoint), a Prefect lease renewed by a
     thread, and the holder record that says so. Kept across chunks by a run's keeper."""
@@ -456,23 +482,10 @@ class _Slot:
         if lock is not None:
             _let_waiter_take(lock)
             if not lock.try_take(info):
-                said = -SAY_EVERY_S
+                wait = _Wait(f"the GPU of {endpoint}", started, timeout_s, say)
                 with lock.waiting(info):
                     while not lock.try_take(info):
-                        waited = time.monotonic() - started
-                        if waited >= timeout_s:
-                            raise GpuSlotTimeout(
-                                f"the GPU of {endpoint} not free after {timeout_s:.0f}s: held on this machine by "
-                                f"{lock.held_by()} (lock {lock.path})"
-                            )
-                        if waited - said >= SAY_EVERY_S:
-                            say(
-                                f"waiting for the GPU of {endpoint} ({waited:.0f}s so far, up to slot_timeout_s="
-                                f"{timeout_s:.0f}): held on this machine by {lock.held_by()} (lock {lock.path})"
-                            )
-                            said = waited
-                        if stopping.sleep(LOCK_POLL_S):  # Ctrl-C while another job holds the GPU
-                            stopping.check(f"while waiting for the GPU of {endpoint}")
+                        wait.round(lambda: f"held on this machine by {lock.held_by()} (lock {lock.path})", LOCK_POLL_S)
             info["since"] = time.time()
             lock.describe(info)
         folder = registry_dir() / name
@@ -495,26 +508,18 @@ class _Slot:
     def _wait_for_lease(self, client: SyncPrefectClient, started: float, timeout_s: float) -> UUID:
         name = self.name
         _let_remote_waiter_take(client, name)
-        said = -SAY_EVERY_S
+        wait = _Wait(
+            f"GPU slot '{name}'",
+            started,
+            timeout_s,
+            self.say,
+            hint=f"If that run is gone and its slot stays taken: `prefect gcl update {name} --active-slots 0`.",
+        )
         while (lease_id := _take(client, name, self.record, self.info)) is None:
             with _registry_mutex(name):
                 freed = free_dead_holders(client, name, self.say)
-            if freed:
-                continue
-            waited = time.monotonic() - started
-            if waited >= timeout_s:
-                raise GpuSlotTimeout(
-                    f"GPU slot '{name}' not free after {timeout_s:.0f}s: {_waiting_for(client, name)}. "
-                    f"If that run is gone and its slot stays taken: `prefect gcl update {name} --active-slots 0`."
-                )
-            if waited - said >= SAY_EVERY_S:
-                self.say(
-                    f"waiting for GPU slot '{name}' ({waited:.0f}s so far, up to slot_timeout_s={timeout_s:.0f}): "
-                    f"{_waiting_for(client, name)}"
-                )
-                said = waited
-            if stopping.sleep(POLL_S):  # Ctrl-C while another run holds the slot: no waiting it out
-                stopping.check(f"while waiting for GPU slot '{name}'")
+            if not freed:
+                wait.round(lambda: _waiting_for(client, name), POLL_S)
         return lease_id
 
     # -- holding it
