@@ -150,7 +150,8 @@ def test_sigterm_stops_a_5000_row_chunk_within_seconds_without_a_retry(
     on_disk = on_disk_now()
     assert 8 <= on_disk < 5000 and f"interrupted (SIGTERM): {on_disk:,} rows on disk in {out}" in said
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["interrupted"] == "SIGTERM" and manifest["rows_sent"] == on_disk
+    assert manifest["interrupted"] == "SIGTERM" and manifest["rows_sent"] == manifest["rows_ok"] == on_disk
+    assert manifest["rows_pending"] == 5000 - on_disk
     assert manifest["chunk_stats"] == []  # the chunk did not finish: no figures to keep for it
 
     # Prefect: the flow run is Cancelled with the reason, and the chunk ran once (its retries unused).

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import polars as pl
 
 from tasks.plan.dataset import ChunkSpec
-from tasks.schema import ResultRow, rows_to_frame
+from tasks.schema import RESULT_SCHEMA, ResultRow, rows_to_frame
 from tasks.storage.files import file_fingerprint, fsync_dir, owner_fingerprint, write_atomic, write_parquet_atomic
 from tasks.storage.outdir import flock
 
@@ -62,26 +62,32 @@ def _journal_rows(path: Path) -> list[ResultRow]:
     return read_journal(path).rows
 
 
-def finished_rows(out: Path, chunk: ChunkSpec) -> set[int]:
-    """Row indices of this chunk already on disk: the chunk file, or its parts and journal.
+def rows_on_disk(out: Path, chunk: ChunkSpec) -> pl.DataFrame:
+    """`row_index` and `status` of this chunk's rows on disk, each row once: the chunk file, or its
+    parts and journal (a row in both, from a kill between a checkpoint and the journal's removal, once).
 
     Safe beside the run writing the chunk: when it finishes the chunk between our listing its parts
     and reading them (the parts are then deleted), the finished chunk file is read instead.
     """
+    columns = ["row_index", "status"]
+    schema = {name: RESULT_SCHEMA[name] for name in columns}
     for _ in range(3):
         done = chunk_path(out, chunk)
         if done.exists():
-            return set(pl.scan_parquet(done).select("row_index").collect()["row_index"].to_list())
-        found: set[int] = set()
+            return pl.scan_parquet(done).select(columns).collect()
         try:
-            if parts := part_paths(out, chunk):
-                found.update(pl.scan_parquet(parts).select("row_index").collect()["row_index"].to_list())
-            for journal in journal_paths(out, chunk):
-                found.update(r.row_index for r in _journal_rows(journal))
+            frames = [pl.scan_parquet(parts).select(columns).collect()] if (parts := part_paths(out, chunk)) else []
+            journaled = [(r.row_index, r.status) for j in journal_paths(out, chunk) for r in _journal_rows(j)]
         except FileNotFoundError:
             continue
-        return found
+        frames.append(pl.DataFrame(journaled, schema=schema, orient="row"))
+        return pl.concat(frames, how="vertical_relaxed").unique("row_index", keep="first", maintain_order=True)
     raise RuntimeError(f"{chunk.name} of {out} kept changing while its rows were counted")
+
+
+def finished_rows(out: Path, chunk: ChunkSpec) -> set[int]:
+    """Row indices of this chunk already on disk: what a rerun does not send again."""
+    return set(rows_on_disk(out, chunk)["row_index"].to_list())
 
 
 class ChunkWriter:

@@ -53,6 +53,8 @@ class Manifest(BaseModel):
     backend: str
     model: str
     rows_total: int
+    # On disk, in finished chunks and in the parts and journals of the others: after a stop or a failure
+    # mid-chunk, rows_pending is what the same command still sends.
     rows_ok: int
     rows_error: int
     rows_pending: int
