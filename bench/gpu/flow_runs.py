@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -93,20 +94,35 @@ def figures(manifest: dict[str, Any]) -> dict[str, Any]:
         "verdict": manifest.get("verdict"),
         "headline": manifest.get("headline"),
         "wall_s": manifest.get("wall_s"),
+        "interrupted": manifest.get("interrupted"),
         "sending_s": sending,
     }
 
 
-def run(work: Path, spec: dict[str, Any], url: str, model: str, keep: Path | None) -> dict[str, Any]:
+def run(work: Path, spec: dict[str, Any], url: str, model: str, keep: Path | None, max_s: float) -> dict[str, Any]:
     name = f"gpu-{spec['workload']}" + ("-auto" if spec["level"] == "auto" else "")
     job = job_file(work, name, spec, url, model)
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.batch_inference", "--config", str(job)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    log = work / f"{spec['label']}.log"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.batch_inference", "--config", str(job)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=max_s)
+        except subprocess.TimeoutExpired:
+            # Ctrl-C, as an operator would: the run stops within seconds and its manifest counts what
+            # finished, so a stalled engine costs max_s, not the whole device call.
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     out = work / "out" / spec["label"]
     manifest_path = out / "manifest.json"
     result: dict[str, Any] = {
@@ -117,7 +133,7 @@ def run(work: Path, spec: dict[str, Any], url: str, model: str, keep: Path | Non
     if manifest_path.exists():
         result |= figures(json.loads(manifest_path.read_text()))
     if proc.returncode != 0:
-        result["stderr_tail"] = proc.stderr[-1500:]
+        result["log_tail"] = log.read_text(errors="replace")[-1500:]
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         for src, dst in (
@@ -138,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/flow-runs"))
     parser.add_argument("--keep", type=Path, help="copy each run's report, chart and manifest here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job setting for every run")
+    parser.add_argument("--max-s", type=float, default=240.0, help="a run's time at most, then Ctrl-C (SIGINT)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     extra = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
@@ -145,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, text in enumerate(args.specs):
         spec = parse(text) | {"extra": extra}
         spec["label"] = f"{i:02d}-{spec['workload']}-{spec['level']}"
-        results.append(run(args.work, spec, args.url, args.model, args.keep))
+        results.append(run(args.work, spec, args.url, args.model, args.keep, args.max_s))
         print(json.dumps(results[-1]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -17,6 +17,7 @@ neither. A level takes about two rounds and a cohort's worth of requests.
 
 With --rows N it sends exactly rows 0..N-1 instead, and rows/s is N over the time from the first
 request to the last answer (fill and drain included): the product's own job, without the product.
+Past --max-level-s the rest is cancelled (`cut`) and rows/s counts what came back.
 """
 
 from __future__ import annotations
@@ -138,9 +139,10 @@ async def run_level(
 
 
 async def run_rows(
-    client: httpx.AsyncClient, body: dict[str, Any], prompts: list[str], level: Level
+    client: httpx.AsyncClient, body: dict[str, Any], prompts: list[str], level: Level, max_s: float
 ) -> tuple[float, float]:
-    """Send every prompt once with level.in_flight out at a time; returns (first send, last answer)."""
+    """Send every prompt once with level.in_flight out at a time; returns (first send, last answer).
+    Past max_s what is still out is cancelled and counted in `cut`: a stalled server costs max_s, not the call."""
     todo = iter(prompts)
 
     async def one() -> None:
@@ -155,7 +157,10 @@ async def run_rows(
                 level.failed += 1
 
     t0 = time.monotonic()
-    await asyncio.gather(*(one() for _ in range(level.in_flight)))
+    try:
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(level.in_flight))), max_s)
+    except TimeoutError:
+        level.cut = len(prompts) - len(level.done) - level.failed
     return t0, time.monotonic()
 
 
@@ -166,6 +171,7 @@ def job_figures(level: Level, t0: float, t1: float, gpu: Gpu) -> dict[str, Any]:
         "in_flight": level.in_flight,
         "rows": len(latencies),
         "failed": level.failed,
+        "cut": level.cut,
         "seconds": round(t1 - t0, 2),
         "rows_per_s": round(len(latencies) / (t1 - t0), 3),
         "gen_tokens_per_s": round(tokens / (t1 - t0), 1),
@@ -212,7 +218,7 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
         for n in levels:
             level = Level(n)
             if args.rows:
-                t0, t1 = await run_rows(client, body, prompts[: args.rows], level)
+                t0, t1 = await run_rows(client, body, prompts[: args.rows], level, args.max_level_s)
                 results.append(job_figures(level, t0, t1, gpu))
             else:
                 t0, t1 = await run_level(client, body, prompts, level, args.max_level_s)
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=512, help="distinct candidate records to cycle through")
     parser.add_argument("--schema", action="store_true", help="ask for a JSON-schema grammar (response_format)")
     parser.add_argument("--backend-sampling", action="store_true", help="llama.cpp: sample on the GPU")
-    parser.add_argument("--max-level-s", type=float, default=60.0)
+    parser.add_argument("--max-level-s", type=float, default=60.0, help="a level's (or --rows job's) time at most")
     parser.add_argument("--rows", type=int, help="send exactly these rows at each level (a whole job)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

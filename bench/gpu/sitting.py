@@ -8,7 +8,8 @@
 `in_flight: auto` keeps and the report advises): the bare client (--rows), the product at that fixed
 level, and the product with `in_flight: auto` → DIR/bare-short.json, DIR/flow-short.json, and each
 flow run's report, chart and manifest under DIR/short/. The ratios (auto ÷ fixed, flow ÷ bare) are
-then read from one sitting. `--extra-level N` adds a flow run at another fixed level.
+then read from one sitting. `--extra-level N` adds a flow run at another fixed level. Every run stops
+at --max-s (a stalled engine costs that, not the device call), and its figures say so.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("workload", help="a name: short, long")
     parser.add_argument("--tokens", type=int, required=True, help="max_tokens / num_predict of every request")
     parser.add_argument("--levels", default="1,2,4,8,16,32,64")
-    parser.add_argument("--max-level-s", default="60")
+    parser.add_argument("--max-level-s", default="60", help="sweep: a level's time at most")
+    parser.add_argument(
+        "--max-s", default="150", help="jobs: each run's time at most (the bare one cut, a flow Ctrl-C'd)"
+    )
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--extra-level", type=int, action="append", default=[])
     parser.add_argument("--model", default="gemma3-12b-shape")
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     best = best_in_flight(curve)
     print(json.dumps({"workload": args.workload, "curve": curve, "best": best}), flush=True)
     bare = args.dir / f"bare-{args.workload}.json"
-    module("bench.gpu.load", *common, "--levels", str(best), "--rows", str(args.rows), "--out", str(bare))
+    rows = ["--rows", str(args.rows), "--max-level-s", args.max_s]
+    module("bench.gpu.load", *common, "--levels", str(best), *rows, "--out", str(bare))
     workload = f"{args.workload}-{args.tokens}"
     specs = [f"{workload}:fixed-{n}:{args.rows}" for n in [best, *args.extra_level]] + [f"{workload}:auto:{args.rows}"]
     module(
@@ -63,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         args.model,
         "--keep",
         str(args.dir / args.workload),
+        "--max-s",
+        args.max_s,
         "--out",
         str(args.dir / f"flow-{args.workload}.json"),
     )
