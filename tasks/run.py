@@ -486,7 +486,8 @@ def run_job(
             manifest.write(report_dir)  # first without the report: drawing it may fail or be cut short
             write_report(steps, job, manifest, list(stats.values()), sampler, servers, key=key, report_dir=report_dir)
             manifest.write(report_dir)
-            if isinstance(failure, stopping.Interrupted):  # finished chunks and the rows journaled in the others
-                on_disk = sum(len(finished_rows(out, c)) for c in plan.chunks)
+            if isinstance(failure, stopping.Interrupted):
+                # Counted by the manifest: the finished chunks, and the others' parts and journals.
+                on_disk = manifest.rows_ok + manifest.rows_error
                 failure.on_disk = f"{on_disk:,} rows on disk in {out}"
     return manifest
