@@ -50,7 +50,7 @@ from tasks.storage.outdir import (
     remember_level,
     remembered_level,
 )
-from tasks.storage.results import consolidate, error_kinds, error_rows
+from tasks.storage.results import consolidate, error_kinds, error_rows, server_timed
 from tasks.storage.sink import ChunkSink, open_sink
 
 Checks = tuple[list[JobSettings], list[str], list[ServerInfo]]  # endpoints up, problems of the others, servers
@@ -311,6 +311,7 @@ def write_report(
         error_kinds(settings.output_dir, plan.chunks),
         servers,
         level_readings(list(stats), samples) if samples.height else None,
+        server_timed(settings.output_dir, plan.chunks),
     )
     verdict = judge(evidence)
     energy = {"energy_wh": manifest.energy_wh, "wh_per_1000_rows": manifest.wh_per_1000_rows}

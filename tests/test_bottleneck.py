@@ -422,6 +422,23 @@ def test_the_h100_long_answer_curve_names_the_host_loop_with_its_evidence_and_re
     assert ollama.kind == "host-bound" and not any("--cache-ram" in a for a in ollama.advice), ollama.advice
 
 
+def test_the_prompt_cache_advice_follows_the_servers_own_timings() -> None:
+    """Unmeasured, --cache-ram 0 is advice; the share of request time outside the server's prompt and
+    generation makes it a finding with its figure, or drops it when that share is small."""
+
+    def cache_advice(**kw: Any) -> list[str]:
+        return [a for a in judge(h100_long(backend_sampling=False, **kw)).advice if "--cache-ram 0" in a]
+
+    assert cache_advice()[0].startswith("Run llama-server with --cache-ram 0")
+    # The H100 at 1 in flight: 0.63 s a request, 0.27 s of it prompt and generation by the server's timings.
+    [measured] = cache_advice(server_share=0.43, outside_s=0.36)
+    assert measured.startswith("57% of the requests' time (0.36 s a request) passed outside"), measured
+    assert "queueing" not in measured
+    assert cache_advice(server_share=0.95, outside_s=0.02) == []
+    [queued] = cache_advice(server_share=0.43, outside_s=0.36, in_flight=96)
+    assert "part of it queueing for its 64 slots" in queued, queued
+
+
 def test_util_and_power_falling_with_small_gains_is_host_bound_even_with_a_busy_mean() -> None:
     # Still rising at the top level (no knee) and util above half on average, but 64x the requests gave
     # 4.4x the tokens while util and power fell: the GPU doing less as more is asked is the tell.

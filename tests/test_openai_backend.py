@@ -58,6 +58,8 @@ def test_rows_options_and_usage_map_onto_the_result_columns(job: Any, emulator: 
     frame, stats = run_one(openai_job(job, emulator, 6, options={"num_ctx": 2048, "num_predict": 40, "seed": 7}))
     assert frame["status"].to_list() == ["ok"] * 6 and stats.requests == 6
     assert frame["prompt_tokens"].min() > 0 and frame["completion_tokens"].min() > 0
+    # Ollama's OpenAI endpoint sends no timings: none are made up.
+    assert frame["prompt_eval_ms"].null_count() == frame["eval_ms"].null_count() == 6
     body = chat_requests(emulator)[0].body
     # Sampling settings travel as OpenAI fields; the client added none of its own retries.
     assert (body["max_tokens"], body["temperature"], body["seed"]) == (40, 0.0, 7)
@@ -216,6 +218,8 @@ def assert_rows_valid(results: pl.DataFrame, n: int) -> None:
             parsed = Fit.model_validate_json(row["response"])  # the schema decides, not the pipeline
             assert (row["score"], row["reason"]) == (parsed.score, parsed.reason)
             assert row["completion_tokens"] > 0 and row["prompt_tokens"] > 0
+            # The server's own timings, within the wait the client saw.
+            assert 0 < row["prompt_eval_ms"] + row["eval_ms"] <= row["latency_ms"], row
         else:  # the grammar does not enforce integer bounds: a 270M model can break them, kept raw
             assert row["error_kind"] == "invalid_output" and row["response"]
 
@@ -230,6 +234,9 @@ def test_real_server_flow_every_row_once_with_valid_structured_output(tmp_path: 
     report = (tmp_path / "out" / "report.md").read_text()
     assert "backend `openai`" in report and "server llama.cpp (4 parallel slot(s))" in report
     assert "This ETA is for this openai server on this machine (no GPU seen)" in report
+    ok = results.filter(pl.col("status") == "ok")
+    share = (ok["prompt_eval_ms"] + ok["eval_ms"]).sum() / ok["latency_ms"].sum()
+    assert f"| the server's own prompt + generation time | {share:.0%} of the requests' time (" in report, report
 
 
 def test_real_server_says_its_slots_and_context(tmp_path: Path, llama_server: Any) -> None:

@@ -88,10 +88,11 @@ class Gpu:
 
 @dataclass
 class Level:
-    """One level's cohort: (start, end, completion tokens) of each member that came back."""
+    """One level's cohort: (start, end, completion tokens, the server's own ms or None) of each member
+    that came back."""
 
     in_flight: int
-    done: list[tuple[float, float, int]] = field(default_factory=list)
+    done: list[tuple[float, float, int, float | None]] = field(default_factory=list)
     failed: int = 0
     cut: int = 0  # cohort members still out when the level's time ran out (its reading leans fast)
 
@@ -116,14 +117,14 @@ async def run_level(
             try:
                 resp = await client.post("/v1/chat/completions", json={**body, "messages": messages})
                 resp.raise_for_status()
-                tokens = int(resp.json()["usage"]["completion_tokens"])
+                tokens, server_ms = answered(resp)
             except (httpx.HTTPError, KeyError, ValueError):
                 level.failed += 1
-                tokens = -1
+                tokens, server_ms = -1, None
             if number in left:
                 left.discard(number)
                 if tokens >= 0:
-                    level.done.append((started, time.monotonic(), tokens))
+                    level.done.append((started, time.monotonic(), tokens, server_ms))
                 if not left:
                     enough.set()
 
@@ -152,7 +153,7 @@ async def run_rows(
             try:
                 resp = await client.post("/v1/chat/completions", json={**body, "messages": messages})
                 resp.raise_for_status()
-                level.done.append((started, time.monotonic(), int(resp.json()["usage"]["completion_tokens"])))
+                level.done.append((started, time.monotonic(), *answered(resp)))
             except (httpx.HTTPError, KeyError, ValueError):
                 level.failed += 1
 
@@ -164,9 +165,28 @@ async def run_rows(
     return t0, time.monotonic()
 
 
+def answered(resp: httpx.Response) -> tuple[int, float | None]:
+    """Completion tokens, and llama.cpp's own prompt + generation ms (None from a server that sends no timings)."""
+    answer = resp.json()
+    timings = answer.get("timings") or {}
+    server_ms = timings["prompt_ms"] + timings["predicted_ms"] if "predicted_ms" in timings else None
+    return int(answer["usage"]["completion_tokens"]), server_ms
+
+
+def server_share(level: Level) -> dict[str, float | None]:
+    """The share of the requests' time the server's own timings cover, and the mean seconds outside them:
+    a host prompt cache saving slot states, queueing and HTTP show up outside."""
+    timed = [(end - start, ms / 1000) for start, end, _, ms in level.done if ms is not None]
+    waited = sum(w for w, _ in timed)
+    if not waited:
+        return {"server_share": None, "outside_s": None}
+    inside = sum(s for _, s in timed)
+    return {"server_share": round(inside / waited, 3), "outside_s": round((waited - inside) / len(timed), 3)}
+
+
 def job_figures(level: Level, t0: float, t1: float, gpu: Gpu) -> dict[str, Any]:
-    latencies = [end - start for start, end, _ in level.done]
-    tokens = sum(n for _, _, n in level.done)
+    latencies = [end - start for start, end, *_ in level.done]
+    tokens = sum(n for _, _, n, _ in level.done)
     return {
         "in_flight": level.in_flight,
         "rows": len(latencies),
@@ -176,13 +196,14 @@ def job_figures(level: Level, t0: float, t1: float, gpu: Gpu) -> dict[str, Any]:
         "rows_per_s": round(len(latencies) / (t1 - t0), 3),
         "gen_tokens_per_s": round(tokens / (t1 - t0), 1),
         "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        **server_share(level),
         **gpu.window(t0, t1),
     }
 
 
 def figures(level: Level, t0: float, t1: float, gpu: Gpu) -> dict[str, Any]:
-    latencies = [end - start for start, end, _ in level.done]
-    tokens = [n for _, _, n in level.done]
+    latencies = [end - start for start, end, *_ in level.done]
+    tokens = [n for _, _, n, _ in level.done]
     if not latencies:
         return {"in_flight": level.in_flight, "finished": 0, "failed": level.failed}
     mean_latency = statistics.fmean(latencies)
@@ -197,6 +218,7 @@ def figures(level: Level, t0: float, t1: float, gpu: Gpu) -> dict[str, Any]:
         "gen_tokens_per_s": round(rows_per_s * statistics.fmean(tokens), 1),
         "latency_p50_s": round(statistics.median(latencies), 3),
         "completion_tokens_mean": round(statistics.fmean(tokens), 1),
+        **server_share(level),
         **gpu.window(t0, t1),
     }
 

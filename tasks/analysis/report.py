@@ -156,6 +156,7 @@ def build_evidence(
     errors: dict[str, int],
     servers: list[ServerInfo] | None = None,
     levels: dict[int, LevelReading] | None = None,
+    timed: tuple[float, float] | None = None,
 ) -> RunEvidence:
     """The job's figures for the verdict: rates over the time chunks were actually sending; the
     server's parallel slots and model shape as the server (or else the job file) says them."""
@@ -189,6 +190,8 @@ def build_evidence(
         rows_done=rows_done,
         telemetry=TelemetrySummary(**telemetry) if telemetry else None,
         errors=errors,
+        server_share=timed[0] if timed else None,
+        outside_s=timed[1] if timed else None,
     )
 
 
@@ -341,6 +344,14 @@ def render_report(
         "| throughput (while sending, all attempts) | value |",
         "|---|---|",
         *rate_cells,
+        *(
+            [
+                f"| the server's own prompt + generation time | {evidence.server_share:.0%} of the requests' time "
+                f"({evidence.outside_s:.2f} s a request outside it) |"
+            ]
+            if evidence.server_share is not None and evidence.outside_s is not None
+            else []
+        ),
         f"| GPU energy (this run, all GPUs NVML sees) | {energy_cell(energy)} |",
         f"| VRAM peak / total | {_fmt(telemetry.get('vram_peak_mib'))} / {_fmt(telemetry.get('vram_total_mib'))} MiB "
         f"(headroom {_fmt(telemetry.get('vram_headroom_mib'))} MiB) |",

@@ -37,9 +37,14 @@ def counts(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
     return {"ok": int((statuses == "ok").sum()), "error": int((statuses == "error").sum())}
 
 
+def _written(out: Path, chunks: list[ChunkSpec]) -> list[Path]:
+    """The Parquet files holding the chunks' rows: each finished chunk's file, else its checkpoint parts."""
+    return [p for c in chunks for p in ([chunk_path(out, c)] if chunk_path(out, c).exists() else part_paths(out, c))]
+
+
 def error_kinds(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
     """Error rows by kind over everything on disk (finished chunks and checkpoint parts)."""
-    paths = [p for c in chunks for p in ([chunk_path(out, c)] if chunk_path(out, c).exists() else part_paths(out, c))]
+    paths = _written(out, chunks)
     if not paths:
         return {}
     frame = pl.scan_parquet(paths).filter(pl.col("status") == "error").group_by("error_kind").len().collect()
@@ -49,3 +54,23 @@ def error_kinds(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
 def error_rows(out: Path, chunks: list[ChunkSpec]) -> int:
     """Error rows on disk (finished chunks and checkpoint parts)."""
     return sum(error_kinds(out, chunks).values())
+
+
+def server_timed(out: Path, chunks: list[ChunkSpec]) -> tuple[float, float] | None:
+    """Over the answers the server timed (prompt processing and generation: llama.cpp's server,
+    Ollama), the share of the client's wait those took and the mean seconds a request spent outside
+    them (HTTP, queueing, the server's other host work); None when no answer was timed."""
+    paths = _written(out, chunks)
+    if not paths:
+        return None
+    timed = pl.col("prompt_eval_ms").is_not_null() & pl.col("eval_ms").is_not_null() & (pl.col("latency_ms") > 0)
+    n, waited, inside = (
+        pl.scan_parquet(paths)
+        .filter((pl.col("status") == "ok") & timed)
+        .select(pl.len(), pl.col("latency_ms").sum(), (pl.col("prompt_eval_ms") + pl.col("eval_ms")).sum())
+        .collect()
+        .row(0)
+    )
+    if not n or not waited:
+        return None
+    return inside / waited, max(0.0, waited - inside) / n / 1000

@@ -164,17 +164,25 @@ class OpenAIBackend(HttpBackend[openai.AsyncOpenAI]):
             if not isinstance(content, str):  # the client builds its models without validating them
                 raise TypeError(f"message content is {type(content).__name__}, not text")
             usage = resp.usage
+            # llama.cpp's server times each request's prompt processing and generation; others send none.
+            timings = (resp.model_extra or {}).get("timings") or {}
             return Reply(
                 content=content,
                 done_reason=choice.finish_reason,
                 prompt_tokens=usage.prompt_tokens if usage else None,
                 completion_tokens=usage.completion_tokens if usage else None,
+                prompt_eval_ms=_ms(timings.get("prompt_ms")),
+                eval_ms=_ms(timings.get("predicted_ms")),
             )
         except Exception as exc:  # an HTTP 200 that is not a chat completion
             raise bad_response(raw.http_response.content, exc) from exc
 
     async def unload(self) -> None:
         pass  # an OpenAI-compatible server keeps its model for its whole life; nothing to ask
+
+
+def _ms(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _auth_headers() -> dict[str, str]:
