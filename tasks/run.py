@@ -24,9 +24,9 @@ from tasks.analysis.charts import timeline_png
 from tasks.analysis.progress import Progress
 from tasks.analysis.progress import Sink as ProgressSink
 from tasks.analysis.report import build_evidence, chunk_row, level_readings, render_report, rounded
-from tasks.analysis.telemetry import Sampler, energy_wh, summarize, wh_per_1000_rows
+from tasks.analysis.telemetry import Sampler, chunks_busy_s, energy_wh, summarize, wh_per_1000_rows
 from tasks.analysis.verdict import judge
-from tasks.inference.backends import ServerInfo, make_backend
+from tasks.inference.backends import Backend, ServerInfo, make_backend
 from tasks.inference.backends.ollama import OllamaBackend
 from tasks.inference.calibrate import AutoState
 from tasks.inference.dispatch import Dispatcher, LaneFailed
@@ -125,23 +125,27 @@ def chunk_on_endpoint(
     progress: Progress,
     sampler: Sampler,
     auto: dict[str, Any] | None,
+    backend: Backend | None = None,
 ) -> ChunkStats:
     """One chunk on its endpoint, reporting progress; whatever holds the GPU slot wraps this.
 
     The backend is made here, per chunk, by the one factory (make_backend) from the lane as it is now:
     an out-of-memory in an earlier chunk may have lowered num_ctx, which the embedded model is loaded
-    with, and a client lives on the chunk's own event loop.
+    with, and a client lives on the chunk's own event loop. `backend`: one made elsewhere (the tests' fake).
     """
     sampler.mark(f"{chunk.name} start")
     progress.chunk_started(chunk.index)  # a retry or another endpoint: earlier tries' rows stay counted
-    return run_chunk(
-        lane,
-        chunk,
-        make_backend(lane),
-        on_progress=lambda done, errs: progress.update(chunk.index, done, errs),
-        auto=auto,
-        inputs=inputs,
-    )
+    try:
+        return run_chunk(
+            lane,
+            chunk,
+            backend or make_backend(lane),
+            on_progress=lambda done, errs: progress.update(chunk.index, done, errs),
+            auto=auto,
+            inputs=inputs,
+        )
+    finally:
+        sampler.mark(f"{chunk.name} end")  # every try, failed ones too: the attempt's sending time
 
 
 class Shard(NamedTuple):
@@ -394,7 +398,7 @@ def run_job(
         stats = {s["index"]: ChunkStats.model_validate(s) for s in (history.chunk_stats if history else [])}
         notes = [f"{time.strftime('%H:%M:%S')} left out at the start: {problem}" for problem in left_out]
         notes += [f"{time.strftime('%H:%M:%S')} {finding}" for finding in findings]
-        ran: list[ChunkStats] = []  # chunks this attempt sent rows of: finished, or interrupted by a signal
+        ran: list[ChunkStats] = []  # chunk tries of this attempt that finished or were stopped: their events
 
         def deliver(chunk: ChunkSpec) -> None:
             """Hand a finished chunk to the sink's thread; a refusal is noted, and the next run delivers it."""
@@ -411,7 +415,6 @@ def run_job(
             sink.deliver_later(chunk).add_done_callback(delivered)
 
         def chunk_done(chunk: ChunkSpec, st: ChunkStats) -> None:
-            sampler.mark(f"chunk-{st.index:05d} end")
             stats[st.index] = st
             ran.append(st)
             progress.chunk_done(st.index, st.rows - rows_before[st.index], st.errors - errors_before[st.index])
@@ -463,8 +466,10 @@ def run_job(
             if sink is not None:
                 sink.close()  # deliveries of chunks that finished before a failure still count
                 manifest.sink = sink.summary(plan.chunks)
-            manifest.rows_sent = sum(st.sent_rows for st in ran)
-            manifest.sending_s = round(sum(st.seconds for st in ran if st.sent_rows), 3)
+            # Counted on disk, so a chunk try that failed (retried, moved to another endpoint, or the
+            # run's end) counts its journaled rows, and the time while any chunk ran counts once.
+            manifest.rows_sent = manifest.rows_ok + manifest.rows_error - done_before
+            manifest.sending_s = round(chunks_busy_s(sampler.marks()), 3)
             attempt = Attempt(
                 started_at=started,
                 finished_at=manifest.finished_at,

@@ -76,6 +76,8 @@ def test_endpoint_killed_mid_run_moves_its_chunks(job: Any, two: tuple[OllamaEmu
     assert 6 <= sum(on_slow.values()) < 96 and max(on_fast.values()) == 1
     assert not set(on_slow) & set(on_fast)  # rows the dead endpoint answered were not sent again
     assert sum(on_slow.values()) + sum(on_fast.values()) == 96
+    # The dead endpoint's answered rows were sent by this run too: its energy per 1,000 rows divides by all 96.
+    assert manifest["rows_sent"] == 96 and 0 < manifest["sending_s"] <= manifest["wall_s"]
     report = (Path(settings["output_dir"]) / "report.md").read_text()
     assert f"{slow.host} failed" in report and "retired for this run" in report
 

@@ -326,6 +326,24 @@ def test_energy_leaves_gaps_out_and_says_none_without_a_power_reading() -> None:
     assert telemetry.energy_wh(power_frame({0: [(1.0, 300.0)]})) == 0.0  # one reading: no time passed
 
 
+def test_chunks_busy_time_counts_side_by_side_tries_once_and_failed_tries_too() -> None:
+    marks = pl.DataFrame(
+        [
+            (100.0, "attempt 1 start"),
+            (101.0, "chunk-00000 start"),  # endpoint A
+            (102.0, "chunk-00001 start"),  # endpoint B, side by side
+            (104.0, "chunk-00000 end"),
+            (105.0, "chunk-00001 end"),  # a try that failed ends like one that finished
+            (110.0, "chunk-00001 start"),  # its retry, after a gap that is not sending time
+            (111.5, "chunk-00001 end"),
+        ],
+        schema=telemetry.MARK_SCHEMA,
+        orient="row",
+    )
+    assert telemetry.chunks_busy_s(marks) == 4.0 + 1.5
+    assert telemetry.chunks_busy_s(marks.head(1)) == 0.0
+
+
 def test_energy_per_thousand_rows() -> None:
     assert telemetry.wh_per_1000_rows(6.0, 1_500) == pytest.approx(4.0)
     assert telemetry.wh_per_1000_rows(None, 1_500) is None

@@ -437,6 +437,22 @@ def summarize(frame: pl.DataFrame, t0: float, t1: float) -> dict[str, Any]:
     return out
 
 
+def chunks_busy_s(marks: pl.DataFrame) -> float:
+    """Seconds in which at least one chunk try ran, from the marks' 'chunk-N start' / 'chunk-N end'
+    pairs: tries that failed count, and endpoints working side by side count once."""
+    open_tries, since, busy = 0, 0.0, 0.0
+    for t, label in marks.filter(pl.col("label").str.starts_with("chunk-")).sort("t").iter_rows():
+        if label.endswith(" start"):
+            if open_tries == 0:
+                since = t
+            open_tries += 1
+        elif label.endswith(" end") and open_tries:
+            open_tries -= 1
+            if open_tries == 0:
+                busy += t - since
+    return busy
+
+
 ENERGY_GAP_FACTOR = 5.0  # an interval over 5x the usual sampling interval is a gap, not a sample step
 
 

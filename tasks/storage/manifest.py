@@ -64,7 +64,8 @@ class Manifest(BaseModel):
     wall_s: float
     settings: dict[str, Any]
     versions: dict[str, str | None]
-    # This attempt's rows and sending time: a scale-out parent adds them up per host.
+    # This attempt's rows (on disk now and not at its start) and the seconds while any chunk ran: a
+    # scale-out parent's report adds them up per host.
     rows_sent: int = 0
     sending_s: float = 0.0
     attempts: list[Attempt] = Field(default_factory=list)
