@@ -43,8 +43,10 @@ def policy(**kw: Any) -> ChunkPolicy:
     return ChunkPolicy(**(base | kw))
 
 
-def sent(tries: RowTries) -> RowTries:
+def sent(tries: RowTries, at: int = 1) -> RowTries:
+    """A request of the row went out, with `at` in flight allowed."""
     tries.attempts += 1
+    tries.sent_at = at
     return tries
 
 
@@ -83,15 +85,15 @@ def test_an_outage_is_not_charged_to_the_row_and_ends_when_its_budget_is_spent()
 
 def test_out_of_memory_halves_in_flight_unloads_lowers_num_ctx_then_gives_up() -> None:
     p = policy(limit=4, num_ctx=8192, num_ctx_floor=2048, oom_backoff_s=4.0)
-    steps = [p.failed(OOM, sent(RowTries()), now=0) for _ in range(2)]
+    steps = [p.failed(OOM, sent(RowTries(), at=p.limit), now=0) for _ in range(2)]
     assert p.limit == 1 and steps[0] == Step("retry", wait_s=4.0)  # the row is not charged: retried
     assert p.notes[:2] == [
         f"out of memory, in-flight lowered to 2, backing off: {OOM}",
         f"out of memory, in-flight lowered to 1, backing off: {OOM}",
     ]
-    # At 1 in flight: half-way to the limit the model is unloaded, at the limit num_ctx halves.
-    unloads = [p.failed(OOM, sent(RowTries()), now=0).unload for _ in range(OOM_STREAK_LIMIT - 2)]
-    assert unloads == [True, False, False, False] and p.num_ctx == 4096 and p.oom_streak == 0
+    # Sent at 1 in flight: half-way to the limit the model is unloaded, at the limit num_ctx halves.
+    unloads = [p.failed(OOM, sent(RowTries()), now=0).unload for _ in range(OOM_STREAK_LIMIT)]
+    assert unloads == [False, False, True, False, False, False] and p.num_ctx == 4096 and p.oom_streak == 0
     for _ in range(OOM_STREAK_LIMIT):
         p.failed(OOM, sent(RowTries()), now=0)
     assert p.num_ctx == 2048  # the floor
@@ -103,6 +105,19 @@ def test_out_of_memory_halves_in_flight_unloads_lowers_num_ctx_then_gives_up() -
     assert "num_ctx 8192 -> 4096" in " ".join(p.notes) and "num_ctx 4096 -> 2048" in " ".join(p.notes)
 
 
+def test_a_burst_of_out_of_memory_halves_once_and_only_requests_sent_at_1_count_towards_giving_up() -> None:
+    # A runner that dies fails all 8 requests in flight at once: that is one event, not 8 in a row at 1.
+    p = policy(limit=8, ceiling=8)
+    steps = [p.failed(OOM, sent(RowTries(), at=8), now=0) for _ in range(8)]
+    assert {s.do for s in steps} == {"retry"} and p.limit == 4 and p.oom_streak == 0
+    assert p.notes == [f"out of memory, in-flight lowered to 4, backing off: {OOM}"]
+    p.failed(OOM, sent(RowTries(), at=4), now=0)  # the level it left out of memory again: halve again
+    assert p.limit == 2 and p.oom_streak == 0
+    for _ in range(OOM_STREAK_LIMIT - 1):
+        assert p.failed(OOM, sent(RowTries()), now=0).do == "retry"
+    assert p.limit == 1 and p.oom_streak == OOM_STREAK_LIMIT - 1
+
+
 def test_out_of_memory_is_not_charged_to_a_row_for_the_first_few() -> None:
     p, tries = policy(limit=1, max_attempts=1, num_ctx_floor=256), RowTries()
     assert p.failed(OOM, sent(tries), now=0).do == "retry"
@@ -112,7 +127,7 @@ def test_out_of_memory_is_not_charged_to_a_row_for_the_first_few() -> None:
 
 def test_an_answer_resets_the_streak_and_enough_of_them_win_a_slot_back() -> None:
     p = policy(limit=4, ceiling=4)
-    p.failed(OOM, sent(RowTries()), now=0)
+    p.failed(OOM, sent(RowTries(), at=4), now=0)
     assert p.limit == 2
     for i in range(RAISE_AFTER - 1):
         p.answered(now=float(i))
@@ -203,14 +218,12 @@ def test_out_of_memory_lowers_in_flight_and_no_row_is_charged(offline_job: Any) 
     fake.enqueue(OOM, OOM)
     frame, stats = run(settings_for(offline_job, 12, in_flight=4, oom_backoff_s=0), fake)
     assert frame["status"].to_list() == ["ok"] * 12 and frame["attempts"].sum() == 14
-    assert [e.split(": ", 1)[1] for e in stats.events] == [
-        f"out of memory, in-flight lowered to 2, backing off: {OOM}",
-        f"out of memory, in-flight lowered to 1, backing off: {OOM}",
-    ]
+    # Two requests that went out at 4 failing together are one event: half of 4, once.
+    assert [e.split(": ", 1)[1] for e in stats.events] == [f"out of memory, in-flight lowered to 2, backing off: {OOM}"]
     assert stats.in_flight == 4 and stats.requests == 14
     assert [r.outcome for r in fake.history].count("ok") == 12
-    # Once lowered to 1, one request at a time, retries of rows already under way included.
-    assert [r.concurrent for r in fake.history[4:]] == [1] * 10
+    # Once lowered, at most 2 at a time, retries of rows already under way included.
+    assert max(r.concurrent for r in fake.history[4:]) == 2
 
 
 def test_persistent_out_of_memory_unloads_once_then_stops_the_chunk_with_advice(offline_job: Any) -> None:

@@ -75,6 +75,17 @@ def test_bad_request_is_an_error_row_without_retry(job: Any, emulator: OllamaEmu
     assert frame.filter(pl.col("status") == "ok").height == 3
 
 
+def test_a_row_that_always_crashes_the_runner_ends_as_an_error_row(job: Any, emulator: OllamaEmulator) -> None:
+    # Ollama wraps every runner death in "llama runner process has terminated: <why>"; only a <why> about
+    # memory is out of memory. Taken for one, this row would stop the chunk as "persistent out of memory".
+    crash = "llama runner process has terminated: GGML_ASSERT(ggml_nelements(a) == ne0*ne1) failed"
+    emulator.inject(Fault.http(500, crash), times=None, match="candidate 2 writes")
+    _, frame, _ = run_one_chunk(job, 6, in_flight=1, max_attempts=2)
+    bad = frame.filter(pl.col("row_index") == 2).row(0, named=True)
+    assert (bad["status"], bad["error_kind"], bad["attempts"]) == ("error", "runner_crash", 2), bad
+    assert frame.filter(pl.col("status") == "ok").height == 5
+
+
 def test_structured_output_validated_typed_and_retried(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:
     schema = {
         "type": "object",

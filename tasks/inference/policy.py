@@ -39,6 +39,7 @@ class RowTries:
     attempts: int = 0  # requests sent for the row
     free: int = 0  # of those, out-of-memory answers not charged
     resamples: int = 0  # schema-invalid answers so far: each retry samples with the next seed
+    sent_at: int = 1  # the in-flight limit in force when its last request went out
 
     def charged(self) -> int:
         return self.attempts - self.free
@@ -92,7 +93,7 @@ class ChunkPolicy:
         self.last_progress = now
         unload = False
         if err.action == "oom":
-            if (stop := self._oom(err)) is not None:
+            if (stop := self._oom(err, tries.sent_at)) is not None:
                 return stop
             unload = self.oom_streak == OOM_STREAK_LIMIT // 2
             if unload:
@@ -120,16 +121,22 @@ class ChunkPolicy:
             return Step("abort", retryable=True, message=message)
         return Step("retry", wait_s=min(5.0, self.outage_budget_s - down_for, 0.5 + down_for / 4))
 
-    def _oom(self, err: BackendError) -> Step | None:
-        """Fewer sequences need less KV cache: halve in-flight; give up when even one keeps failing."""
-        self.oom_streak += 1
+    def _oom(self, err: BackendError, sent_at: int) -> Step | None:
+        """Fewer sequences need less KV cache: halve in-flight; give up when even one keeps failing.
+
+        `sent_at`: the limit when the failed request went out. A runner that dies fails every request in
+        flight at once: the burst halves the level once (to half the level they went out at), and only
+        requests that went out at 1 in flight count towards giving up."""
         self.ok_streak = 0
-        if self.limit > 1:
-            self.limit = max(1, self.limit // 2)
-            self.notes.append(f"out of memory, in-flight lowered to {self.limit}, backing off: {err}")
-        else:
-            self.notes.append(f"out of memory at 1 in flight ({self.oom_streak} in a row), backing off: {err}")
-        if self.limit > 1 or self.oom_streak < OOM_STREAK_LIMIT:
+        if sent_at > 1:
+            if (lowered := max(1, sent_at // 2)) < self.limit:
+                self.limit = lowered
+                self.notes.append(f"out of memory, in-flight lowered to {self.limit}, backing off: {err}")
+            return None
+        self.oom_streak += 1
+        self.limit = 1
+        self.notes.append(f"out of memory at 1 in flight ({self.oom_streak} in a row), backing off: {err}")
+        if self.oom_streak < OOM_STREAK_LIMIT:
             return None
         old = self.num_ctx
         if self.num_ctx_floor is not None and old // 2 >= self.num_ctx_floor:

@@ -215,7 +215,7 @@ class _ChunkRun:
         except BackendError as err:  # the retry that follows reports what is wrong
             self.note(f"unload failed: {err}")
 
-    async def _ask(self, row: PreparedRow, resamples: int) -> Reply:
+    async def _ask(self, row: PreparedRow, tries: RowTries) -> Reply:
         """One request under a total deadline: httpx's timeout is per read, a slow trickle never trips it.
 
         It waits for a slot first: the in-flight limit counts requests, so a retry of a row already
@@ -227,12 +227,13 @@ class _ChunkRun:
             if stopping.requested():  # no new request after a stop, not even a retry of a row under way
                 raise _Stopped
             self.sending += 1
+            tries.sent_at = self.policy.limit  # out of memory judges the level the request went out at
         ticket = self._sent()
         reply: Reply | None = None
         try:
             # A row's own sampling settings (an OpenAI batch line) sit over the job's; none reloads the model.
             options = (self.options.model_copy(update=row.options) if row.options else self.options).for_request(
-                resamples
+                tries.resamples
             )
             assert row.messages is not None  # process() answers rows without messages itself
             modes = self.modes
@@ -293,7 +294,7 @@ class _ChunkRun:
             started = time.perf_counter()
             step: Step
             try:
-                reply = await self._ask(row, tries.resamples)
+                reply = await self._ask(row, tries)
             except BackendError as err:
                 last_error = err
                 step = self.policy.failed(err, tries, time.monotonic())

@@ -18,15 +18,22 @@ from tasks.inference.backends.protocol import (
     model_geometry,
 )
 
-# Texts Ollama puts in a 500 when the GPU runs out of memory (ollama's llm/status.go).
+# Texts Ollama puts in a 500 when the GPU runs out of memory (ollama's llm/status.go). "llama runner
+# process has terminated: <why>" wraps every runner death: it is out of memory only when <why> says so,
+# or is the host's OOM killer ("signal: killed"); a row whose prompt crashes the runner otherwise must
+# end as an error row, not stop the job as "persistent out of memory".
 _OOM_MARKERS = (
     "out of memory",
     "cudamalloc failed",
-    "llama runner process has terminated",
     "model requires more system memory",
     "memory layout cannot be allocated",
+    "terminated: signal: killed",
 )
-_CRASH_MARKERS = ("unexpectedly stopped", "error was encountered while running the model")
+_CRASH_MARKERS = (
+    "llama runner process has terminated",
+    "unexpectedly stopped",
+    "error was encountered while running the model",
+)
 PS_TIMEOUT_S = 1.0  # /api/ps is for telemetry: a busy server must not hold the sampler up
 MIB = 1024 * 1024
 
