@@ -15,7 +15,7 @@ Semantics a test can rely on:
   as Ollama can run out of memory while loading; use `match=` to target rows. They are
   taken on arrival, before queueing (a hung request holds no slot); `invalid_json` and
   `lone_surrogate` are served normally, with broken content. The malformed answers
-  (`empty_body`, `html`, `error_200`, `no_message`) are a 200 whose body is no answer, as a
+  (`empty_body`, `html`, `error_200`, `no_message`, `wrong_types`) are a 200 whose body is no answer, as a
   proxy in front of Ollama or a broken server sends one, on /v1 in its OpenAI shape.
 - `vram_bytes`: a request whose model load would need more (weights + KV cache for num_ctx x
   `parallel` slots, as Ollama allocates it) fails with Ollama's out-of-memory 500.
@@ -259,11 +259,21 @@ class Fault:
         return Fault("no_message")
 
     @staticmethod
+    def wrong_types() -> Fault:  # 200, an answer whose fields have the wrong types (a finish reason of 1)
+        return Fault("wrong_types")
+
+    @staticmethod
     def lone_surrogate() -> Fault:  # 200, the answer ends in half an emoji: the JSON escape "\ud83d" alone
         return Fault("lone_surrogate")
 
 
-MALFORMED = ("empty_body", "html", "error_200", "no_message")  # faults answered at once with a 200 that is no answer
+MALFORMED = (
+    "empty_body",
+    "html",
+    "error_200",
+    "no_message",
+    "wrong_types",
+)  # faults answered at once with a 200 that is no answer
 
 
 @dataclass
@@ -583,8 +593,13 @@ class OllamaEmulator:
         elif openai:
             obj = {"id": "chatcmpl-0", "object": "chat.completion", "created": int(time.time()), "model": model}
             obj["choices"] = [{"index": 0, "finish_reason": "stop"}]
+            if fault.name == "wrong_types":
+                obj["choices"] = [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": 1}]
+                obj["usage"] = {"prompt_tokens": 3.5, "completion_tokens": "many", "total_tokens": None}
         else:
             obj = {"model": model, "created_at": _now_iso(), "done": True, "done_reason": "stop"}
+            if fault.name == "wrong_types":
+                obj |= {"message": {"role": "assistant", "content": "ok"}, "done_reason": 1, "eval_count": "many"}
         return h.send(200, json.dumps(obj).encode())
 
     def _route(self, h: _Handler, rec: RequestRecord, raw: bytes) -> None:

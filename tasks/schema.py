@@ -227,15 +227,29 @@ def output_columns(model: type[BaseModel] | None) -> dict[str, PolarsType]:
     return columns
 
 
+def _parsed_cells(parsed: dict[str, Any] | None, parsed_columns: dict[str, Any]) -> dict[str, Any]:
+    """The parsed fields as the columns' cells: nested values as JSON text."""
+    cells = {}
+    for name, dtype in parsed_columns.items():
+        value = (parsed or {}).get(name)
+        if dtype == pl.String and value is not None and not isinstance(value, str):
+            value = json.dumps(value)
+        cells[name] = value
+    return cells
+
+
 def rows_to_frame(rows: list[ResultRow], parsed_columns: dict[str, Any]) -> pl.DataFrame:
     """Result rows as one typed frame; parsed fields flattened (nested values as JSON text)."""
-    records = []
-    for row in rows:
-        record = row.model_dump(exclude={"parsed"})
-        for name, dtype in parsed_columns.items():
-            value = (row.parsed or {}).get(name)
-            if dtype == pl.String and value is not None and not isinstance(value, str):
-                value = json.dumps(value)
-            record[name] = value
-        records.append(record)
+    records = [{**row.model_dump(exclude={"parsed"}), **_parsed_cells(row.parsed, parsed_columns)} for row in rows]
     return pl.DataFrame(records, schema={**RESULT_SCHEMA, **parsed_columns})
+
+
+def unstorable(parsed: dict[str, Any], parsed_columns: dict[str, Any]) -> str | None:
+    """Why a validated answer does not fit its typed columns, or None. JSON Schema's `integer` has no
+    bound, an Int64 column has: a row journaled with 99999999999999999999 could never become Parquet,
+    and every rerun would fail on it before sending anything."""
+    try:
+        pl.DataFrame([_parsed_cells(parsed, parsed_columns)], schema=parsed_columns)
+    except (pl.exceptions.PolarsError, OverflowError, TypeError, ValueError) as exc:
+        return " ".join(str(exc).split())[:300]
+    return None

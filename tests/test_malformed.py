@@ -37,12 +37,14 @@ NATIVE = [
     (Fault.html(), PROXY_PAGE),
     (Fault.error_200("boom"), '{"error": "boom"}'),
     (Fault.no_message(), '"done_reason": "stop"'),
+    (Fault.wrong_types(), '"done_reason": 1'),
 ]
 OPENAI = [
     (Fault.empty_body(), ""),
     (Fault.html(), PROXY_PAGE),
     (Fault.error_200("boom"), '"message": "boom"'),
     (Fault.no_message(), '"finish_reason": "stop"'),
+    (Fault.wrong_types(), '"finish_reason": 1'),
 ]
 IDS = [fault.name for fault, _ in NATIVE]
 
@@ -90,6 +92,23 @@ def test_an_exception_no_backend_classified_is_retried_then_an_error_row(offline
     assert row(frame, 2)["status"] == "ok" and row(frame, 2)["attempts"] == 2
     assert [r.outcome for r in fake.requests_for(ROW)] == ["RuntimeError", "RuntimeError"]
     assert (stats.ok, stats.errors) == (3, 1)
+
+
+def test_an_answer_its_columns_cannot_hold_is_an_error_row_and_the_chunk_completes(
+    offline_job: Any, tmp_path: Path
+) -> None:
+    # JSON Schema's integer has no bound; the Int64 column has. Journaled as ok, this row could never
+    # become Parquet, and every rerun would fail on the journal before sending anything.
+    schema = tmp_path / "years.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"years": {"type": "integer"}}}))
+    fake = FakeBackend()
+    fake.always(Reply('{"years": 99999999999999999999}', "stop", 5, 9), match=ROW)
+    fake.always(Reply('{"years": 7}', "stop", 5, 4))
+    frame, stats = run(settings_for(offline_job, 3, max_attempts=2, output_schema=str(schema)), fake)
+    bad = row(frame, 1)
+    assert (bad["status"], bad["error_kind"], bad["attempts"]) == ("error", "invalid_output", 2)
+    assert bad["error"].startswith("answer does not fit its columns: ") and "99999999999999999999" in bad["response"]
+    assert frame["years"].to_list() == [7, None, 7] and (stats.ok, stats.errors) == (2, 1)
 
 
 def test_a_malformed_body_is_kept_bounded() -> None:

@@ -21,7 +21,7 @@ from tasks.io.sources import output_model as job_output_model
 from tasks.plan.dataset import ChunkSpec, job_snapshot, snapshot_response_format
 from tasks.plan.job import ChunkInputs
 from tasks.plan.prompts import PreparedRow, prepare_chunk
-from tasks.schema import ChunkStats, ResultRow, output_columns
+from tasks.schema import ChunkStats, ResultRow, output_columns, unstorable
 from tasks.settings.model import GenerationOptions, JobSettings
 from tasks.storage.journal import ChunkWriter, chunk_path, claim_chunk, clean_finished_parts, finished_rows
 
@@ -199,6 +199,8 @@ class _ChunkRun:
             return None, None
         try:
             parsed = self.output_model.model_validate_json(reply.content).model_dump(mode="json")
+            if (why := unstorable(parsed, self.writer.parsed_columns)) is not None:
+                return None, BackendError("invalid_output", "retry", f"answer does not fit its columns: {why}")
             self._probed(True)
             return parsed, None
         except ValidationError as exc:

@@ -161,16 +161,19 @@ class OpenAIBackend(HttpBackend[openai.AsyncOpenAI]):
             resp = raw.parse()
             choice = resp.choices[0]
             content = choice.message.content or ""
-            if not isinstance(content, str):  # the client builds its models without validating them
+            # The client builds its models without validating them: what the row keeps is checked here.
+            if not isinstance(content, str):
                 raise TypeError(f"message content is {type(content).__name__}, not text")
+            if choice.finish_reason is not None and not isinstance(choice.finish_reason, str):
+                raise TypeError(f"finish_reason is {choice.finish_reason!r}, not text")
             usage = resp.usage
             # llama.cpp's server times each request's prompt processing and generation; others send none.
             timings = (resp.model_extra or {}).get("timings") or {}
             return Reply(
                 content=content,
                 done_reason=choice.finish_reason,
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
+                prompt_tokens=_count(usage, "prompt_tokens"),
+                completion_tokens=_count(usage, "completion_tokens"),
                 prompt_eval_ms=_ms(timings.get("prompt_ms")),
                 eval_ms=_ms(timings.get("predicted_ms")),
             )
@@ -179,6 +182,13 @@ class OpenAIBackend(HttpBackend[openai.AsyncOpenAI]):
 
     async def unload(self) -> None:
         pass  # an OpenAI-compatible server keeps its model for its whole life; nothing to ask
+
+
+def _count(usage: Any, name: str) -> int | None:
+    value = getattr(usage, name, None)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise TypeError(f"usage.{name} is {value!r}, not a count")
 
 
 def _ms(value: Any) -> float | None:
