@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,9 @@ import polars as pl
 import pytest
 
 from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
-from tasks.inference.backends import make_backend
+from tasks.inference.backends import BackendError, make_backend
+from tasks.inference.backends.ollama import OllamaBackend
+from tasks.inference.backends.openai import OpenAIBackend
 from tasks.inference.calibrate import best_in_flight
 from tasks.inference.runner import ChunkAborted, run_chunk
 from tasks.plan.dataset import ChunkSpec, validate_input
@@ -84,6 +89,45 @@ def test_a_row_that_always_crashes_the_runner_ends_as_an_error_row(job: Any, emu
     bad = frame.filter(pl.col("row_index") == 2).row(0, named=True)
     assert (bad["status"], bad["error_kind"], bad["attempts"]) == ("error", "runner_crash", 2), bad
     assert frame.filter(pl.col("status") == "ok").height == 5
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """A host that drops packets: a listening socket whose accept queue is full and never drained, so a
+    new connection's handshake hangs (what a stopped VM or a firewall's DROP does)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        fillers = [socket.socket() for _ in range(4)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(server.getsockname())
+        try:
+            yield f"http://127.0.0.1:{server.getsockname()[1]}"
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+def test_a_host_that_drops_packets_is_unreachable_within_the_request_deadline(blackhole: str, kind: str) -> None:
+    # Under the runner's own deadline (request_timeout_s) the client's connect gives up first: an
+    # outage, waited out within outage_budget_s, not a timeout charged to the row.
+    backend = (
+        OllamaBackend(blackhole, "gemma3:12b", 1.0, "5m") if kind == "ollama" else OpenAIBackend(blackhole, "m", 1.0)
+    )
+    options = {"num_predict": 8, "temperature": 0.0, "seed": 0}
+
+    async def ask() -> None:
+        await backend.open()
+        try:
+            await asyncio.wait_for(backend.chat(messages(0), options=options, schema=None), 1.0)
+        finally:
+            await backend.close()
+
+    with pytest.raises(BackendError) as info:
+        asyncio.run(ask())
+    assert info.value.action == "unreachable", info.value
 
 
 def test_structured_output_validated_typed_and_retried(job: Any, emulator: OllamaEmulator, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from tasks.inference.backends.protocol import (
     Reply,
     ServerInfo,
     bad_response,
+    connect_timeout_s,
     model_geometry,
 )
 
@@ -100,7 +101,7 @@ class OllamaBackend(HttpBackend[ollama.AsyncClient]):
         self.host = host
         self.model = model
         self.keep_alive = keep_alive
-        self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
+        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s(timeout_s))
         self._ps_client: ollama.Client | None = None
 
     def _connect(self) -> ollama.AsyncClient:

@@ -11,7 +11,15 @@ import httpx
 import httpx2
 import openai
 
-from tasks.inference.backends.protocol import Action, BackendError, HttpBackend, Reply, ServerInfo, bad_response
+from tasks.inference.backends.protocol import (
+    Action,
+    BackendError,
+    HttpBackend,
+    Reply,
+    ServerInfo,
+    bad_response,
+    connect_timeout_s,
+)
 
 # What the engines put in a 400 for a prompt longer than a sequence's context:
 # llama.cpp "request (N tokens) exceeds the available context size (M tokens)" / "is larger than
@@ -96,7 +104,8 @@ class OpenAIBackend(HttpBackend[openai.AsyncOpenAI]):
         self.timeout_s = timeout_s
 
     def _connect(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=_api_key(), max_retries=0, timeout=self.timeout_s)
+        timeout = openai.Timeout(self.timeout_s, connect=connect_timeout_s(self.timeout_s))
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=_api_key(), max_retries=0, timeout=timeout)
 
     async def check(self) -> None:
         try:

@@ -26,6 +26,12 @@ class BackendError(Exception):
         self.raw = raw
 
 
+def connect_timeout_s(request_timeout_s: float) -> float:
+    """A connect that hangs (a host that drops packets) ends well before the request's own deadline, so
+    it is told as unreachable (waited out within the outage budget), not as a timeout charged to the row."""
+    return min(10.0, request_timeout_s / 2)
+
+
 RAW_KEPT = 2000  # characters of a malformed answer an error row keeps: enough to tell a proxy's page
 
 
