@@ -7,6 +7,7 @@ tested in test_auto_in_flight.py). End-to-end runs over HTTP are in test_inferen
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import polars as pl
@@ -143,6 +144,14 @@ def test_schema_invalid_answers_resample_until_attempts_run_out() -> None:
     assert tries.resamples == 2
 
 
+def test_timeouts_are_not_progress_for_the_watchdog() -> None:
+    p, timeout = policy(stall_timeout_s=60.0, last_progress=100.0), BackendError("timeout", "retry", "no answer")
+    assert p.failed(timeout, sent(RowTries()), now=150.0).do == "retry"
+    assert p.stalled(now=161.0) is not None
+    p.failed(CRASH, sent(RowTries()), now=170.0)  # the server said something: it is alive
+    assert p.stalled(now=200.0) is None
+
+
 def test_watchdog_fires_after_the_stall_timeout() -> None:
     p = policy(stall_timeout_s=60.0, last_progress=100.0)
     assert p.stalled(now=160.0) is None
@@ -247,6 +256,26 @@ def test_watchdog_fails_a_chunk_whose_backend_stopped_answering(offline_job: Any
         run_chunk(settings, chunk, fake)
     assert info.value.retryable is True
     assert finished_rows(settings.output_dir, chunk) == {0, 1, 2, 3, 4}  # what finished is kept
+
+
+def test_watchdog_fails_a_chunk_whose_every_request_times_out(offline_job: Any) -> None:
+    # A wedged server times every request out: each timeout is no answer, so the watchdog fires
+    # (and a retry of the chunk waits for the server) instead of every row becoming a timeout error row.
+    fake = FakeBackend()
+    fake.always(HANG)
+    settings = settings_for(offline_job, 4, request_timeout_s=0.05, stall_timeout_s=0.5, max_attempts=3)
+    chunk = validate_input(settings).chunks[0]
+    with pytest.raises(ChunkAborted, match="watchdog: no request finished or failed") as info:
+        run_chunk(settings, chunk, fake)
+    assert info.value.retryable and finished_rows(settings.output_dir, chunk) == set()
+
+
+def test_watchdog_counts_from_the_end_of_an_outage_at_the_chunk_start(offline_job: Any) -> None:
+    fake = FakeBackend(check_error=DOWN, delay=lambda in_flight: 0.2)
+    threading.Timer(1.0, lambda: setattr(fake, "check_error", None)).start()  # down longer than the watchdog
+    settings = settings_for(offline_job, 6, in_flight=1, stall_timeout_s=0.6, outage_budget_s=30)
+    frame, _ = run(settings, fake)
+    assert frame["status"].to_list() == ["ok"] * 6
 
 
 def test_a_failed_check_stops_the_chunk_before_any_row(offline_job: Any) -> None:

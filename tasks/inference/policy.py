@@ -57,7 +57,7 @@ class ChunkPolicy:
     num_ctx_floor: int | None
     ceiling: int  # the level the chunk aims for ('auto' sets it, and the limit, to its level)
     limit: int  # the level in force (lowered on out-of-memory)
-    last_progress: float = 0.0  # any answer or error from the backend counts
+    last_progress: float = 0.0  # an answer or an error from the backend; a timeout is neither
     jitter: Callable[[], float] = random.random
     unreachable_since: float | None = None
     oom_streak: int = 0
@@ -90,7 +90,8 @@ class ChunkPolicy:
             tries.attempts -= 1  # an outage is not the row's fault; the outage budget bounds it
             return self.outage(err, now)
         self.unreachable_since = None
-        self.last_progress = now
+        if err.kind != "timeout":  # a server that answers nothing times every request out: the watchdog's case
+            self.last_progress = now
         unload = False
         if err.action == "oom":
             if (stop := self._oom(err, tries.sent_at)) is not None:
@@ -109,6 +110,11 @@ class ChunkPolicy:
         # A GPU that ran out of memory needs the model reloaded (seconds for a 12B model).
         base = {"oom": self.oom_backoff_s, "backoff": 2.0}.get(err.action, 0.5)
         return Step("retry", wait_s=backoff(tries.attempts, base, self.jitter()), unload=unload)
+
+    def reachable(self, now: float) -> None:
+        """The backend answered its check: an outage is over, and the watchdog counts from now."""
+        self.unreachable_since = None
+        self.last_progress = now
 
     def outage(self, err: BackendError, now: float) -> Step:
         """Server down: wait with capped back-off; stop the chunk once the outage budget is spent."""
@@ -157,7 +163,7 @@ class ChunkPolicy:
         )
 
     def stalled(self, now: float) -> Step | None:
-        """The watchdog: no answer and no error for stall_timeout_s (an outage has its own budget)."""
+        """The watchdog: no answer and no error but timeouts for stall_timeout_s (an outage has its own budget)."""
         quiet = now - self.last_progress
         if quiet <= self.stall_timeout_s or self.unreachable_since is not None:
             return None

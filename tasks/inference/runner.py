@@ -467,7 +467,7 @@ async def _run_async(run: _ChunkRun, rows: list[PreparedRow]) -> None:
                 if step.do == "abort":
                     raise ChunkAborted(step.message or str(err), retryable=True) from err
                 await stopping.sleep_async(step.wait_s)
-        run.policy.unreachable_since = None
+        run.policy.reachable(time.monotonic())
         await run.decide_modes()
         await run.run(rows)
     finally:

@@ -269,8 +269,8 @@ class JobSettings(BaseModel):
         900.0,
         gt=0,
         le=86400,
-        description="Watchdog: fail the chunk (for a retry) when no request answers or fails for this long; "
-        "keep it above request_timeout_s so single hung requests are retried first.",
+        description="Watchdog: fail the chunk (for a retry) when no request answers or fails, timeouts aside, for "
+        "this long; keep it above request_timeout_s so single hung requests are retried first.",
     )
     oom_backoff_s: float = Field(
         5.0, ge=0, le=600, description="First wait after an out-of-memory answer (doubles per attempt, max 30 s)."
