@@ -266,11 +266,12 @@ class JobSettings(BaseModel):
         "began between two chunks.",
     )
     stall_timeout_s: float = Field(
-        900.0,
+        1200.0,
         gt=0,
         le=86400,
         description="Watchdog: fail the chunk (for a retry) when no request answers or fails, timeouts aside, for "
-        "this long; keep it above request_timeout_s so single hung requests are retried first.",
+        "this long; keep it above max_attempts x request_timeout_s, so a row whose requests hang ends as an error "
+        "row (at 1 in flight nothing else answers meanwhile) before the server is called hung.",
     )
     oom_backoff_s: float = Field(
         5.0, ge=0, le=600, description="First wait after an out-of-memory answer (doubles per attempt, max 30 s)."
