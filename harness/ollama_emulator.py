@@ -395,6 +395,7 @@ class OllamaEmulator:
         self._server: _Server | None = None
         self._cut = threading.Event()  # set by down()/stop(); captured per request
         self._release = threading.Event()  # set by release_hangs(); captured per hang
+        self.hang_show = False  # /api/show never answers (a wedged server), until release_hangs() or the client goes
 
     # -- lifecycle
     @property
@@ -633,6 +634,9 @@ class OllamaEmulator:
             return self._reply(h, rec, 400, {"error": "request body must be a JSON object"})
         model = str(body.get("model") or body.get("name") or "")
         if rec.path == "/api/show":
+            release, cut = self._release, self._cut
+            while self.hang_show and not (release.wait(0.05) or cut.is_set() or h.client_gone()):
+                pass
             if _norm(model) not in self.models:
                 return self._reply(h, rec, 404, {"error": f"model '{model}' not found"})
             entry = self._model_entry(_norm(model))

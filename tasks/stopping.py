@@ -12,7 +12,7 @@ import asyncio
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager, suppress
 
 GRACE_S = 3.0  # requests in flight may still answer this long after the signal; the rest are resent by a rerun
@@ -67,6 +67,22 @@ async def wait() -> signal.Signals:
     while (signum := requested()) is None:
         await asyncio.sleep(POLL_S)
     return signum
+
+
+async def or_stop(work: Awaitable[None]) -> signal.Signals | None:
+    """Await `work` unless a stop is asked first: then it is cancelled and the signal returned (a server
+    that hangs must not hold a stop for its whole timeout). None when it finished; its error is raised."""
+    task, stop = asyncio.ensure_future(work), asyncio.ensure_future(wait())
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        stop.cancel()
+        await asyncio.gather(task, stop, return_exceptions=True)
+    if task.cancelled():
+        return requested()
+    task.result()
+    return None
 
 
 async def sleep_async(seconds: float) -> None:

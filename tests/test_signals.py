@@ -181,3 +181,28 @@ def test_a_second_ctrl_c_exits_at_once(job: Any, emulator: OllamaEmulator, tmp_p
     print(f"second SIGINT to exit: {seconds:.2f} s")
     assert code == 130 and seconds < 2.0, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
     assert "SIGINT again: exiting now" in said
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_ctrl_c_while_a_chunk_start_waits_on_a_hung_server_stops_within_seconds(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
+    """A server that stops answering between two chunks: the next chunk's check hangs, and a stop must
+    not wait out request_timeout_s for it."""
+    emulator.per_token_s = 0.02  # ~0.3 s a row: chunk 0 takes a second or two
+    settings = job(16, chunk_size=8, in_flight=2, request_timeout_s=120, gpu_limit=f"gpu-check-{os.getpid()}")
+    path = job_file(tmp_path, settings)
+    on_disk_now = rows_on_disk(path)
+    log = tmp_path / "run.log"
+    with reaped(start_cli(path, log, session_env())) as proc:
+        until(lambda: on_disk_now() >= 2, proc, log)
+        emulator.hang_show = True  # from chunk 1's check on
+        hung = lambda: any(r.path == "/api/show" and r.t_end is None for r in emulator.requests)  # noqa: E731
+        until(hung, proc, log)
+        os.killpg(proc.pid, signal.SIGINT)
+        code, seconds = exit_after(proc, log)
+    said = log.read_text()
+    print(f"SIGINT to exit: {seconds:.2f} s")
+    assert code == 130 and seconds < STOP_LIMIT_S, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
+    assert "interrupted by SIGINT in chunk-00001 before its first request" in said, said[-4000:]
+    assert on_disk_now() == 8  # chunk 0 whole, nothing of chunk 1

@@ -454,10 +454,9 @@ async def _run_async(run: _ChunkRun, rows: list[PreparedRow]) -> None:
     await run.backend.open()
     try:
         while True:  # an outage that began at the hand-over gets the same budget as one mid-chunk
-            if (signum := stopping.requested()) is not None:
-                raise ChunkInterrupted(signum, f"in {run.chunk.name} before its first request")
             try:
-                await run.backend.check()
+                if (signum := stopping.requested() or await stopping.or_stop(run.backend.check())) is not None:
+                    raise ChunkInterrupted(signum, f"in {run.chunk.name} before its first request")
                 break
             except BackendError as err:
                 if err.action in ("fatal_job", "fatal_row"):
