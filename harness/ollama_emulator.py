@@ -395,7 +395,9 @@ class OllamaEmulator:
         self._server: _Server | None = None
         self._cut = threading.Event()  # set by down()/stop(); captured per request
         self._release = threading.Event()  # set by release_hangs(); captured per hang
-        self.hang_show = False  # /api/show never answers (a wedged server), until release_hangs() or the client goes
+        # /api/show's answer, the backend check: Fault.hang() (a wedged server, until release_hangs() or the
+        # client goes), a malformed one, or an HTTP error.
+        self.show_fault: Fault | None = None
 
     # -- lifecycle
     @property
@@ -634,9 +636,17 @@ class OllamaEmulator:
             return self._reply(h, rec, 400, {"error": "request body must be a JSON object"})
         model = str(body.get("model") or body.get("name") or "")
         if rec.path == "/api/show":
-            release, cut = self._release, self._cut
-            while self.hang_show and not (release.wait(0.05) or cut.is_set() or h.client_gone()):
-                pass
+            if (fault := self.show_fault) is not None:
+                rec.fault = fault.name
+                if fault.name == "hang":
+                    release, cut = self._release, self._cut
+                    while not (release.wait(0.05) or cut.is_set() or h.client_gone()):
+                        pass
+                    h.close_connection = True
+                    return None
+                if fault.name in MALFORMED:
+                    return self._malformed(h, rec, fault, model)
+                return self._reply(h, rec, fault.status, {"error": fault.error})
             if _norm(model) not in self.models:
                 return self._reply(h, rec, 404, {"error": f"model '{model}' not found"})
             entry = self._model_entry(_norm(model))

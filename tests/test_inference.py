@@ -58,7 +58,8 @@ def test_every_row_once_with_n_in_flight(job: Any, emulator: OllamaEmulator) -> 
 
 
 @pytest.mark.parametrize(
-    "fault", [Fault.runner_crash(), Fault.drop(), Fault.busy(), Fault.oom(), Fault.http(500, "boom")]
+    "fault",
+    [Fault.runner_crash(), Fault.drop(), Fault.busy(), Fault.oom(), Fault.http(500, "boom"), Fault.http(429, "slow")],
 )
 def test_transient_faults_are_retried(job: Any, emulator: OllamaEmulator, fault: Fault) -> None:
     emulator.inject(fault, match="candidate 3 writes")
@@ -78,6 +79,13 @@ def test_bad_request_is_an_error_row_without_retry(job: Any, emulator: OllamaEmu
     assert (bad["status"], bad["error_kind"], bad["attempts"]) == ("error", "bad_request", 1)
     assert "HTTP 400: invalid format" in bad["error"]
     assert frame.filter(pl.col("status") == "ok").height == 3
+
+
+def test_a_proxy_page_at_the_chunk_check_is_an_outage_not_a_crash(job: Any, emulator: OllamaEmulator) -> None:
+    emulator.show_fault = Fault.html()
+    with pytest.raises(ChunkAborted, match=r"malformed answer \(") as info:
+        run_one_chunk(job, 2, outage_budget_s=0)
+    assert info.value.retryable
 
 
 def test_a_row_that_always_crashes_the_runner_ends_as_an_error_row(job: Any, emulator: OllamaEmulator) -> None:

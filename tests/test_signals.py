@@ -196,7 +196,7 @@ def test_ctrl_c_while_a_chunk_start_waits_on_a_hung_server_stops_within_seconds(
     log = tmp_path / "run.log"
     with reaped(start_cli(path, log, session_env())) as proc:
         until(lambda: on_disk_now() >= 2, proc, log)
-        emulator.hang_show = True  # from chunk 1's check on
+        emulator.show_fault = Fault.hang()  # from chunk 1's check on
         hung = lambda: any(r.path == "/api/show" and r.t_end is None for r in emulator.requests)  # noqa: E731
         until(hung, proc, log)
         os.killpg(proc.pid, signal.SIGINT)

@@ -72,7 +72,7 @@ def classify(exc: BaseException, model: str, host: str, answer: httpx.Response |
             )
         if status in (401, 403):
             return BackendError("unauthorized", "fatal_job", f"{host} refused the credentials ({status}: {text})")
-        if status == 503:
+        if status in (429, 503):  # 429: a rate-limiting proxy in front of a remote Ollama
             kind, action = "busy", "backoff"
         elif any(m in lowered for m in _OOM_MARKERS):
             kind, action = "oom", "oom"
@@ -110,18 +110,20 @@ class OllamaBackend(HttpBackend[ollama.AsyncClient]):
         return ollama.AsyncClient(host=self.host, timeout=self._timeout, event_hooks={"response": [_keep_answer]})
 
     async def check(self) -> None:
+        _answer.set(None)
         try:
             await self.client.show(self.model)
         except Exception as exc:  # classify re-raises what it does not know
-            raise classify(exc, self.model, self.host) from exc
+            raise classify(exc, self.model, self.host, _answer.get()) from exc
 
     async def describe(self) -> ServerInfo:
         # Ollama's API does not say how many requests it decodes together (OLLAMA_NUM_PARALLEL);
         # /api/show's model_info has the GGUF's architecture keys.
+        _answer.set(None)
         try:
             shown = await self.client.show(self.model)
         except Exception as exc:
-            raise classify(exc, self.model, self.host) from exc
+            raise classify(exc, self.model, self.host, _answer.get()) from exc
         return ServerInfo(engine="ollama", geometry=model_geometry(dict(shown.modelinfo or {})))
 
     async def chat(
