@@ -4,9 +4,12 @@ emulator's Ollama /v1 (OpenAI-compatible) routes for faults a real server cannot
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from harness.llama_server import ALIAS
 from harness.ollama_emulator import Fault, OllamaEmulator
 from harness.processes import start_cli
 from tasks.inference.backends import BackendError, make_backend
+from tasks.inference.backends.fake import FakeBackend
 from tasks.inference.runner import ChunkAborted, run_chunk
 from tasks.plan.dataset import validate_input
 from tasks.schema import ResultRow
@@ -158,6 +162,47 @@ def test_a_refused_connection_is_an_outage(job: Any, emulator: OllamaEmulator) -
     with pytest.raises(BackendError) as info:
         asyncio.run(check())
     assert info.value.action == "unreachable" and emulator.host in str(info.value)
+
+
+class _Tokenizer(BaseHTTPRequestHandler):
+    """llama.cpp's /apply-template and /tokenize, answering the probe, then 503 (a server restarting)."""
+
+    calls = 0
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).calls += 1
+        if type(self).calls > 2:
+            self.send_response(503)
+            self.end_headers()
+            return
+        body = json.dumps({"prompt": "x"} if self.path == "/apply-template" else {"tokens": [1, 2, 3]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_token_count_that_fails_is_the_chunks_retryable_failure(offline_job: Any, tmp_path: Path) -> None:
+    long = make_rows(2).with_columns(text=pl.Series(["short", "a long history " * 2000]))  # counted to trim
+    settings = offline_job(
+        2, chunk_size=2, trim_field="text", input_path=str(write_input(tmp_path / "l.parquet", long))
+    )
+    del settings["ollama_host"]
+    with ThreadingHTTPServer(("127.0.0.1", 0), _Tokenizer) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        parsed = load_settings(
+            None, {**settings, "backend": "openai", "base_url": f"http://127.0.0.1:{server.server_port}/v1"}
+        )
+        chunk = validate_input(parsed).chunks[0]
+        fake = FakeBackend()
+        with pytest.raises(ChunkAborted, match="counting prompt tokens at http://127.0.0.1") as info:
+            run_chunk(parsed, chunk, fake)
+        server.shutdown()
+    assert info.value.retryable and fake.history == []
 
 
 def test_settings_name_what_openai_needs(tmp_path: Path) -> None:

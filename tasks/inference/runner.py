@@ -523,9 +523,12 @@ def _run_claimed(
         out, chunk, output_columns(output_model), settings.checkpoint_rows, settings.checkpoint_every_s
     )
     done = finished_rows(out, chunk)  # after the writer turned a killed run's journal into parts
-    rows = prepare_chunk(settings, chunk, skip=done, count_tokens=token_counter(settings), snapshot=snapshot)
     run = _ChunkRun(settings, backend, writer, output_model, on_progress, auto)
     try:
+        try:
+            rows = prepare_chunk(settings, chunk, skip=done, count_tokens=token_counter(settings), snapshot=snapshot)
+        except BackendError as err:  # the server's tokenizer, for trimming, did not answer
+            raise ChunkAborted(str(err), retryable=True) from err
         asyncio.run(_run_async(run, rows))
     except ChunkInterrupted as exc:
         # What this attempt journaled before the signal counts as sent (the manifest's rows_sent).

@@ -238,5 +238,20 @@ def token_counter(base_url: str, model: str) -> Callable[[list[dict[str, str]]],
             count(probe)
         except (httpx.HTTPError, KeyError, TypeError, ValueError):
             continue
-        return count
+        return _failing_as_backend(count, root)
     return None
+
+
+def _failing_as_backend(
+    count: Callable[[list[dict[str, str]]], int], root: str
+) -> Callable[[list[dict[str, str]]], int]:
+    """A counter whose failure later (a server restarting answers 503) is the chunk's BackendError, retried
+    like an outage, not a raw HTTP error that ends the run."""
+
+    def counted(messages: list[dict[str, str]]) -> int:
+        try:
+            return count(messages)
+        except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+            raise BackendError("unreachable", "unreachable", f"counting prompt tokens at {root} failed: {exc}") from exc
+
+    return counted
