@@ -177,3 +177,15 @@ def test_chunks_read_the_snapshot_not_the_replaced_file(tmp_path: Path) -> None:
     rows = prepare_chunk(settings, plan.chunks[1], snapshot=plan.snapshot)
     assert [r.id for r in rows] == [f"r{i:05d}" for i in range(5, 10)]
     assert validate_input(settings).input_digest != plan.input_digest  # a rerun sees the change
+
+
+def test_a_torn_snapshot_is_made_again_from_its_input(tmp_path: Path) -> None:
+    """A snapshot a crash or the disk damaged must not fail every rerun: it is named after the input's
+    digest, so the same input makes it again."""
+    settings = settings_for(write_input(tmp_path / "in.csv", make_rows(10)), chunk_size=5)
+    plan = validate_input(settings)
+    plan.snapshot.write_bytes(b"")  # what a power cut before the rename's sync could leave
+    again = validate_input(settings)
+    assert again.snapshot == plan.snapshot and again.total_rows == 10
+    rows = prepare_chunk(settings, again.chunks[1], snapshot=again.snapshot)
+    assert [r.id for r in rows] == [f"r{i:05d}" for i in range(5, 10)]

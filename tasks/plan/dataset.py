@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.io import openai_batch, sources, sql
 from tasks.schema import output_columns
 from tasks.settings.model import JobSettings
+from tasks.storage.files import write_atomic
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "ndjson", ".ndjson": "ndjson"}
 
@@ -126,17 +126,22 @@ def _write_snapshot(settings: JobSettings, rows: pl.LazyFrame, target: Path) -> 
     the run cannot mix two inputs into one result."""
     wanted = openai_batch.COLUMNS if openai_batch.MESSAGES in rows.collect_schema() else settings.template_fields
     frame = rows.select(pl.col(sources.id_column(settings)).cast(pl.String).alias("__id"), *wanted)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        frame.sink_parquet(tmp)
-        os.replace(tmp, target)  # shards of one job write the same bytes: whichever lands is right
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Synced before the rename, like every output: shards of one job write the same bytes, whichever lands is right.
+    write_atomic(target, frame.sink_parquet)
 
 
 def snapshot_path(out: Path, digest: str) -> Path:
     return out / f"input-{digest}.parquet"
+
+
+def _pinned(snapshot: Path) -> bool:
+    """A whole snapshot is there. One torn by a crash of an earlier version, or damaged on disk, is made
+    again from the input it is named after, instead of failing every rerun on an unreadable file."""
+    try:
+        pl.read_parquet_schema(snapshot)
+    except (pl.exceptions.PolarsError, OSError):
+        return False
+    return True
 
 
 def pinned_snapshot(out: Path) -> Path | None:
@@ -207,7 +212,7 @@ def _pin_file(settings: JobSettings) -> tuple[str, Path, pl.DataType]:
         _ragged_csv_lines(path)
     digest = file_digest(path)
     snapshot = snapshot_path(settings.output_dir, digest)
-    if not snapshot.is_file():
+    if not _pinned(snapshot):
         try:
             _write_snapshot(settings, scan, snapshot)
         except (pl.exceptions.PolarsError, OSError) as exc:
@@ -228,7 +233,7 @@ def _pin_frame(settings: JobSettings) -> tuple[str, Path, pl.DataType, str | Non
     _check_columns(settings, settings.input_label, frame.columns)
     digest = sources.frame_digest(frame)
     snapshot = snapshot_path(settings.output_dir, digest)
-    if not snapshot.is_file():
+    if not _pinned(snapshot):
         _write_snapshot(settings, frame.lazy(), snapshot)
     response_format = frame[openai_batch.FORMAT][0] if openai_batch.FORMAT in frame.columns and frame.height else None
     return digest, snapshot, frame.schema[sources.id_column(settings)], response_format
