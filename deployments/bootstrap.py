@@ -146,7 +146,7 @@ def check_server(api_url: str, auth_string: str | None) -> None:
         httpx.get(health, timeout=10).raise_for_status()
     except httpx.HTTPError as exc:
         raise BootstrapError(
-            f"no Prefect server answers at {health} ({exc}); start one: see the Operate section of README.md"
+            f"no Prefect server answers at {health} ({exc}); start one: see docs/operations.md"
         ) from exc
     # /admin/version needs credentials when the server has an auth string; /health never does.
     anonymous = httpx.get(f"{api_url.rstrip('/')}/admin/version", timeout=10)
@@ -334,7 +334,7 @@ def main() -> int:
         say(
             "server hint: unless it runs on Postgres already, give it Postgres for nightly/production jobs "
             "(PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://...): a chunk hand-over takes ~0.26 s "
-            "there instead of ~2 s on SQLite (README.md, Operate)"
+            "there instead of ~2 s on SQLite (docs/operations.md)"
         )
     return 0
 

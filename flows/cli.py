@@ -31,7 +31,7 @@ EXIT_SETTINGS, EXIT_INPUT, EXIT_OUTPUT_DIR, EXIT_BACKEND, EXIT_SINK = 3, 4, 5, 6
 IN_USE = "in use"  # HINTS key: an output_dir refusal of its own (exit 5 still)
 
 HINTS: dict[int | str, str] = {
-    EXIT_SETTINGS: "check the job file against the field table in README.md (The job file)",
+    EXIT_SETTINGS: "check the job file and any --set or overrides against docs/job-file.md (every setting, its type and default)",
     EXIT_INPUT: "fix the input file or query, or id_column / prompt_template in the job file",
     EXIT_OUTPUT_DIR: "give this configuration its own directory, e.g. --set output_dir=out/<new name>, "
     "or delete the old one to start over",
@@ -59,7 +59,9 @@ class UsageError(Exception):
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`--set options.num_ctx=8192` → {"options": {"num_ctx": 8192}}; values parse as YAML."""
+    """`--set options.num_ctx=8192` → {"options": {"num_ctx": 8192}}: values parse as YAML, except those of
+    text settings (prompts, paths, names), which are taken as typed."""
+    from tasks.settings.load import is_text_setting
     from tasks.settings.model import SettingsError
 
     overrides: dict[str, Any] = {}
@@ -71,6 +73,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+        if is_text_setting(key):
+            node[leaf] = None if raw in ("null", "~") else raw  # null still unsets an optional one
+            continue
         try:
             node[leaf] = yaml.safe_load(raw)
         except (yaml.YAMLError, ValueError) as exc:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli import parse_overrides
 from tasks.settings.fingerprint import answer_differences
 from tasks.settings.load import load_settings
 from tasks.settings.model import JobSettings, SettingsError
@@ -42,6 +43,42 @@ def test_yaml_and_overrides_merge(tmp_path: Path) -> None:
 def test_bad_field_is_named(override: dict, field: str) -> None:
     with pytest.raises(SettingsError, match=field.replace(".", r"\.")):
         load_settings(None, {**BASE, **override})
+
+
+def test_a_problem_an_override_made_says_so(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("input_path: a.csv\nprompt_template: 'Hi {name'\noutput_dir: o\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(job, {"chunk_sise": 8, "options": {"temprature": 1}})
+    said = str(info.value)
+    assert said.startswith(f"invalid job settings in {job}: "), said
+    assert "chunk_sise (from an override): unknown setting; did you mean `chunk_size`?" in said
+    assert "options.temprature (from an override): unknown setting" in said
+    assert "prompt_template: " in said and "prompt_template (from an override)" not in said  # the file's own
+
+
+def test_set_values_of_text_settings_are_taken_as_typed() -> None:
+    overrides = parse_overrides(
+        [
+            "system_prompt=Answer #1 only",  # YAML: a comment, cut to 'Answer'
+            "prompt_template={summary}",  # YAML: a mapping
+            "model=yes",  # YAML: true
+            "id_column=0123",  # YAML: 123
+            "trim_field=null",  # null still unsets
+            "options.num_ctx=8192",
+            "in_flight=auto",
+            "options.stop=[END, STOP]",
+        ]
+    )
+    assert overrides == {
+        "system_prompt": "Answer #1 only",
+        "prompt_template": "{summary}",
+        "model": "yes",
+        "id_column": "0123",
+        "trim_field": None,
+        "options": {"num_ctx": 8192, "stop": ["END", "STOP"]},
+        "in_flight": "auto",
+    }
 
 
 def test_cross_field_checks() -> None:

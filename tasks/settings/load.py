@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,28 @@ def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] 
     try:
         return JobSettings.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(_describe(err) for err in exc.errors())
+        problems = "; ".join(_describe(err, overrides or {}) for err in exc.errors())
         # `from None`: pydantic's own text repeats each input value, and a refused URI may hold a password.
         raise SettingsError(f"invalid job settings in {source}: {problems}") from None
+
+
+def is_text_setting(key: str) -> bool:
+    """Whether the dotted setting `key` takes text (or a path): `--set` passes its value as typed, where
+    YAML would cut `Answer #1 only` at its comment, refuse `a: b`, make `{summary}` a mapping or `yes` a bool."""
+    model: type[BaseModel] = JobSettings
+    *parents, leaf = key.split(".")
+    for part in parents:
+        field = model.model_fields.get(part)
+        nested = [a for a in typing.get_args(field.annotation) or (field.annotation,)] if field else []
+        found = [a for a in nested if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not found:
+            return False
+        model = found[0]
+    field = model.model_fields.get(leaf)
+    if field is None:
+        return False
+    kinds = [a for a in typing.get_args(field.annotation) or (field.annotation,) if a is not type(None)]
+    return bool(kinds) and all(kind in (str, Path) for kind in kinds)
 
 
 _NESTED: dict[str, type[BaseModel]] = {
@@ -69,9 +89,24 @@ _NESTED: dict[str, type[BaseModel]] = {
 }
 
 
-def _describe(err: Any) -> str:
-    """One validation problem in the job file's words; an unknown key gets the closest known one."""
+def _overridden(loc: tuple[Any, ...], overrides: dict[str, Any]) -> bool:
+    """Whether the value at `loc` came from an override (--set, a deployment's overrides), not the file."""
+    node: Any = overrides
+    for part in loc:
+        if not isinstance(node, dict):
+            return True  # an override set the whole value the error is inside of
+        if part not in node:
+            return False
+        node = node[part]
+    return bool(loc)
+
+
+def _describe(err: Any, overrides: dict[str, Any]) -> str:
+    """One validation problem in the job file's words; an unknown key gets the closest known one, and a
+    value an override set says so (the user would search the file for it)."""
     where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+    if _overridden(err["loc"], overrides):
+        where += " (from an override)"
     if err["type"] != "extra_forbidden":
         return f"{where}: {err['msg']}"
     *parents, key = [p for p in err["loc"] if isinstance(p, str)]

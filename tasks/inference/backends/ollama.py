@@ -56,7 +56,7 @@ def _ms(ns: int | None) -> float | None:
 
 
 def classify(exc: BaseException, model: str, host: str, answer: httpx.Response | None = None) -> BackendError:
-    """Map a client exception to a kind and the action the README's failure table prescribes;
+    """Map a client exception to a kind and the action docs/how-it-works.md's failure table prescribes;
     `answer`: the HTTP answer the failed call got, if any."""
     if isinstance(exc, ollama.ResponseError):
         text = exc.error or ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
-# What the chunk runner does with each failure (the README's failure table):
+# What the chunk runner does with each failure (docs/how-it-works.md, its failure table):
 #   retry        - transient: dropped connection, timeout, runner crash, server error, malformed answer
 #   backoff      - the server asked us to slow down (503 queue full)
 #   oom          - out of memory: back off, lower in-flight, retry
