@@ -28,7 +28,8 @@ from tasks import stopping
 
 # Exit codes: 1 the run itself failed (its manifest says why); 2 the command line (argparse).
 EXIT_SETTINGS, EXIT_INPUT, EXIT_OUTPUT_DIR, EXIT_BACKEND, EXIT_SINK = 3, 4, 5, 6, 7
-IN_USE = "in use"  # HINTS key: an output_dir refusal of its own (exit 5 still)
+IN_USE = "in use"  # HINTS keys: output_dir refusals of their own (exit 5 still)
+UNUSABLE = "unusable"
 
 HINTS: dict[int | str, str] = {
     EXIT_SETTINGS: "check the job file and any --set or overrides against docs/job-file.md (every setting, its type and default)",
@@ -38,6 +39,7 @@ HINTS: dict[int | str, str] = {
     # A directory a live run holds: never suggest deleting what that run is writing.
     IN_USE: "another run is writing this output_dir: wait for it to end (then the same command resumes or "
     "finds the job done), or give this run its own directory, e.g. --set output_dir=out/<new name>",
+    UNUSABLE: "point output_dir at a directory this user can make and write, e.g. --set output_dir=out/<name>",
     EXIT_BACKEND: "start the backend (`ollama serve`, `ollama pull <model>`) or point ollama_host / OLLAMA_HOST "
     "at it; nothing was sent and output_dir is untouched",
     EXIT_SINK: "start the sink database, or alter, drop or rename the sink table; nothing was sent and output_dir "
@@ -106,12 +108,14 @@ def _exit_code(exc: BaseException) -> int | None:
 
 def _hint(exc: BaseException, code: int) -> str:
     """What to do about a user error: its exit code's hint, or a closer one where the error says more."""
-    from tasks.storage.outdir import OutputDirInUse
+    from tasks.storage.outdir import OutputDirInUse, OutputDirUnusable
 
     if code == EXIT_BACKEND:
         return BACKEND_HINTS.get(getattr(exc, "backend", ""), HINTS[code])
     if isinstance(exc, OutputDirInUse):
         return HINTS[IN_USE]
+    if isinstance(exc, OutputDirUnusable):
+        return HINTS[UNUSABLE]
     return HINTS[code]
 
 

@@ -85,6 +85,22 @@ def test_user_errors_are_one_message_and_a_hint_before_any_server(
     assert debug.returncode == code and "Traceback" in debug.stderr
 
 
+def test_an_output_dir_that_cannot_be_made_is_named_before_any_server(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    settings = {**job(5), "output_dir": str(tmp_path / "afile" / "out")}
+    done = cli(job_file(tmp_path, settings), api=False)
+    assert done.returncode == 5, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert (
+        lines[0]
+        == f"error: output_dir {tmp_path / 'afile' / 'out'} cannot be made or written: {tmp_path / 'afile'} is a file"
+    )
+    assert lines[1].startswith("hint: point output_dir at a directory this user can make and write")
+    assert "temporary Prefect server" not in done.stderr and emulator.requests == []
+
+
 def test_scale_out_hosts_are_checked_with_the_job_before_any_request(
     job: Any, emulator: OllamaEmulator, tmp_path: Path
 ) -> None:

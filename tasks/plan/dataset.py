@@ -15,6 +15,7 @@ from tasks.io import openai_batch, sources, sql
 from tasks.schema import output_columns
 from tasks.settings.model import JobSettings
 from tasks.storage.files import write_atomic
+from tasks.storage.outdir import make_output_dir
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "ndjson", ".ndjson": "ndjson"}
 
@@ -126,6 +127,7 @@ def _write_snapshot(settings: JobSettings, rows: pl.LazyFrame, target: Path) -> 
     the run cannot mix two inputs into one result."""
     wanted = openai_batch.COLUMNS if openai_batch.MESSAGES in rows.collect_schema() else settings.template_fields
     frame = rows.select(pl.col(sources.id_column(settings)).cast(pl.String).alias("__id"), *wanted)
+    make_output_dir(target.parent, create=True)
     # Synced before the rename, like every output: shards of one job write the same bytes, whichever lands is right.
     write_atomic(target, frame.sink_parquet)
 
@@ -246,6 +248,7 @@ def validate_input(settings: JobSettings, *, pin: bool = True) -> JobPlan:
     `pin=False` checks the same without touching the output directory (the command line's
     pre-flight: a job refused there leaves the directory as it was).
     """
+    make_output_dir(settings.output_dir, create=False)  # made with the snapshot, once the input passed
     if not pin:
         with tempfile.TemporaryDirectory(prefix="preflight-") as scratch:
             return validate_input(settings.model_copy(update={"output_dir": Path(scratch)}))

@@ -39,6 +39,28 @@ class OutputDirError(RuntimeError):
     """The output directory belongs to another job, or another run holds it."""
 
 
+class OutputDirUnusable(OutputDirError):
+    """The output directory cannot be made or written (a file in its place, no permission)."""
+
+
+def make_output_dir(out: Path, *, create: bool) -> None:
+    """Make the output directory (`create`), or only check that it could be made: one message naming it,
+    before the input is pinned there, instead of a failed write read as the input's fault."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable by this user"
+    elif create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = str(exc)
+    if problem is not None:
+        raise OutputDirUnusable(f"output_dir {out} cannot be made or written: {problem}")
+
+
 class OutputDirInUse(OutputDirError):
     """A live run holds the directory (or a chunk of it): wait for it, never delete what it writes."""
 
