@@ -12,7 +12,8 @@ from openai.types.chat import ChatCompletion
 
 from flows.batch_inference import batch_inference
 from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
-from tasks.plan.dataset import InputError
+from tasks.plan.dataset import InputError, validate_input
+from tasks.settings.load import load_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -137,6 +138,15 @@ def test_a_prompt_template_with_a_batch_file_is_refused(job: Any, tmp_path: Path
     settings = {**batch_job(job, tmp_path, VLLM_EXAMPLE), "prompt_template": "{text}"}
     with pytest.raises(InputError, match=r"is an OpenAI batch file: its lines carry the messages, so prompt_template"):
         batch_inference(overrides=settings)
+
+
+def test_a_missing_or_unrecognised_batch_file_says_what_is_wrong(job: Any, tmp_path: Path) -> None:
+    missing = {**batch_job(job, tmp_path, VLLM_EXAMPLE), "input_path": str(tmp_path / "requests-typo.jsonl")}
+    with pytest.raises(InputError, match=r"requests-typo.jsonl does not exist"):
+        validate_input(load_settings(None, missing), pin=False)
+    broken = batch_job(job, tmp_path, "{not json\n" + VLLM_EXAMPLE)
+    with pytest.raises(InputError, match=r"set prompt_template .*an OpenAI batch file is told by its first line"):
+        validate_input(load_settings(None, broken), pin=False)
 
 
 def test_shared_json_schema_becomes_typed_columns_and_errors_become_error_lines(

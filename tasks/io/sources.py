@@ -90,7 +90,12 @@ def check_template(settings: JobSettings, kind: Kind) -> None:
         if settings.id_column not in ("id", "custom_id"):  # "id" is the default: not a choice the user made
             raise openai_batch.BatchFileError(f"input {label} is an OpenAI batch file: its ids are custom_id")
     elif settings.prompt_template is None:
-        raise openai_batch.BatchFileError(f"input {label}: set prompt_template (the user message built from columns)")
+        batch = " (an OpenAI batch file is told by its first line: an object with custom_id and body)"
+        suffix = settings.input_path.suffix.lower() if settings.input_path else ""
+        raise openai_batch.BatchFileError(
+            f"input {label}: set prompt_template (the user message built from columns)"
+            + (batch if suffix in (".jsonl", ".ndjson") else "")
+        )
 
 
 def output_model(settings: JobSettings, response_format: str | None) -> type[BaseModel] | None:

@@ -252,6 +252,8 @@ def validate_input(settings: JobSettings, *, pin: bool = True) -> JobPlan:
     if not pin:
         with tempfile.TemporaryDirectory(prefix="preflight-") as scratch:
             return validate_input(settings.model_copy(update={"output_dir": Path(scratch)}))
+    if settings.input_path is not None and (problem := sources.file_problem(settings.input_path)) is not None:
+        raise InputError(problem)  # before what its kind needs: a missing batch file is missing, not template-less
     kind = sources.input_kind(settings)
     try:
         sources.check_template(settings, kind)
