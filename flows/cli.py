@@ -119,13 +119,23 @@ def _hint(exc: BaseException, code: int) -> str:
     return HINTS[code]
 
 
-def preflight(job_file: str | None, overrides: dict[str, Any]) -> None:
-    """The checks the run makes first (tasks/run.py check_job), without Prefect and changing nothing."""
+def preflight(job_file: str | None, overrides: dict[str, Any], hosts: list[Any] | None = None) -> None:
+    """The checks the run makes first (tasks/run.py check_job), without Prefect and changing nothing.
+    Scale-out (`hosts`): what the parent owns, and each host's settings; each host checks its own
+    backend when its shard starts (this machine may have none)."""
     from tasks.plan.dataset import validate_input
     from tasks.plan.job import plan_job
     from tasks.run import Direct, check_job
+    from tasks.settings.load import host_settings
+    from tasks.storage.outdir import check_not_in_use, check_output_dir
 
     job = plan_job(job_file, overrides, date.today(), validate=partial(validate_input, pin=False))
+    if hosts is not None:
+        for host in hosts:
+            host_settings(job_file, overrides, host)
+        check_not_in_use(job.settings.output_dir)
+        check_output_dir(job.settings.output_dir, job.fingerprint, job.record)
+        return
     sink = check_job(job, Direct(), dry_run=True).sink
     if sink is not None:
         sink.close()
@@ -201,6 +211,28 @@ def use_temporary_server() -> None:
     DiesWithParent()
 
 
+def shard_deployment_exists() -> None:
+    """Scale-out hands shards to other hosts' workers through a Prefect server they share: a temporary one
+    would have neither the shard deployment nor the workers."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise UsageError(
+            "scale-out needs the Prefect server the hosts' workers poll, with the batch-inference/shard "
+            "deployment: set PREFECT_API_URL (docs/operations.md, Scale out)"
+        )
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name("batch-inference/shard")
+        except ObjectNotFound:
+            raise UsageError(
+                f"{get_current_settings().api.url} has no batch-inference/shard deployment: run "
+                "`.venv/bin/python -m deployments.bootstrap` against it first (docs/operations.md)"
+            ) from None
+
+
 def _quiet_prefect() -> None:
     # Prefect's own usage telemetry: off for our runs (a server that cannot reach the internet
     # logs an ERROR for each attempt). Set before Prefect reads its settings.
@@ -266,10 +298,10 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str], load_flow: Callab
     try:
         overrides = parse_overrides(args.set)
         job_file = str(args.config) if args.config else None
-        if kind == "scale_out":
-            _hosts(args)
-        preflight(job_file, overrides)
+        preflight(job_file, overrides, _hosts(args) if kind == "scale_out" else None)
         _quiet_prefect()
+        if kind == "scale_out":
+            shard_deployment_exists()
         use_temporary_server()
         if kind == "batch":
             # From here a first SIGINT/SIGTERM winds the run down (the flow checks it at each step),

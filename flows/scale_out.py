@@ -46,7 +46,7 @@ from tasks.io.sources import wants_openai_output
 from tasks.plan.dataset import ChunkSpec
 from tasks.plan.job import plan_job
 from tasks.prefect_steps import plan_chunks, publish_artifacts, scheduled_day
-from tasks.settings.load import merge_overrides
+from tasks.settings.load import host_settings, merge_overrides
 from tasks.settings.model import Host
 from tasks.storage.files import write_atomic
 from tasks.storage.manifest import Manifest, read_shard_manifests
@@ -88,6 +88,8 @@ def scale_out(
     if not hosts:
         raise ValueError("hosts: name at least one work queue")
     job = plan_job(job_file, overrides, scheduled_day(), validate=plan_chunks)
+    for host in hosts:  # a host's mistyped override fails here, not in its first shard run
+        host_settings(job_file, overrides, host)
     settings, plan, fingerprint, record = job.settings, job.plan, job.fingerprint, job.record
     out = settings.output_dir
     check_output_dir(out, fingerprint, record)  # refused before any shard starts or a file is written

@@ -116,6 +116,32 @@ def test_scale_out_hosts_are_checked_with_the_job_before_any_request(
     assert emulator.requests == [] and not Path(settings["output_dir"]).exists()
 
 
+def test_scale_out_checks_each_hosts_settings_and_needs_the_shared_server_not_a_local_backend(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
+    settings = {**job(5), "ollama_host": "http://127.0.0.1:9"}  # the parent's machine has no Ollama: fine
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("- queue: host-a\n  overrides: {in_flght: 3}\n- queue: host-b\n")
+    typo = cli(job_file(tmp_path, settings), "--hosts", str(hosts), api=False, flow="scale_out")
+    assert typo.returncode == 3, typo.stderr
+    assert "error: host host-a: invalid job settings in " in typo.stderr
+    assert "in_flght (from an override): unknown setting; did you mean `in_flight`?" in typo.stderr
+    local = cli(job_file(tmp_path, settings), "--host", "host-a", api=False, flow="scale_out")
+    assert local.returncode == 2 and "scale-out needs the Prefect server the hosts' workers poll" in local.stderr
+    for done in (typo, local):
+        assert "Traceback" not in done.stderr and "temporary Prefect server" not in done.stderr, done.stderr
+    assert not Path(settings["output_dir"]).exists()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_scale_out_against_a_server_without_the_shard_deployment_says_so(job: Any, tmp_path: Path) -> None:
+    settings = job(5)
+    done = cli(job_file(tmp_path, settings), "--host", "host-a", flow="scale_out")
+    assert done.returncode == 2, done.stderr
+    assert "has no batch-inference/shard deployment: run `.venv/bin/python -m deployments.bootstrap`" in done.stderr
+    assert not Path(settings["output_dir"]).exists()
+
+
 def test_a_refused_sink_fails_the_preflight_with_its_own_code_and_changes_no_database(
     job: Any, emulator: OllamaEmulator, tmp_path: Path
 ) -> None:

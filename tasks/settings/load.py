@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tasks.settings.model import Endpoint, GenerationOptions, JobSettings, SettingsError, SqlInput, SqlSink
+from tasks.settings.model import Endpoint, GenerationOptions, Host, JobSettings, SettingsError, SqlInput, SqlSink
 
 
 def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +60,15 @@ def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] 
         problems = "; ".join(_describe(err, overrides or {}) for err in exc.errors())
         # `from None`: pydantic's own text repeats each input value, and a refused URI may hold a password.
         raise SettingsError(f"invalid job settings in {source}: {problems}") from None
+
+
+def host_settings(job_file: str | Path | None, overrides: dict[str, Any] | None, host: Host) -> JobSettings:
+    """A scale-out host's settings, the job's with its own overrides: checked before any shard starts, a
+    problem naming the host (its overrides are in the hosts list, not the job file)."""
+    try:
+        return load_settings(job_file, merge_overrides(overrides or {}, host.settings_overrides()))
+    except SettingsError as exc:
+        raise SettingsError(f"host {host.queue}: {exc}") from None
 
 
 def is_text_setting(key: str) -> bool:
