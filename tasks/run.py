@@ -172,7 +172,7 @@ def check_job(job: Job, steps: Steps, *, shard: bool = False, dry_run: bool = Fa
     if dry_run:
         check_not_in_use(out)
     # A refused directory or an unreachable backend leaves output_dir untouched.
-    check_output_dir(out, job.fingerprint, None if shard else job.record)
+    check_output_dir(out, job.fingerprint, job.record, joining=shard)
     sink = steps.check_sink(job.settings, job.output_model, create=not dry_run)  # a refused sink sends nothing
     lanes, left_out, servers = steps.check_backends(job.settings)
     for problem in left_out:
@@ -368,7 +368,7 @@ def run_job(
         job = job._replace(plan=plan)
         key, report_dir = f"{settings.name}-{shard.label}", out / "shards" / f"{shard.label}-{plan.chunks[0].name}"
     sink, lanes, left_out, servers = checked or check_job(job, steps, shard=shard is not None)
-    hold = claim_output_dir(out, fingerprint, record) if shard is None else join_output_dir(out, fingerprint)
+    hold = claim_output_dir(out, fingerprint, record) if shard is None else join_output_dir(out, fingerprint, record)
     with hold:
         history = Manifest.previous(report_dir, fingerprint)
         # What earlier runs left: damaged or foreign files set aside, torn journal lines counted.

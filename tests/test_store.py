@@ -22,7 +22,7 @@ from tasks.storage.journal import (
     journal_paths,
     part_paths,
 )
-from tasks.storage.outdir import OutputDirError, claim_output_dir
+from tasks.storage.outdir import OutputDirError, claim_output_dir, join_output_dir
 from tasks.storage.results import consolidate
 
 
@@ -144,6 +144,12 @@ def test_claim_refuses_a_second_run_and_another_configuration(tmp_path: Path) ->
     with pytest.raises(OutputDirError) as refused, claim_output_dir(tmp_path, "fp-1", first):
         pass
     assert "(options.num_predict: 32 -> 64)" in str(refused.value)
+    # A shard of another configuration: the one setting named, and no advice to delete every host's rows.
+    with pytest.raises(OutputDirError) as shard, join_output_dir(tmp_path, "fp-1", first):
+        pass
+    said = str(shard.value)
+    assert "(options.num_predict: 32 -> 64)" in said and "model" not in said and "delete" not in said, said
+    assert said.endswith("start the job again from the parent")
 
 
 # The first writer is dropped unclosed on purpose (a killed run): its journal's ResourceWarning is expected.

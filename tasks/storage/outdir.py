@@ -112,36 +112,40 @@ def holds_rows(out: Path) -> bool:
     return chunks.is_dir() and any(p.suffix in (".parquet", ".jsonl") for p in chunks.iterdir())
 
 
-def check_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> bool:
+def check_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any], *, joining: bool = False) -> bool:
     """Refuse a directory whose rows another configuration wrote, naming the settings that differ.
 
     Reads only. True when the directory is this job's already (job.json with this fingerprint).
     A job.json without a single row on disk (a run stopped before its first row) does not own it.
+    `joining`: a scale-out shard, which only ever joins the directory its parent holds.
     """
     record_path = out / "job.json"
     if not record_path.exists():
-        if job_record is None:
+        if joining:
             raise OutputDirError(f"output_dir {out} has no job.json: a shard runs only inside its parent's directory")
         return False
     previous = json.loads(record_path.read_text(encoding="utf-8"))
     if previous.get("fingerprint") == fingerprint:
         return True
-    if job_record is not None and not holds_rows(out):
+    if not joining and not holds_rows(out):
         return False
-    differ = answer_differences(previous.get("settings", {}), (job_record or {}).get("settings", {}))
-    if job_record is not None and previous.get("input_digest") not in (None, job_record.get("input_digest")):
+    differ = answer_differences(previous.get("settings", {}), job_record.get("settings", {}))
+    if previous.get("input_digest") not in (None, job_record.get("input_digest")):
         settings = job_record["settings"]
         source = f"file {settings['input_path']}" if settings.get("input_path") else job_record.get("input", "query")
         differ.append(f"contents of the input {source}")
     what = "; ".join(differ) or "the input file's or the output schema's contents"
-    raise OutputDirError(
-        f"output_dir {out} holds rows written with other answer-changing settings ({what}); "
-        "use another output_dir, or delete this one to start over"
+    # A shard's directory holds every host's rows: never advise deleting it from there.
+    todo = (
+        "a shard runs its parent's job as the parent planned it: start the job again from the parent"
+        if joining
+        else "use another output_dir, or delete this one to start over"
     )
+    raise OutputDirError(f"output_dir {out} holds rows written with other answer-changing settings ({what}); {todo}")
 
 
-def _check_job_record(out: Path, fingerprint: str, job_record: dict[str, Any] | None) -> None:
-    if not check_output_dir(out, fingerprint, job_record) and job_record is not None:
+def _check_job_record(out: Path, fingerprint: str, job_record: dict[str, Any], joining: bool) -> None:
+    if not check_output_dir(out, fingerprint, job_record, joining=joining) and not joining:
         write_json_atomic({"fingerprint": fingerprint, **job_record}, out / "job.json")
 
 
@@ -149,15 +153,15 @@ def _check_job_record(out: Path, fingerprint: str, job_record: dict[str, Any] | 
 def claim_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any]) -> Iterator[None]:
     """Hold the directory for one run, refusing another run or another configuration."""
     with flock(out / ".lock", f"output_dir {out}"):
-        _check_job_record(out, fingerprint, job_record)
+        _check_job_record(out, fingerprint, job_record, joining=False)
         yield
 
 
 @contextmanager
-def join_output_dir(out: Path, fingerprint: str) -> Iterator[None]:
+def join_output_dir(out: Path, fingerprint: str, job_record: dict[str, Any]) -> Iterator[None]:
     """A shard's entry into the directory its parent holds: same configuration, no directory lock
     (hosts work side by side); each chunk is locked on its own (claim_chunk)."""
-    _check_job_record(out, fingerprint, None)
+    _check_job_record(out, fingerprint, job_record, joining=True)
     yield
 
 
