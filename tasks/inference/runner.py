@@ -240,12 +240,12 @@ class _ChunkRun:
             assert row.messages is not None  # process() answers rows without messages itself
             modes = self.modes
             self.backend_sampled += modes.backend_sampling
-            reply = await asyncio.wait_for(
-                self.backend.chat(
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns a result that arrives in the
+            # same step as a cancel, and a worker cancelled by an aborting chunk went on taking rows.
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                reply = await self.backend.chat(
                     modes.messages(row.messages), options=modes.options(options), schema=modes.engine_schema
-                ),
-                self.settings.request_timeout_s,
-            )
+                )
             return reply
         except TimeoutError as exc:
             raise BackendError(
