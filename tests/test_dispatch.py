@@ -108,6 +108,9 @@ def test_other_errors_are_raised_once_running_batches_end() -> None:
         time.sleep(0.1)
         finished.append(batch[0])
 
+    done: list[int] = []
     with pytest.raises(ValueError, match="a bug"):
-        Dispatcher(["x", "y"], run, lambda *_: None)([1, 2, 3])
+        Dispatcher(["x", "y"], run, lambda lane, batch, _: done.extend(batch))([1, 2, 3])
     assert finished == [2]  # lane y's batch ran to its end before the error came out
+    # ...and was handed on (its chunk's figures, its sink delivery), and no batch started after the error.
+    assert done == [2]

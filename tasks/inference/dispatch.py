@@ -36,7 +36,8 @@ class Dispatcher(Generic[T, R]):
 
     A lane that raises LaneFailed gets its batch put back at the front of the queue and sits out
     `retry_delay_s`; after `retries` failures it is retired for the run. When no lane is left, the
-    last failure is raised. Any other exception is raised as it is, once the running batches end.
+    last failure is raised. Any other exception is raised as it is, once the running batches end (no new
+    batch starts after it, and those that finish meanwhile still reach `on_done`).
 
     `clock` and `sleep` (monotonic seconds) time the benching; tests pass fakes to skip the waits.
     """
@@ -73,19 +74,22 @@ class Dispatcher(Generic[T, R]):
         benched: dict[int, float] = {}  # lane -> clock time it may take work again
         running: dict[Future[R], tuple[int, list[T]]] = {}
         last_failure: LaneFailed | None = None
+        error: BaseException | None = None  # not a lane's failure (a bug, a stop): raised once running batches end
         with ThreadPoolExecutor(max_workers=len(self.lanes), thread_name_prefix="lane") as pool:
-            while pending or running:
+            while (pending and error is None) or running:
                 now = self.clock()
                 for lane, at in list(benched.items()):
                     if at <= now:
                         del benched[lane]
                         free.append(lane)
-                while pending and free:
+                while pending and free and error is None:
                     lane = free.popleft()
                     batch = [pending.popleft() for _ in range(min(self.batch, len(pending)))]
                     future = pool.submit(contextvars.copy_context().run, self.run, lane, batch)
                     running[future] = (lane, batch)
                 if not running:
+                    if error is not None:
+                        break
                     if not benched:
                         assert last_failure is not None
                         raise LaneFailed(
@@ -112,5 +116,10 @@ class Dispatcher(Generic[T, R]):
                         elif len(self.lanes) > 1:
                             self._event(f"{name} retired for this run after {self.failures[lane]} failure(s)")
                         continue
+                    except BaseException as exc:
+                        error = error or exc
+                        continue
                     self.on_done(lane, batch, result)
                     free.append(lane)
+        if error is not None:
+            raise error
