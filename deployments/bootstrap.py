@@ -34,7 +34,8 @@ on the server and the same value as PREFECT_API_AUTH_STRING on every worker and 
 (this script included); the UI then asks for it on a login page. Ollama credentials come
 only from the worker's environment (OLLAMA_API_KEY), never from deployment parameters.
 
-Exit status: 0 when everything is in place, 1 when the server or a step refused, 2 when
+Exit status: 0 when everything is in place, 1 when a deployed job file does not load (before anything is
+made), the server or a step refused, 2 when
 PREFECT_API_URL is not set (without it Prefect would start a throwaway server).
 """
 
@@ -88,18 +89,23 @@ def work_pools(config: dict[str, Any]) -> list[str]:
 def gpu_limits(config: dict[str, Any]) -> list[str]:
     """The global concurrency limits the deployed jobs acquire per chunk: each job's gpu_limit (or
     one per endpoint), and for a scale-out deployment one per host (`gpu-<queue>` unless set)."""
+    from pydantic import ValidationError
+
     from tasks.settings.load import load_settings, merge_overrides
-    from tasks.settings.model import Host
+    from tasks.settings.model import Host, SettingsError
 
     names: list[str] = []
     for deployment in config["deployments"]:
         params = deployment.get("parameters") or {}
         if not params.get("job_file"):
             continue  # the shard deployment: its parent passes the job
-        hosts = [Host.model_validate(h) for h in params.get("hosts") or []]
-        for extra in [h.settings_overrides() for h in hosts] or [{}]:
-            settings = load_settings(params["job_file"], merge_overrides(params.get("overrides") or {}, extra))
-            names += [lane.gpu_limit for lane in settings.lanes() if lane.gpu_limit not in names]
+        try:
+            hosts = [Host.model_validate(h) for h in params.get("hosts") or []]
+            for extra in [h.settings_overrides() for h in hosts] or [{}]:
+                settings = load_settings(params["job_file"], merge_overrides(params.get("overrides") or {}, extra))
+                names += [lane.gpu_limit for lane in settings.lanes() if lane.gpu_limit not in names]
+        except (SettingsError, ValidationError) as exc:
+            raise BootstrapError(f"deployment {deployment.get('name')}: {exc}") from None
     return names
 
 
@@ -301,6 +307,7 @@ def main() -> int:
     os.chdir(ROOT)  # job files use paths relative to the repository root
     try:
         config = load_prefect_yaml()
+        limits = gpu_limits(config)  # every deployed job file loads before anything is made on the server
         say(f"server {api_url}")
         check_server(api_url, auth_string)
         from prefect.client.orchestration import get_client
@@ -310,7 +317,7 @@ def main() -> int:
                 say(ensure_work_pool(client, pool))
             for pool, queue in work_queues(config):
                 say(ensure_work_queue(client, pool, queue))
-        for name in gpu_limits(config):
+        for name in limits:
             say(ensure_global_limit(name))
         env = dict(os.environ, PREFECT_API_URL=api_url)
         env.setdefault(WORKDIR_ENV, str(ROOT))

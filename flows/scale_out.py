@@ -49,6 +49,7 @@ from tasks.prefect_steps import plan_chunks, publish_artifacts, scheduled_day
 from tasks.settings.load import host_settings, merge_overrides
 from tasks.settings.model import Host
 from tasks.storage.files import write_atomic
+from tasks.storage.journal import check_chunk_files
 from tasks.storage.manifest import Manifest, read_shard_manifests
 from tasks.storage.outdir import check_output_dir, claim_output_dir
 from tasks.storage.results import consolidate
@@ -97,6 +98,9 @@ def scale_out(
     # does not fill {date} with its own day.
     base = merge_overrides(overrides or {}, {"output_dir": str(out)})
     with claim_output_dir(out, fingerprint, record):
+        # What earlier runs left, as a single-host run reads it: a damaged chunk file is set aside and redone.
+        for finding in check_chunk_files(out, plan.chunks):
+            logger.warning(finding)
         todo = [c for c in plan.chunks if finished_chunk_stats(settings, c) is None]
         logger.info(
             "%d rows in %d chunks, %d to do, over hosts %s",

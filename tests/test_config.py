@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from deployments.bootstrap import BootstrapError, gpu_limits
 from flows.cli import parse_overrides
 from tasks.settings.fingerprint import answer_differences
 from tasks.settings.load import load_settings
@@ -177,3 +178,11 @@ def test_an_unset_model_is_labelled_by_what_runs(tmp_path: Path) -> None:
     assert JobSettings.model_validate(gguf).model == "qwen2.5-7b-q4"
     assert JobSettings.model_validate({**base, "backend": "ollama"}).model == "gemma3:12b"
     assert JobSettings.model_validate({**gguf, "model": "mine"}).model == "mine"
+
+
+def test_the_bootstrap_names_a_deployed_job_that_does_not_load(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("input_path: a.csv\nprompt_template: 'Hi {name}'\noutput_dir: o\nchunk_sise: 8\n")
+    config = {"deployments": [{"name": "nightly", "parameters": {"job_file": str(job)}}]}
+    with pytest.raises(BootstrapError, match=r"deployment nightly: invalid job settings in .*chunk_sise: unknown"):
+        gpu_limits(config)
