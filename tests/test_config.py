@@ -58,6 +58,15 @@ def test_a_problem_an_override_made_says_so(tmp_path: Path) -> None:
     assert "prompt_template: " in said and "prompt_template (from an override)" not in said  # the file's own
 
 
+def test_a_union_setting_is_one_problem_in_the_settings_words() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(None, {**BASE, "in_flight": 0})
+    assert str(info.value) == (
+        "invalid job settings in overrides: in_flight: Input should be greater than or equal to 1, "
+        "or Input should be 'auto'"
+    )
+
+
 def test_set_values_of_text_settings_are_taken_as_typed() -> None:
     overrides = parse_overrides(
         [

@@ -57,7 +57,13 @@ def load_settings(job_file: str | Path | None = None, overrides: dict[str, Any] 
     try:
         return JobSettings.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(_describe(err, overrides or {}) for err in exc.errors())
+        # Without a job file every value is an override: saying so would only repeat "in overrides".
+        said: dict[str, list[str]] = {}
+        for err in exc.errors():
+            where, what = _describe(err, overrides or {} if job_file is not None else {})
+            said.setdefault(where, []).append(what)
+        # A union's members each refuse the value (in_flight: a number, or 'auto'): one line, "or" between.
+        problems = "; ".join(f"{where}: {', or '.join(whats)}" for where, whats in said.items())
         # `from None`: pydantic's own text repeats each input value, and a refused URI may hold a password.
         raise SettingsError(f"invalid job settings in {source}: {problems}") from None
 
@@ -110,16 +116,25 @@ def _overridden(loc: tuple[Any, ...], overrides: dict[str, Any]) -> bool:
     return bool(loc)
 
 
-def _describe(err: Any, overrides: dict[str, Any]) -> str:
-    """One validation problem in the job file's words; an unknown key gets the closest known one, and a
-    value an override set says so (the user would search the file for it)."""
-    where = ".".join(str(p) for p in err["loc"]) or "(settings)"
-    if _overridden(err["loc"], overrides):
+_UNION_TAGS = {"int", "str", "float", "bool", "none", "list", "dict"}
+
+
+def _setting_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The setting an error is about, without pydantic's union member tags ('constrained-int', "literal['auto']")."""
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or "-" in p or p in _UNION_TAGS)))
+
+
+def _describe(err: Any, overrides: dict[str, Any]) -> tuple[str, str]:
+    """One validation problem in the job file's words, as (setting, what is wrong); an unknown key gets
+    the closest known one, and a value an override set says so (the user would search the file for it)."""
+    loc = _setting_loc(err["loc"])
+    where = ".".join(str(p) for p in loc) or "(settings)"
+    if _overridden(loc, overrides):
         where += " (from an override)"
     if err["type"] != "extra_forbidden":
-        return f"{where}: {err['msg']}"
-    *parents, key = [p for p in err["loc"] if isinstance(p, str)]
+        return where, err["msg"]
+    *parents, key = [p for p in loc if isinstance(p, str)]
     model: type[BaseModel] = _NESTED.get(parents[-1], JobSettings) if parents else JobSettings
     close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
     hint = f"; did you mean `{close[0]}`?" if close else f"; known keys: {', '.join(model.model_fields)}"
-    return f"{where}: unknown setting{hint}"
+    return where, f"unknown setting{hint}"
