@@ -233,6 +233,22 @@ def shard_deployment_exists() -> None:
             ) from None
 
 
+def check_prefect_server() -> None:
+    """A PREFECT_API_URL that nothing answers is the operator's to fix: said at once, not as a failed run."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    if not (url := get_current_settings().api.url):
+        return
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        raise UsageError(
+            f"no Prefect server answers at PREFECT_API_URL={url} ({problem}): start it, or unset PREFECT_API_URL "
+            "for a temporary server"
+        )
+
+
 def _quiet_prefect() -> None:
     # Prefect's own usage telemetry: off for our runs (a server that cannot reach the internet
     # logs an ERROR for each attempt). Set before Prefect reads its settings.
@@ -258,8 +274,14 @@ def _parser(kind: Literal["batch", "scale_out"]) -> argparse.ArgumentParser:
     if kind == "scale_out":
         parser.add_argument("--host", action="append", default=[], metavar="QUEUE", help="a host's work queue")
         parser.add_argument("--hosts", type=Path, help="YAML list of hosts: [{queue: ..., overrides: {...}}, ...]")
-        parser.add_argument("--chunks-per-run", type=int, default=4)
+        parser.add_argument("--chunks-per-run", type=_positive, default=4, help="chunks a shard run takes (4)")
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def _hosts(args: argparse.Namespace) -> list[Any]:
@@ -296,10 +318,13 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str], load_flow: Callab
     importing Prefect takes seconds. The flow's module hands it in, so this module imports no flow."""
     args = _parser(kind).parse_args(argv)
     try:
+        if args.config is None and not args.set:
+            raise UsageError("--config JOB.yaml is required (or every setting as --set key=value)")
         overrides = parse_overrides(args.set)
         job_file = str(args.config) if args.config else None
         preflight(job_file, overrides, _hosts(args) if kind == "scale_out" else None)
         _quiet_prefect()
+        check_prefect_server()
         if kind == "scale_out":
             shard_deployment_exists()
         use_temporary_server()

@@ -116,6 +116,29 @@ def test_scale_out_hosts_are_checked_with_the_job_before_any_request(
     assert emulator.requests == [] and not Path(settings["output_dir"]).exists()
 
 
+def test_what_the_command_line_needs_around_the_job_is_said_at_once(job: Any, tmp_path: Path) -> None:
+    path = job_file(tmp_path, job(5))
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nothing listens there
+    cases = [
+        ([], None, "error: --config JOB.yaml is required (or every setting as --set key=value)"),
+        (["--config", str(path)], env, "error: no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:9/api"),
+    ]
+    for args, environment, said in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.batch_inference", *args],
+            cwd=ROOT,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2 and done.stderr.startswith(said), done.stderr
+        assert "Traceback" not in done.stderr and "manifest.json" not in done.stderr
+    scale = cli(path, "--host", "host-a", "--chunks-per-run", "0", api=False, flow="scale_out")
+    assert scale.returncode == 2 and "--chunks-per-run: a whole number of at least 1, not '0'" in scale.stderr
+    assert not Path(job(5)["output_dir"]).exists()
+
+
 def test_scale_out_checks_each_hosts_settings_and_needs_the_shared_server_not_a_local_backend(
     job: Any, emulator: OllamaEmulator, tmp_path: Path
 ) -> None:

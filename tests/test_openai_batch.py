@@ -144,6 +144,9 @@ def test_a_missing_or_unrecognised_batch_file_says_what_is_wrong(job: Any, tmp_p
     missing = {**batch_job(job, tmp_path, VLLM_EXAMPLE), "input_path": str(tmp_path / "requests-typo.jsonl")}
     with pytest.raises(InputError, match=r"requests-typo.jsonl does not exist"):
         validate_input(load_settings(None, missing), pin=False)
+    table = {**batch_job(job, tmp_path, VLLM_EXAMPLE), "prompt_template": "{text}", "input_format": "openai_batch"}
+    with pytest.raises(InputError, match=r"is read as an OpenAI batch file \(input_format\): its lines carry"):
+        validate_input(load_settings(None, table), pin=False)
     broken = batch_job(job, tmp_path, "{not json\n" + VLLM_EXAMPLE)
     with pytest.raises(InputError, match=r"set prompt_template .*an OpenAI batch file is told by its first line"):
         validate_input(load_settings(None, broken), pin=False)

@@ -81,10 +81,16 @@ def check_template(settings: JobSettings, kind: Kind) -> None:
     """An OpenAI batch file brings its messages; a table needs a template to build them."""
     label = settings.input_label
     if kind == "openai_batch":
+        # Told so by input_format, or recognised by its first line: the message says which.
+        seen = (
+            "is read as an OpenAI batch file (input_format)"
+            if settings.input_format != "auto"
+            else "is an OpenAI batch file"
+        )
         given = [f for f in ("prompt_template", "system_prompt", "trim_field") if getattr(settings, f) is not None]
         if given:
             raise openai_batch.BatchFileError(
-                f"input {label} is an OpenAI batch file: its lines carry the messages, so {', '.join(given)} "
+                f"input {label} {seen}: its lines carry the messages, so {', '.join(given)} "
                 "cannot apply (remove it, or set input_format: table)"
             )
         if settings.id_column not in ("id", "custom_id"):  # "id" is the default: not a choice the user made
