@@ -183,6 +183,10 @@ def test_a_refused_sink_fails_the_preflight_with_its_own_code_and_changes_no_dat
     assert cli(job_file(tmp_path, down), api=False).returncode == 6
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'fresh'").fetchall() == []
+    # A database file in a folder that is not there: SQLite would make the file, not the folder.
+    nowhere = {**settings, "sink": {"uri": f"sqlite:///{tmp_path}/nodir/hr.db", "table": "scores"}}
+    missing = cli(job_file(tmp_path, nowhere), api=False)
+    assert missing.returncode == 7 and f"the folder {tmp_path}/nodir does not exist" in missing.stderr, missing.stderr
 
 
 @pytest.mark.usefixtures("prefect_server")

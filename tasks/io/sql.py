@@ -207,8 +207,11 @@ class TableSink:
 
     def prepare(self, *, create: bool = True) -> None:
         """Before the first request: reach the database, create the table (`create`) or refuse an incompatible one."""
-        if not create and self.dialect == "sqlite" and not sqlite_path(self.sink.uri).is_file():
-            return  # nothing to check yet, and connecting would create the file
+        if self.dialect == "sqlite" and not (path := sqlite_path(self.sink.uri)).is_file():
+            if not path.parent.is_dir():  # SQLite makes the file, not its folder (ADBC then says "out of memory")
+                raise SqlError(f"sink {self.sink.uri}: the folder {path.parent} does not exist")
+            if not create:
+                return  # nothing to check yet, and connecting would create the file
         with connect(self.sink.uri, must_exist=False) as conn:
             cur = conn.cursor()
             try:
