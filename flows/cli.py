@@ -76,7 +76,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
         if is_text_setting(key):
-            node[leaf] = None if raw in ("null", "~") else raw  # null still unsets an optional one
+            node[leaf] = None if raw in ("", "null", "Null", "NULL", "~") else raw  # unsets, as in YAML
             continue
         try:
             node[leaf] = yaml.safe_load(raw)
@@ -135,8 +135,9 @@ def preflight(job_file: str | None, overrides: dict[str, Any], hosts: list[Any] 
             host_settings(job_file, overrides, host)
         check_not_in_use(job.settings.output_dir)
         check_output_dir(job.settings.output_dir, job.fingerprint, job.record)
-        return
-    sink = check_job(job, Direct(), dry_run=True).sink
+        sink = Direct().check_sink(job.settings, job.output_model, create=False)  # the hosts' shards deliver to it
+    else:
+        sink = check_job(job, Direct(), dry_run=True).sink
     if sink is not None:
         sink.close()
 

@@ -247,33 +247,37 @@ def test_persistent_out_of_memory_unloads_once_then_stops_the_chunk_with_advice(
     assert fake.unloads == 1 and 6 <= len(fake.history) < 12  # it did not spin through every row
 
 
-def test_watchdog_fails_a_chunk_whose_backend_stopped_answering(offline_job: Any) -> None:
+def test_a_row_whose_requests_all_time_out_is_an_error_row_not_a_hung_server(offline_job: Any) -> None:
+    # At 1 in flight nothing else answers while one slow row is retried: the watchdog waits at least that
+    # row's whole retry cycle (watchdog_floor_s), however low stall_timeout_s is set.
     fake = FakeBackend()
-    fake.always(HANG, match="candidate 5 writes")
-    settings = settings_for(offline_job, 8, in_flight=1, request_timeout_s=60, stall_timeout_s=0.1)
-    chunk = validate_input(settings).chunks[0]
-    with pytest.raises(ChunkAborted, match="watchdog: no request finished or failed") as info:
-        run_chunk(settings, chunk, fake)
-    assert info.value.retryable is True
-    assert finished_rows(settings.output_dir, chunk) == {0, 1, 2, 3, 4}  # what finished is kept
+    fake.always(HANG, match="candidate 2 writes")
+    settings = settings_for(offline_job, 4, in_flight=1, request_timeout_s=0.2, stall_timeout_s=0.1, max_attempts=3)
+    frame, _ = run(settings, fake)
+    assert frame["status"].to_list() == ["ok", "ok", "error", "ok"]
+    slow = frame.row(2, named=True)
+    assert (slow["error_kind"], slow["attempts"]) == ("timeout", 3)
 
 
 def test_watchdog_fails_a_chunk_whose_every_request_times_out(offline_job: Any) -> None:
-    # A wedged server times every request out: each timeout is no answer, so the watchdog fires
-    # (and a retry of the chunk waits for the server) instead of every row becoming a timeout error row.
+    # A wedged server times every request out: timeouts are no progress, so past the floor the watchdog
+    # fails the chunk (a retry waits for the server) after one round of rows, not all of them.
     fake = FakeBackend()
     fake.always(HANG)
-    settings = settings_for(offline_job, 4, request_timeout_s=0.05, stall_timeout_s=0.5, max_attempts=3)
+    settings = settings_for(offline_job, 12, in_flight=2, request_timeout_s=0.05, stall_timeout_s=0.5, max_attempts=3)
     chunk = validate_input(settings).chunks[0]
     with pytest.raises(ChunkAborted, match="watchdog: no request finished or failed") as info:
         run_chunk(settings, chunk, fake)
-    assert info.value.retryable and finished_rows(settings.output_dir, chunk) == set()
+    assert info.value.retryable and 0 < len(finished_rows(settings.output_dir, chunk)) < 12
 
 
 def test_watchdog_counts_from_the_end_of_an_outage_at_the_chunk_start(offline_job: Any) -> None:
     fake = FakeBackend(check_error=DOWN, delay=lambda in_flight: 0.2)
-    threading.Timer(1.0, lambda: setattr(fake, "check_error", None)).start()  # down longer than the watchdog
-    settings = settings_for(offline_job, 6, in_flight=1, stall_timeout_s=0.6, outage_budget_s=30)
+    threading.Timer(2.0, lambda: setattr(fake, "check_error", None)).start()  # down longer than the watchdog
+    # The watchdog: max(0.6, its floor: 1 x 0.5 s + 1 s) = 1.5 s.
+    settings = settings_for(
+        offline_job, 6, in_flight=1, stall_timeout_s=0.6, request_timeout_s=0.5, max_attempts=1, outage_budget_s=30
+    )
     frame, _ = run(settings, fake)
     assert frame["status"].to_list() == ["ok"] * 6
 

@@ -151,7 +151,10 @@ def test_scale_out_checks_each_hosts_settings_and_needs_the_shared_server_not_a_
     assert "in_flght (from an override): unknown setting; did you mean `in_flight`?" in typo.stderr
     local = cli(job_file(tmp_path, settings), "--host", "host-a", api=False, flow="scale_out")
     assert local.returncode == 2 and "scale-out needs the Prefect server the hosts' workers poll" in local.stderr
-    for done in (typo, local):
+    sink = {**settings, "sink": {"uri": f"sqlite:///{tmp_path}/nodir/hr.db", "table": "scores"}}
+    refused = cli(job_file(tmp_path, sink), "--host", "host-a", api=False, flow="scale_out")
+    assert refused.returncode == 7 and "the folder" in refused.stderr, refused.stderr  # the shards deliver to it
+    for done in (typo, local, refused):
         assert "Traceback" not in done.stderr and "temporary Prefect server" not in done.stderr, done.stderr
     assert not Path(settings["output_dir"]).exists()
 

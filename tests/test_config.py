@@ -67,6 +67,19 @@ def test_a_union_setting_is_one_problem_in_the_settings_words() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ({"in-flight": 4}, "in-flight: unknown setting; did you mean `in_flight`?"),
+        ({"options": {"num-ctx": 8192}}, "options.num-ctx: unknown setting; did you mean `num_ctx`?"),
+    ],
+)
+def test_a_hyphenated_unknown_key_is_named_as_written(override: dict, said: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(None, {**BASE, **override})
+    assert said in str(info.value)
+
+
 def test_set_values_of_text_settings_are_taken_as_typed() -> None:
     overrides = parse_overrides(
         [
@@ -74,7 +87,8 @@ def test_set_values_of_text_settings_are_taken_as_typed() -> None:
             "prompt_template={summary}",  # YAML: a mapping
             "model=yes",  # YAML: true
             "id_column=0123",  # YAML: 123
-            "trim_field=null",  # null still unsets
+            "trim_field=null",  # null still unsets, as does an empty value
+            "output_schema=",
             "options.num_ctx=8192",
             "in_flight=auto",
             "options.stop=[END, STOP]",
@@ -86,6 +100,7 @@ def test_set_values_of_text_settings_are_taken_as_typed() -> None:
         "model": "yes",
         "id_column": "0123",
         "trim_field": None,
+        "output_schema": None,
         "options": {"num_ctx": 8192, "stop": ["END", "STOP"]},
         "in_flight": "auto",
     }

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ollama
 import polars as pl
 import pytest
 
 from harness.ollama_emulator import Fault, OllamaEmulator, answer_for
 from tasks.inference.backends import BackendError, make_backend
 from tasks.inference.backends.ollama import OllamaBackend
+from tasks.inference.backends.ollama import classify as ollama_classify
 from tasks.inference.backends.openai import OpenAIBackend
 from tasks.inference.calibrate import best_in_flight
 from tasks.inference.runner import ChunkAborted, run_chunk
@@ -86,6 +88,21 @@ def test_a_proxy_page_at_the_chunk_check_is_an_outage_not_a_crash(job: Any, emul
     with pytest.raises(ChunkAborted, match=r"malformed answer \(") as info:
         run_one_chunk(job, 2, outage_budget_s=0)
     assert info.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("llama runner process has terminated: error loading model: unable to allocate CUDA0 buffer", "oom"),
+        ("llama runner process has terminated: cudaMalloc failed: out of memory", "oom"),
+        ("llama runner process has terminated: signal: killed", "oom"),
+        ("llama runner process has terminated: GGML_ASSERT(ggml_nelements(a) == ne0*ne1) failed", "runner_crash"),
+        ("llama runner process has terminated: exit status 2", "runner_crash"),
+    ],
+)
+def test_a_terminated_runner_is_out_of_memory_only_when_it_says_so(text: str, kind: str) -> None:
+    err = ollama_classify(ollama.ResponseError(text, 500), "gemma3:12b", "http://h:11434")
+    assert err.kind == kind, err
 
 
 def test_a_row_that_always_crashes_the_runner_ends_as_an_error_row(job: Any, emulator: OllamaEmulator) -> None:

@@ -420,7 +420,7 @@ def render_scale_out_report(
     # Hosts work side by side: their rates add up; each host's rate is over its own sending time.
     total_rate = 0.0
     lines = [
-        "| host | shard runs | rows sent (finished chunks) | requests/s | generated tokens/s | VRAM peak MiB | GPU util mean | verdict |",
+        "| host | shard runs | rows sent | requests/s | generated tokens/s | VRAM peak MiB | GPU util mean | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for host, runs in sorted(per_host.items()):

@@ -21,6 +21,13 @@ def backoff(attempt: int, base: float, jitter: float, cap: float = 30.0) -> floa
     return min(cap, base * 2 ** (attempt - 1)) * (0.5 + jitter / 2)
 
 
+def watchdog_floor_s(max_attempts: int, request_timeout_s: float) -> float:
+    """The least time the watchdog waits: as long as a row whose every request times out takes to become an
+    error row (its requests and the longest back-offs between them). Timeouts are not progress, and at 1 in
+    flight nothing else answers meanwhile: one slow row must end as an error row, not fail the chunk."""
+    return max_attempts * request_timeout_s + sum(backoff(a, 0.5, 1.0) for a in range(1, max_attempts)) + 1.0
+
+
 @dataclass(frozen=True)
 class Step:
     """What to do next with the row: send it again after `wait_s`, give it an error row, or stop the chunk."""

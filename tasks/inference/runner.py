@@ -16,7 +16,7 @@ from tasks import stopping
 from tasks.inference.backends import Backend, BackendError, Reply, token_counter
 from tasks.inference.calibrate import AutoState, InFlightAuto
 from tasks.inference.modes import AutoProbe, RequestModes, decide, engine_of, needs_describe
-from tasks.inference.policy import ChunkPolicy, RowTries, Step
+from tasks.inference.policy import ChunkPolicy, RowTries, Step, watchdog_floor_s
 from tasks.io.sources import output_model as job_output_model
 from tasks.plan.dataset import ChunkSpec, job_snapshot, snapshot_response_format
 from tasks.plan.job import ChunkInputs
@@ -84,7 +84,9 @@ class _ChunkRun:
         self.policy = ChunkPolicy(
             max_attempts=settings.max_attempts,
             outage_budget_s=settings.outage_budget_s,
-            stall_timeout_s=settings.stall_timeout_s,
+            stall_timeout_s=max(
+                settings.stall_timeout_s, watchdog_floor_s(settings.max_attempts, settings.request_timeout_s)
+            ),
             oom_backoff_s=settings.oom_backoff_s,
             num_ctx=settings.options.num_ctx,
             num_ctx_floor=settings.oom_num_ctx_floor,
@@ -373,7 +375,7 @@ class _ChunkRun:
     async def periodic_flush(self) -> None:
         """Checkpoint on time, and be the watchdog: no answer and no error for too long means stuck."""
         while True:
-            await asyncio.sleep(min(self.settings.checkpoint_every_s, self.settings.stall_timeout_s / 4))
+            await asyncio.sleep(min(self.settings.checkpoint_every_s, self.policy.stall_timeout_s / 4))
             await self.flush()
             step = self.policy.stalled(time.monotonic())
             await self._changed()
@@ -531,7 +533,7 @@ def _run_claimed(
             raise ChunkAborted(str(err), retryable=True) from err
         asyncio.run(_run_async(run, rows))
     except ChunkInterrupted as exc:
-        # What this attempt journaled before the signal counts as sent (the manifest's rows_sent).
+        # The figures of what this attempt did before the signal (its events reach the manifest).
         exc.stats = _stats(
             run, settings, chunk, started, len(done), run.finished, run.finished - run.errors, run.errors
         )

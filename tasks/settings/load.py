@@ -127,7 +127,8 @@ def _setting_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 def _describe(err: Any, overrides: dict[str, Any]) -> tuple[str, str]:
     """One validation problem in the job file's words, as (setting, what is wrong); an unknown key gets
     the closest known one, and a value an override set says so (the user would search the file for it)."""
-    loc = _setting_loc(err["loc"])
+    # An unknown key is the user's own spelling (`in-flight`): only a value's error carries union member tags.
+    loc = tuple(err["loc"]) if err["type"] == "extra_forbidden" else _setting_loc(err["loc"])
     where = ".".join(str(p) for p in loc) or "(settings)"
     if _overridden(loc, overrides):
         where += " (from an override)"

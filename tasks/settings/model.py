@@ -270,8 +270,8 @@ class JobSettings(BaseModel):
         gt=0,
         le=86400,
         description="Watchdog: fail the chunk (for a retry) when no request answers or fails, timeouts aside, for "
-        "this long; keep it above max_attempts x request_timeout_s, so a row whose requests hang ends as an error "
-        "row (at 1 in flight nothing else answers meanwhile) before the server is called hung.",
+        "this long. Never less than max_attempts x request_timeout_s plus the back-offs between them: a row whose "
+        "requests all time out ends as an error row first (at 1 in flight nothing else answers meanwhile).",
     )
     oom_backoff_s: float = Field(
         5.0, ge=0, le=600, description="First wait after an out-of-memory answer (doubles per attempt, max 30 s)."

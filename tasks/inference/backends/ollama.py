@@ -26,6 +26,8 @@ from tasks.inference.backends.protocol import (
 _OOM_MARKERS = (
     "out of memory",
     "cudamalloc failed",
+    "unable to allocate",  # loading: "error loading model: unable to allocate CUDA0 buffer" (ollama#5941, #8597)
+    "failed to allocate",
     "model requires more system memory",
     "memory layout cannot be allocated",
     "terminated: signal: killed",
