@@ -99,6 +99,9 @@ def test_an_output_dir_that_cannot_be_made_is_named_before_any_server(
     )
     assert lines[1].startswith("hint: point output_dir at a directory this user can make and write")
     assert "temporary Prefect server" not in done.stderr and emulator.requests == []
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    dangling = cli(job_file(tmp_path, {**settings, "output_dir": str(tmp_path / "gone" / "out")}), api=False)
+    assert dangling.returncode == 5 and f"{tmp_path / 'gone'} is a link to nothing" in dangling.stderr
 
 
 def test_scale_out_hosts_are_checked_with_the_job_before_any_request(

@@ -46,9 +46,11 @@ class OutputDirUnusable(OutputDirError):
 def make_output_dir(out: Path, *, create: bool) -> None:
     """Make the output directory (`create`), or only check that it could be made: one message naming it,
     before the input is pinned there, instead of a failed write read as the input's fault."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
+    existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
     problem = None
-    if not existing.is_dir():
+    if not existing.exists():
+        problem = f"{existing} is a link to nothing"
+    elif not existing.is_dir():
         problem = f"{existing} is a file"
     elif not os.access(existing, os.W_OK | os.X_OK):
         problem = f"{existing} is not writable by this user"
