@@ -91,18 +91,19 @@ def gpu_limits(config: dict[str, Any]) -> list[str]:
     one per endpoint), and for a scale-out deployment one per host (`gpu-<queue>` unless set)."""
     from pydantic import ValidationError
 
-    from tasks.settings.load import load_settings, merge_overrides
+    from tasks.settings.load import host_settings, load_settings
     from tasks.settings.model import Host, SettingsError
 
     names: list[str] = []
     for deployment in config["deployments"]:
         params = deployment.get("parameters") or {}
-        if not params.get("job_file"):
+        if not (job_file := params.get("job_file")):
             continue  # the shard deployment: its parent passes the job
+        overrides = params.get("overrides")
         try:
             hosts = [Host.model_validate(h) for h in params.get("hosts") or []]
-            for extra in [h.settings_overrides() for h in hosts] or [{}]:
-                settings = load_settings(params["job_file"], merge_overrides(params.get("overrides") or {}, extra))
+            jobs = [host_settings(job_file, overrides, h) for h in hosts] or [load_settings(job_file, overrides)]
+            for settings in jobs:
                 names += [lane.gpu_limit for lane in settings.lanes() if lane.gpu_limit not in names]
         except (SettingsError, ValidationError) as exc:
             raise BootstrapError(f"deployment {deployment.get('name')}: {exc}") from None

@@ -127,17 +127,11 @@ def preflight(job_file: str | None, overrides: dict[str, Any], hosts: list[Any] 
     from tasks.plan.job import plan_job
     from tasks.run import Direct, check_job
     from tasks.settings.load import host_settings
-    from tasks.storage.outdir import check_not_in_use, check_output_dir
 
     job = plan_job(job_file, overrides, date.today(), validate=partial(validate_input, pin=False))
-    if hosts is not None:
-        for host in hosts:
-            host_settings(job_file, overrides, host)
-        check_not_in_use(job.settings.output_dir)
-        check_output_dir(job.settings.output_dir, job.fingerprint, job.record)
-        sink = Direct().check_sink(job.settings, job.output_model, create=False)  # the hosts' shards deliver to it
-    else:
-        sink = check_job(job, Direct(), dry_run=True).sink
+    for host in hosts or []:
+        host_settings(job_file, overrides, host)
+    sink = check_job(job, Direct(), dry_run=True, backends=hosts is None).sink
     if sink is not None:
         sink.close()
 

@@ -162,11 +162,12 @@ class Checked(NamedTuple):
     servers: list[ServerInfo]
 
 
-def check_job(job: Job, steps: Steps, *, shard: bool = False, dry_run: bool = False) -> Checked:
+def check_job(job: Job, steps: Steps, *, shard: bool = False, dry_run: bool = False, backends: bool = True) -> Checked:
     """Every check before a request is sent: the output directory, the sink, the backends.
 
     `dry_run` (the command line, before a Prefect server starts) changes nothing: a live run holding
-    the directory is refused, and a missing sink table is left for the run to make.
+    the directory is refused, and a missing sink table is left for the run to make. `backends=False`:
+    a scale-out parent's, whose hosts each check their own backend when their shard starts.
     """
     out = job.settings.output_dir
     if dry_run:
@@ -174,6 +175,8 @@ def check_job(job: Job, steps: Steps, *, shard: bool = False, dry_run: bool = Fa
     # A refused directory or an unreachable backend leaves output_dir untouched.
     check_output_dir(out, job.fingerprint, job.record, joining=shard)
     sink = steps.check_sink(job.settings, job.output_model, create=not dry_run)  # a refused sink sends nothing
+    if not backends:
+        return Checked(sink, [], [], [])
     lanes, left_out, servers = steps.check_backends(job.settings)
     for problem in left_out:
         steps.log.warning("endpoint left out of this run: %s", problem)
