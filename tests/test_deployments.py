@@ -348,6 +348,7 @@ def test_prefect_yaml_settings_are_on_the_server(stack: Stack) -> None:
             assert dep.entrypoint == d["entrypoint"]
             assert (dep.work_pool_name, dep.work_queue_name) == ("gpu", "default")
             assert dep.parameters == d["parameters"]
+            assert dep.job_variables == d["work_pool"]["job_variables"]  # the scale-out parent's client retries
             assert dep.enforce_parameter_schema is True
             assert set(dep.tags) == set(d["tags"])
             assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
