@@ -38,7 +38,8 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, State
 from pydantic import Field
 
-from tasks.analysis.report import render_scale_out_report
+from tasks.analysis.report import render_scale_out_report, rounded
+from tasks.analysis.telemetry import hosts_energy_wh, wh_per_1000_rows
 from tasks.inference.dispatch import Dispatcher, LaneFailed
 from tasks.inference.runner import finished_chunk_stats
 from tasks.io.openai_batch import write_output as write_openai_output
@@ -150,9 +151,13 @@ def scale_out(
         finally:
             manifest = Manifest.counted(settings, plan, fingerprint, started, failure)
             manifest.hosts = [h.queue for h in hosts]
-            manifest.write(out)
             # This run's shards only: an earlier, interrupted run of the job left its own there.
             shards = [m for m in read_shard_manifests(out) if m.started_at >= started]
+            # The hosts' rows and GPU energy add up; their sending time does not (they send side by side).
+            manifest.rows_sent = sum(s.rows_sent for s in shards)
+            manifest.energy_wh = rounded(hosts_energy_wh([s.energy_wh for s in shards]), 3)
+            manifest.wh_per_1000_rows = rounded(wh_per_1000_rows(manifest.energy_wh, manifest.rows_sent), 3)
+            manifest.write(out)
             report = render_scale_out_report(settings, manifest, shards, dispatcher.events)
             write_atomic(out / "report.md", lambda tmp: tmp.write_text(report, encoding="utf-8"))
             publish_artifacts(settings.name, report, f"{settings.name} over hosts")

@@ -734,6 +734,10 @@ def test_scale_out_over_two_host_workers(stack: Stack) -> None:
     arts = _artifacts(parent_id)
     report = arts["scaleout-report"].data
     assert "| host-a |" in report and "| host-b |" in report and "on host-b ended Failed" in report
+    # The parent's manifest adds up its shards' rows; no host read GPU power here, so no energy is claimed.
+    parent = json.loads((out / "manifest.json").read_text())
+    assert parent["rows_sent"] == 48 and parent["energy_wh"] is None
+    assert "GPU energy, all hosts: no GPU power reading." in report
     # Each host reports on its own run, under its own key.
     for child in children:
         assert f"scaleout-{child.work_queue_name}-report" in _artifacts(child.id)

@@ -348,6 +348,9 @@ def test_energy_per_thousand_rows() -> None:
     assert telemetry.wh_per_1000_rows(6.0, 1_500) == pytest.approx(4.0)
     assert telemetry.wh_per_1000_rows(None, 1_500) is None
     assert telemetry.wh_per_1000_rows(6.0, 0) is None
+    # A scale-out job's shard runs: a sum only when every one of them read the power.
+    assert telemetry.hosts_energy_wh([1.5, 2.0]) == pytest.approx(3.5)
+    assert telemetry.hosts_energy_wh([1.5, None]) is None and telemetry.hosts_energy_wh([]) is None
 
 
 def test_the_report_states_energy_or_why_there_is_none() -> None:

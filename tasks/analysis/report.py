@@ -458,6 +458,10 @@ def render_scale_out_report(
                 "",
                 f"All hosts together: {total_rate:.2f} requests/s while sending → {eta}.",
                 "",
+                "GPU energy, all hosts: "
+                + energy_cell({"energy_wh": manifest.energy_wh, "wh_per_1000_rows": manifest.wh_per_1000_rows})
+                + ".",
+                "",
                 "### Moves between hosts",
                 "",
                 *([f"- {e}" for e in events] or ["none"]),

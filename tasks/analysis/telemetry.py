@@ -481,6 +481,12 @@ def energy_wh(frame: pl.DataFrame) -> float | None:
     return float(joules) / 3600.0
 
 
+def hosts_energy_wh(readings: list[float | None]) -> float | None:
+    """Several runs' energy (a scale-out job's shard runs): their sum, or None when any of them had no
+    power reading, so that a part never reads as the whole."""
+    return None if not readings or None in readings else sum(r for r in readings if r is not None)
+
+
 def wh_per_1000_rows(energy: float | None, rows: int) -> float | None:
     """Energy per 1,000 finished rows; None without a power reading or without rows."""
     return None if energy is None or rows <= 0 else energy / rows * 1000.0
