@@ -34,7 +34,7 @@ from tasks.inference.endpoints import check_backends
 from tasks.inference.runner import ChunkAborted, ChunkInterrupted, finished_chunk_stats, run_chunk
 from tasks.io.openai_batch import write_output as write_openai_output
 from tasks.io.sources import wants_openai_output
-from tasks.plan.dataset import ChunkSpec
+from tasks.plan.dataset import ChunkSpec, pinned_snapshot
 from tasks.plan.job import ChunkInputs, Job, OutputModel
 from tasks.schema import ChunkStats
 from tasks.settings.model import JobSettings
@@ -42,6 +42,7 @@ from tasks.storage.files import read_parquet_or_none, write_atomic, write_parque
 from tasks.storage.journal import check_chunk_files, finished_rows
 from tasks.storage.manifest import Attempt, Manifest
 from tasks.storage.outdir import (
+    OutputDirError,
     auto_memory_path,
     check_not_in_use,
     check_output_dir,
@@ -172,8 +173,14 @@ def check_job(job: Job, steps: Steps, *, shard: bool = False, dry_run: bool = Fa
     out = job.settings.output_dir
     if dry_run:
         check_not_in_use(out)
-    # A refused directory or an unreachable backend leaves output_dir untouched.
-    check_output_dir(out, job.fingerprint, job.record, joining=shard)
+    # A refused directory or an unreachable backend leaves output_dir as it was: planning pinned this
+    # run's input there, which goes again unless it is the owning run's.
+    try:
+        check_output_dir(out, job.fingerprint, job.record, joining=shard)
+    except OutputDirError:
+        if job.plan.snapshot != pinned_snapshot(out):
+            job.plan.snapshot.unlink(missing_ok=True)
+        raise
     sink = steps.check_sink(job.settings, job.output_model, create=not dry_run)  # a refused sink sends nothing
     if not backends:
         return Checked(sink, [], [], [])

@@ -181,6 +181,11 @@ def test_changed_settings_cannot_reuse_an_output_dir(job: Any, emulator: OllamaE
         batch_inference(overrides={**settings, "options": {"num_ctx": 2048, "num_predict": 65}})
     batch_inference(overrides={**settings, "in_flight": 1})  # plumbing changes are fine: nothing resent
     assert len([r for r in emulator.requests if r.path == "/api/chat"]) == 4
+    # Another input is refused too, and its copy (pinned while planning) does not stay in the directory.
+    pinned = list(Path(settings["output_dir"]).glob("input-*.parquet"))
+    with pytest.raises(OutputDirError, match=r"contents of the input file"):
+        batch_inference(overrides=job(5))
+    assert list(Path(settings["output_dir"]).glob("input-*.parquet")) == pinned and len(pinned) == 1
 
 
 def test_report_shows_an_out_of_memory_recovery(job: Any, emulator: OllamaEmulator) -> None:
