@@ -481,3 +481,19 @@ def test_a_run_that_moved_its_level_gives_the_verdict_util_power_and_latency_per
     assert readings is not None
     assert (readings[1].gpu_util_pct, readings[1].power_w, readings[1].latency_p50_s) == (60.0, 340.0, 1.1)
     assert (readings[8].gpu_util_pct, readings[8].power_w, readings[8].latency_p50_s) == (20.0, 170.0, 6.0)
+
+
+def test_rates_count_endpoints_side_by_side_once_and_one_after_the_other_in_turn() -> None:
+    """The rate the ETA is built on: rows over the seconds in which any chunk was sending."""
+    from tasks.analysis.report import sending_s
+    from tasks.schema import ChunkStats
+
+    def chunk(index: int, endpoint: str, start: float, end: float) -> ChunkStats:
+        return ChunkStats(index=index, rows=100, sent_rows=100, endpoint=endpoint, started_at=start, finished_at=end)
+
+    side_by_side = [chunk(0, "a", 0.0, 10.0), chunk(1, "b", 0.0, 10.0), chunk(2, "a", 10.0, 20.0)]
+    assert sending_s(side_by_side) == 20.0  # 300 rows in 20 s: 15 rows/s, both endpoints' rates added
+    # Endpoint a ran chunks 0-1, failed; the next attempt ran 2-3 on b: 400 rows in 40 s, not twice that rate.
+    in_turn = [chunk(0, "a", 0, 10), chunk(1, "a", 10, 20), chunk(2, "b", 50, 60), chunk(3, "b", 60, 70)]
+    assert sending_s(in_turn) == 40.0
+    assert sending_s([ChunkStats(index=0, rows=5)]) == 0.0  # nothing sent: no time

@@ -78,6 +78,16 @@ def per_endpoint(stats: Iterable[ChunkStats]) -> dict[str, dict[str, float]]:
     return per
 
 
+def sending_s(stats: Iterable[ChunkStats]) -> float:
+    """Seconds in which at least one chunk was sending: endpoints side by side count once, endpoints
+    (or attempts) one after the other add up."""
+    busy, reached = 0.0, float("-inf")
+    for start, finish in sorted((s.started_at, s.finished_at) for s in stats if s.sent_rows):
+        busy += max(0.0, finish - max(start, reached))
+        reached = max(reached, finish)
+    return busy
+
+
 def kv_geometry(geometry: dict[str, Any] | None) -> KvGeometry | None:
     """The verdict's KV-cache shape from what the engine said (ServerInfo.geometry)."""
     if not geometry:
@@ -160,9 +170,8 @@ def build_evidence(
 ) -> RunEvidence:
     """The job's figures for the verdict: rates over the time chunks were actually sending; the
     server's parallel slots and model shape as the server (or else the job file) says them."""
-    # Endpoints work side by side: their rates add up (each over its own sending time).
-    endpoints = per_endpoint(stats).values()
     ran = sorted((s for s in stats if s.sent_rows), key=lambda s: s.finished_at)
+    busy = sending_s(ran)
     server = servers[0] if servers else None
     slots: int | None = None
     said: Literal["server", "operator"] | None = None
@@ -183,8 +192,8 @@ def build_evidence(
         backend_sampling=backend_sampling_used(stats),
         production_rows=settings.production_rows,
         num_ctx=settings.options.num_ctx,
-        requests_per_s=sum(e["rows"] / e["seconds"] for e in endpoints),
-        tokens_per_s=sum(e["tokens"] / e["seconds"] for e in endpoints),
+        requests_per_s=sum(s.sent_rows for s in ran) / busy if busy else 0.0,
+        tokens_per_s=sum(s.completion_tokens for s in ran) / busy if busy else 0.0,
         chunk_tokens_per_s=[s.completion_tokens / s.seconds for s in ran],
         rows_total=rows_total,
         rows_done=rows_done,
