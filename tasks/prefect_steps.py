@@ -20,6 +20,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from tasks import stopping
@@ -83,8 +84,14 @@ def run_chunk_task(
     """One chunk inside its endpoint's GPU slot; a retry resumes after the rows already checkpointed.
     `auto`: where 'auto' in-flight left off on this endpoint (the last chunk's ChunkStats.auto)."""
     about = {"chunk": chunk.name, "output_dir": str(settings.output_dir), "flow_run": flow_run.name}
-    stopping.check(f"before {chunk.name}")  # no chunk starts after a stop; one already running winds down
     say = get_run_logger().warning
+    context = TaskRunContext.get()
+    if context is not None and (tries := context.task_run.run_count) > 1:
+        # A retry's delay is waited here, not in Prefect's retry_delay_seconds: Prefect's sleep cannot be
+        # cut short, and a stop must not wait it out (a worker's cancel kills the run after 30 s).
+        say(f"{chunk.name}: try {tries} starts in {settings.chunk_retry_delay_s:.0f} s")
+        stopping.sleep(settings.chunk_retry_delay_s)
+    stopping.check(f"before {chunk.name}")  # no chunk starts after a stop; one already running winds down
     # The endpoint names the GPU's machine lock: jobs of other Prefect servers on this machine wait too.
     with gpu_slot(settings.gpu_limit, settings.slot_timeout_s, say=say, about=about, endpoint=settings.server_label):
         return chunk_on_endpoint(settings, chunk, inputs, progress, sampler, auto)
@@ -120,9 +127,9 @@ def scheduled_day() -> date:
 class PrefectSteps:
     """`Steps` inside a flow run: task runs, the GPU slot, Prefect's retries, artifacts."""
 
-    def __init__(self, retries: int = 0, retry_delay_s: float = 0.0) -> None:
+    def __init__(self, retries: int = 0) -> None:
         self.log: logging.Logger | logging.LoggerAdapter[Any] = get_run_logger()
-        self._chunk_task = run_chunk_task.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+        self._chunk_task = run_chunk_task.with_options(retries=retries)  # the task waits its retry delay
 
     def check_sink(self, settings: JobSettings, output_model: OutputModel, *, create: bool) -> ChunkSink | None:
         return check_sink(settings, output_model, create)
@@ -144,8 +151,8 @@ class PrefectSteps:
     ) -> ChunkStats:
         return self._chunk_task(lane, chunk, inputs, progress, sampler, auto)
 
-    def retrying(self, retries: int, delay_s: float) -> Steps:
-        return PrefectSteps(retries, delay_s)
+    def retrying(self, retries: int) -> Steps:
+        return PrefectSteps(retries)
 
     def slots_kept(self) -> contextlib.AbstractContextManager[None]:
         return keep_slots()

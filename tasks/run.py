@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -76,8 +77,9 @@ class Steps(Protocol):
         auto: dict[str, Any] | None,
     ) -> ChunkStats: ...
 
-    def retrying(self, retries: int, delay_s: float) -> Steps:
-        """These steps with a failed chunk retried `retries` times on its endpoint (one endpoint only)."""
+    def retrying(self, retries: int) -> Steps:
+        """These steps with a failed chunk retried `retries` times on its endpoint (one endpoint only),
+        chunk_retry_delay_s apart."""
         ...
 
     def slots_kept(self) -> contextlib.AbstractContextManager[None]:
@@ -109,7 +111,7 @@ class Direct:
     ) -> ChunkStats:
         return chunk_on_endpoint(lane, chunk, inputs, progress, sampler, auto)
 
-    def retrying(self, retries: int, delay_s: float) -> Steps:
+    def retrying(self, retries: int) -> Steps:
         return self
 
     def slots_kept(self) -> contextlib.AbstractContextManager[None]:
@@ -242,7 +244,7 @@ def run_chunks(
     """
     states = dict(auto or {})
     several = len(lanes) > 1
-    chunk_steps = steps.retrying(0 if several else settings.chunk_retries, settings.chunk_retry_delay_s)
+    chunk_steps = steps.retrying(0 if several else settings.chunk_retries)
 
     def run(lane: int, batch: list[ChunkSpec]) -> ChunkStats:
         try:
@@ -274,7 +276,12 @@ def run_chunks(
 
     names = [lane.server_label for lane in lanes]
     dispatcher = Dispatcher(
-        names, run, done, retries=settings.chunk_retries if several else 0, retry_delay_s=settings.chunk_retry_delay_s
+        names,
+        run,
+        done,
+        retries=settings.chunk_retries if several else 0,
+        retry_delay_s=settings.chunk_retry_delay_s,
+        sleep=partial(stopping.pause, where="while every endpoint sits out a failure"),
     )
     try:
         with steps.slots_kept():

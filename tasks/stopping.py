@@ -62,6 +62,12 @@ def sleep(seconds: float) -> bool:
     return _requested.wait(seconds)
 
 
+def pause(seconds: float, where: str) -> None:
+    """Sleep up to `seconds`; raise Interrupted as soon as a stop is asked (time.sleep would wait it out)."""
+    sleep(seconds)
+    check(where)
+
+
 async def wait() -> signal.Signals:
     """Return once a stop is asked. Polled: the signal arrives in another thread than this loop's."""
     while (signum := requested()) is None:

@@ -206,3 +206,61 @@ def test_ctrl_c_while_a_chunk_start_waits_on_a_hung_server_stops_within_seconds(
     assert code == 130 and seconds < STOP_LIMIT_S, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
     assert "interrupted by SIGINT in chunk-00001 before its first request" in said, said[-4000:]
     assert on_disk_now() == 8  # chunk 0 whole, nothing of chunk 1
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_sigterm_while_a_chunk_waits_to_retry_stops_within_seconds(
+    job: Any, emulator: OllamaEmulator, tmp_path: Path
+) -> None:
+    """A chunk failed on an outage and waits chunk_retry_delay_s to try again: a stop does not wait that out
+    (Prefect's own retry delay could not be cut short; a worker's cancel kills the run after 30 s)."""
+    emulator.latency_s = 0.05
+    settings = job(
+        200,
+        chunk_size=200,
+        chunk_retries=2,
+        chunk_retry_delay_s=60,
+        outage_budget_s=1,
+        gpu_limit=f"gpu-retry-{os.getpid()}",
+    )
+    path = job_file(tmp_path, settings)
+    on_disk_now = rows_on_disk(path)
+    log = tmp_path / "run.log"
+    with reaped(start_cli(path, log, session_env())) as proc:
+        until(lambda: on_disk_now() >= 8, proc, log)
+        emulator.down()
+        until(lambda: "chunk-00000: try 2 starts in 60 s" in log.read_text(), proc, log, limit_s=60)
+        proc.send_signal(signal.SIGTERM)
+        code, seconds = exit_after(proc, log)
+    said = log.read_text()
+    print(f"SIGTERM to exit: {seconds:.2f} s")
+    assert code == 143 and seconds < STOP_LIMIT_S, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
+    assert "interrupted by SIGTERM before chunk-00000" in said, said[-4000:]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_sigterm_while_every_endpoint_sits_out_a_failure_stops_within_seconds(job: Any, tmp_path: Path) -> None:
+    """Both endpoints failed and wait chunk_retry_delay_s before taking work again: a stop does not wait that out."""
+    with OllamaEmulator(models=["gemma3:12b"]) as a, OllamaEmulator(models=["gemma3:12b"]) as b:
+        a.latency_s = b.latency_s = 0.05
+        settings = job(400, chunk_size=100, chunk_retries=2, chunk_retry_delay_s=60, outage_budget_s=1)
+        settings["ollama_host"] = None
+        settings["endpoints"] = [
+            {"host": a.host, "gpu_limit": f"gpu-a-{os.getpid()}"},
+            {"host": b.host, "gpu_limit": f"gpu-b-{os.getpid()}"},
+        ]
+        path = job_file(tmp_path, settings)
+        on_disk_now = rows_on_disk(path)
+        log = tmp_path / "run.log"
+        with reaped(start_cli(path, log, session_env())) as proc:
+            until(lambda: on_disk_now() >= 8, proc, log)
+            a.down()
+            b.down()
+            until(lambda: log.read_text().count("go back to the other lanes") >= 2, proc, log, limit_s=60)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            code, seconds = exit_after(proc, log)
+    said = log.read_text()
+    print(f"SIGTERM to exit: {seconds:.2f} s")
+    assert code == 143 and seconds < STOP_LIMIT_S, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
+    assert "interrupted by SIGTERM while every endpoint sits out a failure" in said, said[-4000:]
