@@ -323,11 +323,9 @@ def main(kind: Literal["batch", "scale_out"], argv: list[str], load_flow: Callab
         if kind == "scale_out":
             shard_deployment_exists()
         use_temporary_server()
-        if kind == "batch":
-            # From here a first SIGINT/SIGTERM winds the run down (the flow checks it at each step),
-            # a second one exits at once. The scale-out parent does not wind down: it keeps Python's
-            # KeyboardInterrupt.
-            stopping.install()
+        # From here a first SIGINT/SIGTERM winds the run down (the flow checks it at each step; a
+        # scale-out parent cancels its shard runs), a second one exits at once.
+        stopping.install()
         manifest = _run(kind, args, overrides, load_flow())
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

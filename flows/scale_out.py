@@ -29,15 +29,16 @@ if __name__ == "__main__":  # the command line checks the job before Prefect is 
     sys.exit(main("scale_out", sys.argv[1:], _flow))
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled, Cancelling, State
 from pydantic import Field
 
+from tasks import stopping
 from tasks.analysis.report import render_scale_out_report, rounded
 from tasks.analysis.telemetry import hosts_energy_wh, wh_per_1000_rows
 from tasks.inference.dispatch import Dispatcher, LaneFailed
@@ -58,21 +59,26 @@ from tasks.storage.results import consolidate
 POLL_S = 2.0
 
 
-def _wait_for_shard(flow_run_id: Any, start_timeout_s: float) -> State:
-    """Poll the shard run to its end; cancel it if no worker picked it up in time."""
+def wait_for_shard(flow_run_id: Any, start_timeout_s: float, name: str) -> State:
+    """Poll the shard run to its end; cancel it if no worker picked it up in time, or when this run is
+    asked to stop (then raise stopping.Interrupted): a stopped parent leaves no host sending."""
     created = time.monotonic()
     with get_client(sync_client=True) as client:
         while True:
             state = client.read_flow_run(flow_run_id).state
             if state is not None and state.is_final():
                 return state
-            if (state is None or state.is_scheduled() or state.is_pending()) and (
-                time.monotonic() - created > start_timeout_s
-            ):
+            waiting = state is None or state.is_scheduled() or state.is_pending()
+            if waiting and time.monotonic() - created > start_timeout_s:
                 message = f"no worker started it within {start_timeout_s:.0f}s"
                 client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
                 return Cancelled(message=message)
-            time.sleep(POLL_S)
+            if stopping.sleep(POLL_S):
+                # A started shard gets Cancelling: its worker sends it SIGTERM, and it keeps the rows it finished.
+                message = "its scale-out parent was stopped"
+                stop: State = Cancelled(message=message) if waiting else Cancelling(message=message)
+                client.set_flow_run_state(flow_run_id, stop, force=True)
+                stopping.check(f"while {name} ran")
 
 
 @flow(name="batch-inference-scale-out", log_prints=True)
@@ -85,6 +91,24 @@ def scale_out(
     start_timeout_s: Annotated[float, Field(gt=0)] = 600.0,
 ) -> dict[str, Any]:
     """Run one job over several hosts' workers; returns the manifest of the whole job."""
+    # SIGINT or SIGTERM (Ctrl-C, a worker cancelling this run) cancels the shard runs under way, writes
+    # the manifest and report, and ends this run Cancelled, as batch_inference does.
+    with stopping.signals_stop_the_run():
+        try:
+            return run_scale_out(hosts, job_file, overrides, deployment, chunks_per_run, start_timeout_s)
+        except stopping.Interrupted as exc:
+            return cast(dict[str, Any], Cancelled(message=str(exc), data=exc))
+
+
+def run_scale_out(
+    hosts: list[Host],
+    job_file: str | None,
+    overrides: dict[str, Any] | None,
+    deployment: str,
+    chunks_per_run: int,
+    start_timeout_s: float,
+) -> dict[str, Any]:
+    """The scale-out flow's body (a plain function, run inside the flow run)."""
     logger = get_run_logger()
     started = time.time()
     if not hosts:
@@ -126,7 +150,7 @@ def scale_out(
                 timeout=0,  # returns at once; _wait_for_shard also notices a host that never starts it
                 as_subflow=True,
             )
-            state = _wait_for_shard(child.id, start_timeout_s)
+            state = wait_for_shard(child.id, start_timeout_s, f"shard run {child.name} on {host.queue}")
             if not state.is_completed():
                 raise LaneFailed(f"shard run {child.name} on {host.queue} ended {state.name}: {state.message}")
 
@@ -161,4 +185,6 @@ def scale_out(
             report = render_scale_out_report(settings, manifest, shards, dispatcher.events)
             write_atomic(out / "report.md", lambda tmp: tmp.write_text(report, encoding="utf-8"))
             publish_artifacts(settings.name, report, f"{settings.name} over hosts")
+            if isinstance(failure, stopping.Interrupted):
+                failure.on_disk = f"{manifest.rows_ok + manifest.rows_error:,} rows on disk in {out}"
     return manifest.model_dump(mode="json")

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -264,3 +265,41 @@ def test_sigterm_while_every_endpoint_sits_out_a_failure_stops_within_seconds(jo
     print(f"SIGTERM to exit: {seconds:.2f} s")
     assert code == 143 and seconds < STOP_LIMIT_S, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
     assert "interrupted by SIGTERM while every endpoint sits out a failure" in said, said[-4000:]
+
+
+SHARD_WAIT = """
+import os, signal, sys, threading, time
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.states import Running, Scheduled
+from flows.scale_out import wait_for_shard
+from tasks import stopping
+
+@flow
+def shard() -> None: ...
+
+with get_client(sync_client=True) as client:
+    run = client.create_flow_run(shard, state=Running() if sys.argv[1] == "running" else Scheduled())
+stopping.install()
+threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+started = time.monotonic()
+try:
+    wait_for_shard(run.id, 600, "shard run s on host-a")
+except stopping.Interrupted as exc:
+    print(f"{exc} after {time.monotonic() - started:.1f} s")
+with get_client(sync_client=True) as client:
+    print("shard", client.read_flow_run(run.id).state.type.value)
+"""
+
+
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.parametrize(("shard", "then"), [("running", "CANCELLING"), ("waiting", "CANCELLED")])
+def test_a_stopped_scale_out_parent_stops_waiting_and_cancels_its_shard_run(shard: str, then: str) -> None:
+    """Ctrl-C (or a worker's cancel) of the scale-out parent: it does not wait for a shard run that takes
+    hours; a running one gets Cancelling (its worker sends it SIGTERM), one no worker took is cancelled."""
+    done = subprocess.run(
+        [sys.executable, "-c", SHARD_WAIT, shard], env=session_env(), capture_output=True, text=True, timeout=60
+    )
+    said = done.stdout + done.stderr
+    assert "interrupted by SIGINT while shard run s on host-a ran after 1." in said, said
+    assert f"shard {then}" in said, said
