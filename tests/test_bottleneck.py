@@ -420,6 +420,8 @@ def test_the_h100_long_answer_curve_names_the_host_loop_with_its_evidence_and_re
     assert any("This run used llama.cpp's backend sampling" in a for a in used.advice)
     ollama = judge(h100_long(backend_sampling=False, engine="ollama"))
     assert ollama.kind == "host-bound" and not any("--cache-ram" in a for a in ollama.advice), ollama.advice
+    # Ollama has no backend-sampling switch: the advice says it takes another engine, not a setting of this one.
+    assert any(a.startswith("ollama samples on the host and has no switch for it") for a in ollama.advice)
 
 
 def test_the_prompt_cache_advice_follows_the_servers_own_timings() -> None:

@@ -21,6 +21,7 @@ from tasks.inference.backends.ollama import OllamaBackend
 from tasks.storage.files import write_parquet_atomic
 
 GIB = 1024**3
+MIB = 1024**2
 
 
 class FakeGpu:
@@ -178,6 +179,16 @@ def ps_server() -> Iterator[tuple[str, type[_PsHandler]]]:
                 "expires_at": "2099-01-01T00:00:00Z",
                 "context_length": 4096,
             },
+            {  # another tenant's model, kept on the CPU: not this job's spill
+                "name": "nomic-embed-text:latest",
+                "model": "nomic-embed-text:latest",
+                "size": 300 * MIB,
+                "size_vram": 0,
+                "digest": "y",
+                "details": {},
+                "expires_at": "2099-01-01T00:00:00Z",
+                "context_length": 2048,
+            },
         ]
     }
     handler = type("PsHandler", (_PsHandler,), {"body": json.dumps(payload).encode(), "seen_headers": []})
@@ -209,6 +220,10 @@ def test_ollama_ps_spill_detected(ps_server: tuple[str, type[_PsHandler]], monke
     assert df["ollama_size_mib"].to_list()[0] == 12 * 1024
     assert df["ollama_size_vram_mib"].to_list()[0] == 9 * 1024
     assert summarize(df, 0, time.time())["ollama_spill"] is True
+    # Only the job's own model counts; a model named without a tag is ':latest', as /api/ps names it.
+    other = OllamaBackend(host=host, model="nomic-embed-text", timeout_s=5, keep_alive="5m")
+    assert other.loaded_sizes() == (300.0, 0.0)
+    asyncio.run(other.close())
 
 
 def test_ollama_unreachable_gives_none() -> None:

@@ -439,9 +439,10 @@ def _host_remedies(e: RunEvidence) -> list[str]:
         if (cache := _prompt_cache_line(e)) is not None:
             remedies.append(cache)
     else:
-        remedies = [
-            "On llama.cpp's server, backend sampling (backend_sampling: auto, without a grammar) samples on the "
-            "GPU and returns only the sampled token to the host"
+        remedies = [  # Ollama and the embedded model have no such switch: it takes another engine
+            f"{e.engine or 'This engine'} samples on the host and has no switch for it; served by llama.cpp's "
+            "llama-server instead (backend: openai), backend_sampling: auto samples on the GPU (without a grammar) "
+            "and returns only the sampled token to the host"
         ]
     remedies.append(
         "An engine that samples on the GPU and batches sequences in one step (vLLM, SGLang) removes the per-token "

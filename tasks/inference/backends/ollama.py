@@ -162,16 +162,19 @@ class OllamaBackend(HttpBackend[ollama.AsyncClient]):
             raise classify(exc, self.model, self.host) from exc
 
     def loaded_sizes(self) -> tuple[float | None, float | None]:
-        """`size` and `size_vram` (MiB) summed over the models loaded now (/api/ps); (None, None) without
-        an answer. Synchronous, for the telemetry thread; its client lives until close()."""
+        """`size` and `size_vram` (MiB) of this job's model as loaded now (/api/ps; another model kept on the
+        CPU is not this job's spill); (None, None) without an answer. Synchronous, for the telemetry
+        thread; its client lives until close()."""
         if self._ps_client is None:
             self._ps_client = ollama.Client(host=self.host, timeout=PS_TIMEOUT_S)  # OLLAMA_API_KEY too
         try:
             models = self._ps_client.ps().models
         except (ConnectionError, ollama.ResponseError, httpx.HTTPError, ValueError):
             return None, None
-        size = sum(m.size or 0 for m in models)
-        vram = sum(m.size_vram or 0 for m in models)
+        ours = self.model if ":" in self.model else f"{self.model}:latest"  # as /api/ps names it
+        mine = [m for m in models if ours in (m.model, m.name)]
+        size = sum(m.size or 0 for m in mine)
+        vram = sum(m.size_vram or 0 for m in mine)
         return size / MIB, vram / MIB
 
     async def close(self) -> None:
