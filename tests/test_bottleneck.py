@@ -97,6 +97,18 @@ def test_util_100_at_one_in_flight_is_client_bound_not_gpu_bound() -> None:
     assert any("ETA 13.1 h" in x for x in v.evidence)
 
 
+def test_a_busy_gpu_with_every_slot_busy_is_not_called_one_sequence_per_step() -> None:
+    """8 requests on 8 slots of a llama.cpp server, which says no model shape: the verdict must not claim
+    one sequence per decode step, which its own evidence contradicts."""
+    busy = samples(util=97.0, power_w=600.0)
+    e = evidence(busy, backend="openai", engine="llama.cpp", in_flight=8, parallel_slots=8, slots_source="server")
+    v = judge(e.model_copy(update={"kv_geometry": None}))
+    assert "one sequence" not in v.headline and "8 sequences per decode step" in v.headline, v.headline
+    shaped = judge(evidence(busy, in_flight=8, parallel_slots=8, slots_source="operator"))
+    assert not any("one sequence" in x for x in shaped.evidence), shaped.evidence
+    assert any("8 sequences per decode step can leave much of it idle" in x for x in shaped.evidence)
+
+
 def test_flat_calibration_is_gpu_bound() -> None:
     curve = {1: 88.0, 2: 170.0, 4: 320.0, 8: 600.0, 16: 615.0}
     v = judge(evidence(samples(util=100.0), in_flight=8, parallel_slots=8, calibration=curve))

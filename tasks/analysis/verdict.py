@@ -533,10 +533,13 @@ def _kv_slots(e: RunEvidence) -> Verdict:
     num_ctx = e.num_ctx or 4096
     geometry = e.kv_geometry
     slots_line = f"{e.in_flight} request(s) in flight, {slots} slot(s) ({said})"
+    per_step = "one sequence per decode step" if slots == 1 else f"{slots} sequences per decode step"
     if geometry is None:
         return Verdict(
             kind="client-bound",
-            headline="Under-batched: one sequence per decode step leaves the GPU's throughput unused",
+            headline="Under-batched: one sequence per decode step leaves the GPU's throughput unused"
+            if slots == 1
+            else f"Possibly under-batched: every slot is busy ({per_step}); more may raise throughput",
             evidence=[slots_line, *_gpu_lines(e), "KV cache per slot unknown: nobody gave the model's shape"],
             advice=[
                 "Measure with in_flight: auto (tokens/s at 1, 2, 4, 8 in flight) and raise the server's parallel "
@@ -564,9 +567,9 @@ def _kv_slots(e: RunEvidence) -> Verdict:
     target = slots + extra
     util_note = (
         f"NVML util {t.gpu_util_mean:.0f} % only says a kernel was running, not that the "
-        "GPU's throughput is used up: one sequence per step leaves most of it idle"
+        f"GPU's throughput is used up: {per_step} can leave much of it idle"
         if t.gpu_util_mean is not None
-        else "One sequence per decode step leaves most of the GPU's throughput unused"
+        else f"{per_step[0].upper()}{per_step[1:]} can leave much of the GPU's throughput unused"
     )
     knob = {
         "ollama": f"OLLAMA_NUM_PARALLEL={target}",
