@@ -81,6 +81,15 @@ def wait_for_shard(flow_run_id: Any, start_timeout_s: float, name: str) -> State
                 stopping.check(f"while {name} ran")
 
 
+def add_up_shards(manifest: Manifest, shards: list[Manifest], since: float) -> None:
+    """The parent's rows sent and GPU energy: its shard runs' attempts since `since` (a host that retried
+    its batch left both attempts in one manifest). Their sending time does not add up (hosts send side by side)."""
+    attempts = [a for s in shards for a in s.attempts if a.started_at >= since]
+    manifest.rows_sent = sum(a.rows_sent for a in attempts)
+    manifest.energy_wh = rounded(hosts_energy_wh([a.energy_wh for a in attempts]), 3)
+    manifest.wh_per_1000_rows = rounded(wh_per_1000_rows(manifest.energy_wh, manifest.rows_sent), 3)
+
+
 @flow(name="batch-inference-scale-out", log_prints=True)
 def scale_out(
     hosts: list[Host],
@@ -177,10 +186,7 @@ def run_scale_out(
             manifest.hosts = [h.queue for h in hosts]
             # This run's shards only: an earlier, interrupted run of the job left its own there.
             shards = [m for m in read_shard_manifests(out) if m.started_at >= started]
-            # The hosts' rows and GPU energy add up; their sending time does not (they send side by side).
-            manifest.rows_sent = sum(s.rows_sent for s in shards)
-            manifest.energy_wh = rounded(hosts_energy_wh([s.energy_wh for s in shards]), 3)
-            manifest.wh_per_1000_rows = rounded(wh_per_1000_rows(manifest.energy_wh, manifest.rows_sent), 3)
+            add_up_shards(manifest, shards, started)
             manifest.write(out)
             report = render_scale_out_report(settings, manifest, shards, dispatcher.events)
             write_atomic(out / "report.md", lambda tmp: tmp.write_text(report, encoding="utf-8"))

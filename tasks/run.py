@@ -321,7 +321,7 @@ def write_report(
     telemetry = summarize(samples, first, time.time()) if samples.height else {}
     # This run's energy: its own samples and the rows it finished (earlier attempts' are in their manifests).
     wh = energy_wh(sampler.frame())
-    manifest.energy_wh = rounded(wh, 3)
+    manifest.energy_wh = manifest.attempts[-1].energy_wh = rounded(wh, 3)
     manifest.wh_per_1000_rows = rounded(wh_per_1000_rows(wh, manifest.rows_sent), 3)
     evidence = build_evidence(
         settings,

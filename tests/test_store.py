@@ -274,3 +274,23 @@ def test_refusal_says_when_only_the_input_changed(tmp_path: Path) -> None:
         claim_output_dir(tmp_path, "fp-3", {"settings": {**settings, "model": "n"}, "input_digest": "aaaa"}),
     ):
         pass
+
+
+def test_a_scale_out_parent_adds_up_every_attempt_of_its_shard_runs() -> None:
+    """A host that retried its batch wrote both attempts into one shard manifest: both count, and attempts
+    of an earlier parent run do not. Energy adds up only when every attempt read the power."""
+    from flows.scale_out import add_up_shards
+    from tasks.storage.manifest import Attempt, Manifest
+
+    def attempt(start: float, rows: int, wh: float | None) -> Attempt:
+        return Attempt(
+            started_at=start, finished_at=start + 1, wall_s=1, rows_sent=rows, complete=True, error=None, energy_wh=wh
+        )
+
+    retried = Manifest.model_construct(attempts=[attempt(5.0, 3, 1.0), attempt(50.0, 5, 2.0)])
+    resumed = Manifest.model_construct(attempts=[attempt(1.0, 99, 9.0), attempt(10.0, 8, 1.0)])  # 1.0: an earlier run
+    parent = Manifest.model_construct()
+    add_up_shards(parent, [retried, resumed], since=2.0)
+    assert (parent.rows_sent, parent.energy_wh, parent.wh_per_1000_rows) == (16, 4.0, 250.0)
+    add_up_shards(parent, [retried, Manifest.model_construct(attempts=[attempt(10.0, 8, None)])], since=2.0)
+    assert (parent.rows_sent, parent.energy_wh, parent.wh_per_1000_rows) == (16, None, None)

@@ -39,6 +39,7 @@ class Attempt(BaseModel):
     rows_sent: int
     complete: bool
     error: str | None
+    energy_wh: float | None = None  # GPU energy over this attempt's samples (None: no power reading)
 
 
 class Manifest(BaseModel):
