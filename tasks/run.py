@@ -25,7 +25,7 @@ from tasks.analysis.charts import timeline_png
 from tasks.analysis.progress import Progress
 from tasks.analysis.progress import Sink as ProgressSink
 from tasks.analysis.report import build_evidence, chunk_row, level_readings, render_report, rounded
-from tasks.analysis.telemetry import Sampler, chunks_busy_s, energy_wh, summarize, wh_per_1000_rows
+from tasks.analysis.telemetry import Sampler, chunks_busy_s, energy_wh, of_gpus, summarize, wh_per_1000_rows
 from tasks.analysis.verdict import judge
 from tasks.inference.backends import Backend, ServerInfo, make_backend
 from tasks.inference.backends.ollama import OllamaBackend
@@ -314,13 +314,14 @@ def write_report(
     write_parquet_atomic(marks, report_dir / "telemetry" / "marks.parquet")
     # A run stopped by a signal has seconds to exit: no chart (loading matplotlib and drawing takes
     # one to several seconds); the next run draws the whole job's, this attempt included.
+    samples = of_gpus(samples, settings.gpus)  # from here on: the job's GPUs only
     chart = None if manifest.interrupted else timeline_png(samples, marks)
     if chart:
         write_atomic(report_dir / "timeline.png", lambda tmp: tmp.write_bytes(chart))
     first = manifest.attempts[0].started_at
     telemetry = summarize(samples, first, time.time()) if samples.height else {}
     # This run's energy: its own samples and the rows it finished (earlier attempts' are in their manifests).
-    wh = energy_wh(sampler.frame())
+    wh = energy_wh(of_gpus(sampler.frame(), settings.gpus))
     manifest.energy_wh = manifest.attempts[-1].energy_wh = rounded(wh, 3)
     manifest.wh_per_1000_rows = rounded(wh_per_1000_rows(wh, manifest.rows_sent), 3)
     evidence = build_evidence(

@@ -511,3 +511,26 @@ def test_rates_count_endpoints_side_by_side_once_and_one_after_the_other_in_turn
     in_turn = [chunk(0, "a", 0, 10), chunk(1, "a", 10, 20), chunk(2, "b", 50, 60), chunk(3, "b", 60, 70)]
     assert sending_s(in_turn) == 40.0
     assert sending_s([ChunkStats(index=0, rows=5)]) == 0.0  # nothing sent: no time
+
+
+def test_gpus_setting_keeps_another_cards_idle_time_out_of_the_verdict() -> None:
+    """Two GPUs: the job's (0) at 95 %, another one idle. Averaged over both, the verdict read half the
+    samples as idle and called the run client-bound; `gpus: [0]` reads the job's card only."""
+    from tasks.analysis.report import gpus_label
+    from tasks.analysis.telemetry import energy_wh, of_gpus
+
+    ours = samples(util=95.0, power_w=300.0)
+    other = samples(util=0.0, power_w=60.0).with_columns(pl.lit(1, dtype=pl.Int32).alias("gpu"))
+    both = pl.concat([ours, other])
+    mixed = judge(evidence(both, in_flight=8, parallel_slots=8, slots_source="operator"))
+    assert "idle" in mixed.headline.lower(), mixed.headline  # what the operator saw
+    job = summarize(of_gpus(both, [0]), 0, 1e12)
+    assert job["gpu_util_mean"] == 95.0 and job["gpu_idle_fraction"] == 0.0
+    assert "idle" not in judge(evidence(of_gpus(both, [0]), in_flight=8, parallel_slots=8)).headline.lower()
+    assert energy_wh(of_gpus(both, [0])) == pytest.approx(300.0 * 59 / 3600)  # 60 samples, 59 one-second steps
+    assert of_gpus(both, None).height == both.height
+    assert (gpus_label(None), gpus_label([0]), gpus_label([0, 2])) == (
+        "all GPUs NVML sees",
+        "GPU 0 (gpus)",
+        "GPUs 0, 2 (gpus)",
+    )

@@ -39,6 +39,8 @@ def test_yaml_and_overrides_merge(tmp_path: Path) -> None:
         ({"name": "Has Spaces"}, "name"),
         ({"prompt_template": "Score {text"}, "prompt_template"),
         ({"prompt_template": "Score {text!r}"}, "prompt_template"),
+        ({"gpus": []}, "gpus"),
+        ({"gpus": [-1]}, "gpus.0"),
     ],
 )
 def test_bad_field_is_named(override: dict, field: str) -> None:

@@ -239,6 +239,13 @@ def _auto_changes(events: list[str]) -> list[str]:
     return ["Level changes:", "", *head, *(f"- {e}" for e in changes[-AUTO_CHANGES_SHOWN:]), ""]
 
 
+def gpus_label(gpus: list[int] | None) -> str:
+    """Which GPUs the report's figures cover."""
+    if gpus is None:
+        return "all GPUs NVML sees"
+    return f"GPU{'s' if len(gpus) > 1 else ''} {', '.join(map(str, gpus))} (gpus)"
+
+
 def energy_cell(energy: dict[str, float | None] | None) -> str:
     """`12.35 Wh, 4.57 Wh per 1,000 rows`, or why there is no figure."""
     wh = (energy or {}).get("energy_wh")
@@ -361,10 +368,10 @@ def render_report(
             if evidence.server_share is not None and evidence.outside_s is not None
             else []
         ),
-        f"| GPU energy (this run, all GPUs NVML sees) | {energy_cell(energy)} |",
+        f"| GPU energy (this run, {gpus_label(s.gpus)}) | {energy_cell(energy)} |",
         f"| VRAM peak / total | {_fmt(telemetry.get('vram_peak_mib'))} / {_fmt(telemetry.get('vram_total_mib'))} MiB "
         f"(headroom {_fmt(telemetry.get('vram_headroom_mib'))} MiB) |",
-        f"| GPU util mean (a kernel ran) | {_fmt(telemetry.get('gpu_util_mean'), '.0f', ' %')} |",
+        f"| GPU util mean (a kernel ran; {gpus_label(s.gpus)}) | {_fmt(telemetry.get('gpu_util_mean'), '.0f', ' %')} |",
         f"| memory-bandwidth util mean | {_fmt(telemetry.get('mem_util_mean'), '.0f', ' %')} |",
         f"| power mean / max | {_fmt(telemetry.get('power_mean_w'))} / {_fmt(telemetry.get('power_max_w'))} W |",
         f"| host CPU mean | {_fmt(telemetry.get('cpu_mean_pct'), '.0f', ' %')} |",

@@ -487,6 +487,12 @@ def hosts_energy_wh(readings: list[float | None]) -> float | None:
     return None if not readings or None in readings else sum(r for r in readings if r is not None)
 
 
+def of_gpus(frame: pl.DataFrame, gpus: list[int] | None) -> pl.DataFrame:
+    """The samples of the job's GPUs (settings.gpus; every one when None). Rows without a GPU (no NVML)
+    stay: they carry the host's figures."""
+    return frame if gpus is None else frame.filter(pl.col("gpu").is_in(gpus) | pl.col("gpu").is_null())
+
+
 def wh_per_1000_rows(energy: float | None, rows: int) -> float | None:
     """Energy per 1,000 finished rows; None without a power reading or without rows."""
     return None if energy is None or rows <= 0 else energy / rows * 1000.0

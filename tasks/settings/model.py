@@ -332,6 +332,13 @@ class JobSettings(BaseModel):
     checkpoint_rows: int = Field(256, ge=1, le=100_000, description="Finished rows buffered before a checkpoint file.")
     checkpoint_every_s: float = Field(2.0, gt=0, le=3600, description="Longest time finished rows stay in memory only.")
     telemetry_interval_s: float = Field(1.0, ge=0.05, le=60, description="GPU/host sampling interval.")
+    gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=1,
+        description="The GPUs this job's engine runs on, by NVML index (nvidia-smi's numbers): the verdict, GPU "
+        "figures and energy read only these. Unset: every GPU NVML sees, which misleads on a machine whose other "
+        "GPUs are idle or run other work. Every GPU is still sampled into telemetry/samples.parquet.",
+    )
     production_rows: int = Field(170_000, ge=1, description="Row count of the full production job, for the ETA.")
 
     @model_validator(mode="before")
