@@ -8,7 +8,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tasks.analysis.kv import GEMMA3_12B, eta_hours, kv_cache_gib_per_slot, slots_that_fit
+from tasks.analysis.kv import GEMMA3_12B, eta_hours, slots_that_fit
 from tasks.analysis.telemetry import SCHEMA, summarize
 from tasks.analysis.verdict import (
     LevelReading,
@@ -217,17 +217,17 @@ def test_no_telemetry_at_all() -> None:
 
 
 def test_kv_cache_estimate_matches_facts() -> None:
-    assert 0.6 <= kv_cache_gib_per_slot(4096) <= 0.8
-    assert 0.85 <= kv_cache_gib_per_slot(8192) <= 1.0
-    assert kv_cache_gib_per_slot(1024) < kv_cache_gib_per_slot(4096)
+    assert 0.6 <= GEMMA3_12B.gib_per_slot(4096) <= 0.8
+    assert 0.85 <= GEMMA3_12B.gib_per_slot(8192) <= 1.0
+    assert GEMMA3_12B.gib_per_slot(1024) < GEMMA3_12B.gib_per_slot(4096)
     with pytest.raises(ValueError):
-        kv_cache_gib_per_slot(0)
+        GEMMA3_12B.gib_per_slot(0)
 
 
 def test_slots_that_fit() -> None:
-    assert slots_that_fit(5.5 * GIB_MIB, 4096) == 6
-    assert slots_that_fit(0.6 * GIB_MIB, 4096) == 0
-    assert slots_that_fit(-100.0, 4096) == 0
+    assert slots_that_fit(5.5 * GIB_MIB, 4096, GEMMA3_12B) == 6
+    assert slots_that_fit(0.6 * GIB_MIB, 4096, GEMMA3_12B) == 0
+    assert slots_that_fit(-100.0, 4096, GEMMA3_12B) == 0
 
 
 # llama-server on an H200 (Gemma 3 270M, 16 slots): tokens/s by level from one `in_flight: auto` run.

@@ -46,12 +46,7 @@ GEMMA3_12B = KvGeometry(
 )
 
 
-def kv_cache_gib_per_slot(num_ctx: int, geometry: KvGeometry = GEMMA3_12B) -> float:
-    """KV cache one server slot needs at `num_ctx` (GiB, f16 cache)."""
-    return geometry.gib_per_slot(num_ctx)
-
-
-def slots_that_fit(headroom_mib: float, num_ctx: int, geometry: KvGeometry = GEMMA3_12B) -> int:
+def slots_that_fit(headroom_mib: float, num_ctx: int, geometry: KvGeometry) -> int:
     """How many more KV slots fit in the measured VRAM headroom, keeping a safety margin."""
     usable = headroom_mib / 1024 - VRAM_MARGIN_GIB
     return max(0, math.floor(usable / geometry.gib_per_slot(num_ctx)))

@@ -15,7 +15,7 @@ each GPU's row; with no GPU source there is one row per sample and `gpu` is null
     power_w                f64|null
     sm_clock_mhz           f64|null
     pstate                 i32|null   0 (max performance) .. 15
-    server_vram_mib        f64|null   the server pid's memory, or the sum over listed processes
+    server_vram_mib        f64|null   the sum over the processes NVML lists on this GPU (None where it lists none)
     cpu_pct                f64        all cores, 0..100: the whole machine, other processes' work included
     job_cpu_pct            f64|null   this process and its children, as a share of all cores, 0..100
     cpu_per_core           list[f64]  one value per logical core, 0..100
@@ -101,9 +101,8 @@ class GpuSource(Protocol):
 class NvmlSource:
     """GpuSource over an already initialised NVML; `open_gpu_source()` builds it."""
 
-    def __init__(self, handles: list[Any], server_pid: int | None = None) -> None:
+    def __init__(self, handles: list[Any]) -> None:
         self._handles = handles
-        self.server_pid = server_pid
 
     def devices(self) -> int:
         return len(self._handles)
@@ -135,11 +134,8 @@ class NvmlSource:
         # Containers often see no processes (PID namespaces) and WDDM reports no per-process
         # memory (usedGpuMemory None): both give None rather than a misleading 0.
         procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        used = [(p.pid, p.usedGpuMemory) for p in procs if p.usedGpuMemory is not None]
-        if self.server_pid is not None:
-            mine = [m for pid, m in used if pid == self.server_pid]
-            return sum(mine) / MIB if mine else None
-        return sum(m for _, m in used) / MIB if used else None
+        used = [p.usedGpuMemory for p in procs if p.usedGpuMemory is not None]
+        return sum(used) / MIB if used else None
 
     def close(self) -> None:
         with contextlib.suppress(pynvml.NVMLError):  # already shut down or driver gone
@@ -154,7 +150,7 @@ def _nvml(query: Callable[[], Any]) -> Any:
         return None
 
 
-def open_gpu_source(server_pid: int | None = None) -> GpuSource | None:
+def open_gpu_source() -> GpuSource | None:
     """Initialise NVML; without a usable NVML log one warning and return None."""
     try:
         pynvml.nvmlInit()
@@ -163,7 +159,7 @@ def open_gpu_source(server_pid: int | None = None) -> GpuSource | None:
     except pynvml.NVMLError as exc:
         log.warning("GPU telemetry is off: NVML unavailable (%s); sampling host only", exc)
         return None
-    return NvmlSource(handles, server_pid=server_pid)
+    return NvmlSource(handles)
 
 
 class _CpuMeter:
@@ -238,16 +234,13 @@ class Sampler:
         interval_s: float = 1.0,
         gpu_source: GpuSource | None | Literal["auto"] = "auto",
         model_memory: Sequence[ModelMemory] = (),
-        server_pid: int | None = None,
         flush_rows: int = _FLUSH_ROWS,
     ) -> None:
         # No I/O here: "auto" opens NVML in start(), so a Sampler can be built anywhere.
-        # server_pid only reaches the "auto" NVML source; a source passed in is used as given.
         self.interval_s = interval_s
         self._source_arg = gpu_source
         self._source: GpuSource | None = None
         self._model_memory = list(model_memory)
-        self._server_pid = server_pid
         self.flush_rows = flush_rows
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -268,7 +261,7 @@ class Sampler:
         if self._thread is not None:
             raise RuntimeError("Sampler already started")
         if self._source_arg == "auto":
-            self._source = open_gpu_source(self._server_pid)
+            self._source = open_gpu_source()
         else:
             self._source = self._source_arg
         self._thread = threading.Thread(target=self._run, name="telemetry-sampler", daemon=True)
