@@ -156,7 +156,7 @@ def run_scale_out(
                 },
                 work_queue_name=host.queue,
                 flow_run_name=f"{settings.name}-{host.queue}-{batch[0].name}",
-                timeout=0,  # returns at once; _wait_for_shard also notices a host that never starts it
+                timeout=0,  # returns at once; wait_for_shard also notices a host that never starts it
                 as_subflow=True,
             )
             state = wait_for_shard(child.id, start_timeout_s, f"shard run {child.name} on {host.queue}")
