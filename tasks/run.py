@@ -40,7 +40,7 @@ from tasks.plan.job import ChunkInputs, Job, OutputModel
 from tasks.schema import ChunkStats
 from tasks.settings.model import JobSettings
 from tasks.storage.files import read_parquet_or_none, write_atomic, write_parquet_atomic
-from tasks.storage.journal import check_chunk_files, finished_rows
+from tasks.storage.journal import check_chunk_files, rows_on_disk
 from tasks.storage.manifest import Attempt, Manifest
 from tasks.storage.outdir import (
     OutputDirError,
@@ -52,7 +52,7 @@ from tasks.storage.outdir import (
     remember_level,
     remembered_level,
 )
-from tasks.storage.results import consolidate, error_kinds, error_rows, server_timed
+from tasks.storage.results import consolidate, error_kinds, server_timed
 from tasks.storage.sink import ChunkSink, open_sink
 
 Checks = tuple[list[JobSettings], list[str], list[ServerInfo]]  # endpoints up, problems of the others, servers
@@ -394,8 +394,9 @@ def run_job(
         for finding in findings:
             steps.log.warning(finding)
         # Per chunk: a chunk's end then adds to the progress only the rows and error rows this attempt made.
-        rows_before = {c.index: len(finished_rows(out, c)) for c in plan.chunks}
-        errors_before = {c.index: error_rows(out, [c]) for c in plan.chunks}
+        found = {c.index: rows_on_disk(out, c)["status"] for c in plan.chunks}
+        rows_before = {i: len(statuses) for i, statuses in found.items()}
+        errors_before = {i: int((statuses == "error").sum()) for i, statuses in found.items()}
         done_before = sum(rows_before.values())
         steps.log.info(
             "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight; each chunk holds the "

@@ -23,7 +23,7 @@ from tasks.storage.journal import (
     part_paths,
 )
 from tasks.storage.outdir import OutputDirError, claim_output_dir, join_output_dir
-from tasks.storage.results import consolidate
+from tasks.storage.results import consolidate, counts, error_kinds
 
 
 def row(i: int, chunk: int = 0, status: str = "ok") -> ResultRow:
@@ -176,6 +176,22 @@ def test_a_killed_writer_loses_no_finished_row(tmp_path: Path) -> None:
     frame = resumed.finish()
     assert frame["row_index"].to_list() == [10, 11, 12, 13]
     assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["chunk-00002.parquet", "finished.jsonl"]
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_error_rows_by_kind_count_journaled_rows_as_the_row_counts_do(tmp_path: Path) -> None:
+    """A stopped chunk's error rows, in a checkpoint part and in its journal: the report's "errors by kind"
+    adds up to the manifest's rows_error (the journal's were left out)."""
+    chunk = ChunkSpec(index=0, offset=0, length=6)
+    writer = ChunkWriter(tmp_path, chunk, {}, checkpoint_rows=1000, checkpoint_every_s=3600)
+    writer.add(row(0, status="error"))
+    writer.add(row(1))
+    writer.write_part(*writer.take())
+    writer.add(row(2, status="error"))  # journaled only: the run stopped before the next checkpoint
+    writer.add(row(3))
+    del writer
+    assert counts(tmp_path, [chunk]) == {"ok": 2, "error": 2}
+    assert error_kinds(tmp_path, [chunk]) == {"bad_request": 2}
 
 
 def _owned(out: Path, fingerprint: str = "fp-1") -> Path:

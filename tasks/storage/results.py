@@ -43,17 +43,13 @@ def _written(out: Path, chunks: list[ChunkSpec]) -> list[Path]:
 
 
 def error_kinds(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
-    """Error rows by kind over everything on disk (finished chunks and checkpoint parts)."""
-    paths = _written(out, chunks)
-    if not paths:
+    """Error rows by kind over everything on disk (finished chunks, checkpoint parts and journals), the
+    rows `counts` counts: the report's kinds add up to the manifest's rows_error."""
+    if not chunks:
         return {}
-    frame = pl.scan_parquet(paths).filter(pl.col("status") == "error").group_by("error_kind").len().collect()
+    rows = pl.concat([rows_on_disk(out, c) for c in chunks])
+    frame = rows.filter(pl.col("status") == "error").group_by("error_kind").len()
     return {str(k): int(n) for k, n in frame.iter_rows()}
-
-
-def error_rows(out: Path, chunks: list[ChunkSpec]) -> int:
-    """Error rows on disk (finished chunks and checkpoint parts)."""
-    return sum(error_kinds(out, chunks).values())
 
 
 def server_timed(out: Path, chunks: list[ChunkSpec]) -> tuple[float, float] | None:
