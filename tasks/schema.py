@@ -96,7 +96,9 @@ class ChunkStats(BaseModel):
     rows: int = Field(description="Rows in the chunk.")
     endpoint: str | None = Field(None, description="Where the chunk ran: an Ollama URL or 'embedded'.")
     resumed_rows: int = Field(0, description="Rows already on disk from an earlier run, not sent again.")
-    sent_rows: int = Field(0, description="Rows processed in this run.")
+    sent_rows: int = Field(
+        0, description="Rows sent to the engine in this run (not those answered without a request: an empty field)."
+    )
     ok: int = 0
     errors: int = 0
     requests: int = Field(0, description="Requests sent, retries included.")

@@ -7,6 +7,7 @@ the same run_job with Prefect's steps (tests/test_flow.py and the end-to-end tes
 from __future__ import annotations
 
 import json
+from datetime import date
 from typing import Any
 
 import polars as pl
@@ -49,7 +50,6 @@ class FakeSteps(Direct):
 
 
 def planned(offline_job: Any, n: int, **overrides: Any) -> Job:
-    from datetime import date
 
     return plan_job(None, offline_job(n, **overrides), date(2026, 12, 5), validate=validate_input)
 
@@ -68,6 +68,20 @@ def test_a_run_without_prefect_writes_results_manifest_and_report(offline_job: A
     assert "Run report: test" in (out / "report.md").read_text()
     assert seen[-1].final and seen[-1].done == 20
     assert len(fake.history) == 20
+
+
+def test_rows_answered_without_a_request_are_not_the_engines_rate(offline_job: Any) -> None:
+    """Half the rows have an empty field: error rows made without a request. The chunk's sent rows, and
+    the requests/s the ETA is built on, count the other half only."""
+    frame = pl.DataFrame(
+        {"id": [f"r{i}" for i in range(8)], "role": ["x", None] * 4, "text": [f"candidate {i}" for i in range(8)]}
+    )
+    job = plan_job(None, offline_job(frame=frame, chunk_size=8), date(2026, 12, 5), validate=validate_input)
+    fake = FakeBackend()
+    manifest = run_job(job, FakeSteps(fake), [])
+    (stats,) = manifest.chunk_stats
+    assert (manifest.rows_ok, manifest.rows_error, len(fake.history)) == (4, 4, 4)
+    assert (stats["sent_rows"], stats["requests"]) == (4, 4)
 
 
 def test_a_broken_run_resumes_and_its_manifest_keeps_both_attempts(offline_job: Any) -> None:

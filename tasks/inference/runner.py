@@ -544,7 +544,10 @@ def _run_claimed(
     by_status = frame["status"].value_counts()
     status_counts = dict(zip(by_status["status"].to_list(), by_status["count"].to_list(), strict=True))
     ok, errors = status_counts.get("ok", 0), status_counts.get("error", 0)
-    return _stats(run, settings, chunk, started, len(done), len(rows), ok, errors)
+    # Rows answered without a request (an empty template field) are not the engine's work: left out of
+    # the rates the ETA is built on.
+    sent = sum(row.messages is not None for row in rows)
+    return _stats(run, settings, chunk, started, len(done), sent, ok, errors)
 
 
 def _stats(
