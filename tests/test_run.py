@@ -50,7 +50,6 @@ class FakeSteps(Direct):
 
 
 def planned(offline_job: Any, n: int, **overrides: Any) -> Job:
-
     return plan_job(None, offline_job(n, **overrides), date(2026, 12, 5), validate=validate_input)
 
 
