@@ -233,3 +233,17 @@ def test_chunk_hand_over_within_a_run_is_short(
         last[k] = max(last.get(k, t1), t1)
     gaps = [first[k + 1] - last[k] for k in range(4)]
     assert max(gaps) < 2.0, gaps
+
+
+@pytest.mark.parametrize("devices", [None, "0", "GPU-1a2b3c4d"])
+def test_the_embedded_model_has_one_machine_lock_however_its_gpu_is_named(
+    devices: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA_VISIBLE_DEVICES unset, `0` or a UUID can all be the same card: two embedded jobs with their own
+    Prefect servers took different locks and shared it."""
+    if devices is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", devices)
+    assert machine_key("embedded") == "embedded"
+    assert machine_key("http://127.0.0.1:11434") == machine_key("localhost:11434") == "localhost-11434"

@@ -144,10 +144,11 @@ def lock_dir() -> Path:
 
 def machine_key(endpoint: str) -> str:
     """The GPU an endpoint stands for, as a file name. A loopback address or this machine's name is
-    one server whatever it is called; the URL's path (/v1) names no other server."""
+    one server whatever it is called; the URL's path (/v1) names no other server. The embedded model
+    is one lock per machine: CUDA_VISIBLE_DEVICES unset, `0` or a GPU's UUID can all name the same
+    card (and unset, llama.cpp spreads the model over every GPU), so it cannot tell two GPUs apart."""
     if "://" not in endpoint and "." not in endpoint and ":" not in endpoint:  # 'embedded'
-        devices = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        return f"{endpoint}-gpu{devices}" if devices else endpoint
+        return endpoint
     url = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
     host = (url.hostname or "localhost").lower()
     if host in LOOPBACK or host.startswith("127.") or host == socket.gethostname().lower():
