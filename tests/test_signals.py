@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -301,5 +302,6 @@ def test_a_stopped_scale_out_parent_stops_waiting_and_cancels_its_shard_run(shar
         [sys.executable, "-c", SHARD_WAIT, shard], env=session_env(), capture_output=True, text=True, timeout=60
     )
     said = done.stdout + done.stderr
-    assert "interrupted by SIGINT while shard run s on host-a ran after 1." in said, said
+    stopped = re.search(r"interrupted by SIGINT while shard run s on host-a ran after ([\d.]+) s", said)
+    assert stopped and float(stopped.group(1)) < STOP_LIMIT_S, said  # SIGINT at 1 s; the shard takes hours
     assert f"shard {then}" in said, said
