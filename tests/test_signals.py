@@ -67,6 +67,27 @@ def session_env() -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
 
 
+def sigterm_after_8_rows(
+    path: Path,
+    on_disk_now: Callable[[], int],
+    tmp_path: Path,
+    meanwhile: Callable[[subprocess.Popen[bytes], Path], None] | None = None,
+) -> str:
+    """Run the job in `path` from the command line; once 8 rows are on disk, do `meanwhile(proc, log)`, then
+    send SIGTERM: the run must exit 143 within STOP_LIMIT_S. Returns its log."""
+    log = tmp_path / "run.log"
+    with reaped(start_cli(path, log, session_env())) as proc:
+        until(lambda: on_disk_now() >= 8, proc, log)
+        if meanwhile is not None:
+            meanwhile(proc, log)
+        proc.send_signal(signal.SIGTERM)
+        code, seconds = exit_after(proc, log)
+    said = log.read_text()
+    print(f"SIGTERM to exit: {seconds:.2f} s")
+    assert code == 143 and seconds < STOP_LIMIT_S, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
+    return said
+
+
 def test_ctrl_c_on_a_temporary_server_stops_within_seconds_and_a_rerun_completes(
     job: Any, emulator: OllamaEmulator, tmp_path: Path
 ) -> None:
@@ -140,14 +161,7 @@ def test_sigterm_stops_a_5000_row_chunk_within_seconds_without_a_retry(
     )
     path = job_file(tmp_path, settings)
     on_disk_now = rows_on_disk(path)
-    log = tmp_path / "run.log"
-    with reaped(start_cli(path, log, session_env())) as proc:
-        until(lambda: on_disk_now() >= 8, proc, log)
-        proc.send_signal(signal.SIGTERM)
-        code, seconds = exit_after(proc, log)
-    said = log.read_text()
-    print(f"SIGTERM to exit: {seconds:.2f} s")
-    assert code == 143 and seconds < STOP_LIMIT_S, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
+    said = sigterm_after_8_rows(path, on_disk_now, tmp_path)
     out = Path(settings["output_dir"])
     on_disk = on_disk_now()
     assert 8 <= on_disk < 5000 and f"interrupted (SIGTERM): {on_disk:,} rows on disk in {out}" in said
@@ -226,17 +240,12 @@ def test_sigterm_while_a_chunk_waits_to_retry_stops_within_seconds(
         gpu_limit=f"gpu-retry-{os.getpid()}",
     )
     path = job_file(tmp_path, settings)
-    on_disk_now = rows_on_disk(path)
-    log = tmp_path / "run.log"
-    with reaped(start_cli(path, log, session_env())) as proc:
-        until(lambda: on_disk_now() >= 8, proc, log)
+
+    def waiting_to_retry(proc: subprocess.Popen[bytes], log: Path) -> None:
         emulator.down()
         until(lambda: "chunk-00000: try 2 starts in 60 s" in log.read_text(), proc, log, limit_s=60)
-        proc.send_signal(signal.SIGTERM)
-        code, seconds = exit_after(proc, log)
-    said = log.read_text()
-    print(f"SIGTERM to exit: {seconds:.2f} s")
-    assert code == 143 and seconds < STOP_LIMIT_S, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
+
+    said = sigterm_after_8_rows(path, rows_on_disk(path), tmp_path, waiting_to_retry)
     assert "interrupted by SIGTERM before chunk-00000" in said, said[-4000:]
 
 
@@ -252,19 +261,14 @@ def test_sigterm_while_every_endpoint_sits_out_a_failure_stops_within_seconds(jo
             {"host": b.host, "gpu_limit": f"gpu-b-{os.getpid()}"},
         ]
         path = job_file(tmp_path, settings)
-        on_disk_now = rows_on_disk(path)
-        log = tmp_path / "run.log"
-        with reaped(start_cli(path, log, session_env())) as proc:
-            until(lambda: on_disk_now() >= 8, proc, log)
+
+        def both_sitting_out(proc: subprocess.Popen[bytes], log: Path) -> None:
             a.down()
             b.down()
             until(lambda: log.read_text().count("go back to the other lanes") >= 2, proc, log, limit_s=60)
             time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
-            code, seconds = exit_after(proc, log)
-    said = log.read_text()
-    print(f"SIGTERM to exit: {seconds:.2f} s")
-    assert code == 143 and seconds < STOP_LIMIT_S, f"exit {code} after {seconds:.1f}s:\n{said[-4000:]}"
+
+        said = sigterm_after_8_rows(path, rows_on_disk(path), tmp_path, both_sitting_out)
     assert "interrupted by SIGTERM while every endpoint sits out a failure" in said, said[-4000:]
 
 
