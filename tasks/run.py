@@ -25,7 +25,16 @@ from tasks.analysis.charts import timeline_png
 from tasks.analysis.progress import Progress
 from tasks.analysis.progress import Sink as ProgressSink
 from tasks.analysis.report import build_evidence, chunk_row, level_readings, render_report, rounded
-from tasks.analysis.telemetry import Sampler, chunks_busy_s, energy_wh, of_gpus, summarize, wh_per_1000_rows
+from tasks.analysis.telemetry import (
+    FIRST_ANSWER,
+    Sampler,
+    chunks_busy_s,
+    energy_wh,
+    of_gpus,
+    summarize,
+    warm_ups,
+    wh_per_1000_rows,
+)
 from tasks.analysis.verdict import judge
 from tasks.inference.backends import Backend, ServerInfo, make_backend
 from tasks.inference.backends.ollama import OllamaBackend
@@ -139,7 +148,7 @@ def chunk_on_endpoint(
     sampler.mark(f"{chunk.name} start")
     progress.chunk_started(chunk.index)  # a retry or another endpoint: earlier tries' rows stay counted
     try:
-        return run_chunk(
+        stats = run_chunk(
             lane,
             chunk,
             backend or make_backend(lane),
@@ -149,6 +158,9 @@ def chunk_on_endpoint(
         )
     finally:
         sampler.mark(f"{chunk.name} end")  # every try, failed ones too: the attempt's sending time
+    if stats.first_answer_at is not None:
+        sampler.mark(FIRST_ANSWER, at=stats.first_answer_at)
+    return stats
 
 
 class Shard(NamedTuple):
@@ -319,7 +331,7 @@ def write_report(
     if chart:
         write_atomic(report_dir / "timeline.png", lambda tmp: tmp.write_bytes(chart))
     first = manifest.attempts[0].started_at
-    telemetry = summarize(samples, first, time.time()) if samples.height else {}
+    telemetry = summarize(samples, first, time.time(), warm_ups(marks)) if samples.height else {}
     # This run's energy: its own samples and the rows it finished (earlier attempts' are in their manifests).
     wh = energy_wh(of_gpus(sampler.frame(), settings.gpus))
     manifest.energy_wh = manifest.attempts[-1].energy_wh = rounded(wh, 3)

@@ -124,6 +124,7 @@ class ChunkStats(BaseModel):
     )
     started_at: float = 0.0
     finished_at: float = 0.0
+    first_answer_at: float | None = Field(None, description="When the chunk's first answer came back (epoch s).")
     events: list[str] = Field(default_factory=list, description="Recoveries and back-offs, with times.")
 
     @property

@@ -143,6 +143,52 @@ def test_idle_gaps_are_client_bound_with_idle_fraction() -> None:
     assert any("40% of samples" in x for x in v.evidence)
 
 
+def test_the_model_load_before_the_first_answer_is_not_idle_gpu_time() -> None:
+    """Ollama loads the model at the first request: 15 s at 0 % of a 60 s run read as "client-bound,
+    idle 25 %". Each attempt's start to its first answer (both marked) is left out of util and idle."""
+    from tasks.analysis.telemetry import FIRST_ANSWER, MARK_SCHEMA, warm_ups
+
+    frame = samples(util=[0.0] * 15 + [95.0] * 45, power_w=300.0)
+    loading = judge(evidence(frame, in_flight=8, parallel_slots=8))
+    assert "idle" in loading.headline, loading.headline  # what the run said before
+    marks = pl.DataFrame(
+        [
+            (1_000.0, "attempt 1 start"),
+            (1_000.5, "chunk-00000 start"),
+            (1_015.0, FIRST_ANSWER),  # chunk 0's first answer
+            (1_030.0, FIRST_ANSWER),  # chunk 1's: not a load
+            (1_059.0, "chunk-00000 end"),
+        ],
+        schema=MARK_SCHEMA,
+        orient="row",
+    )
+    spans = warm_ups(marks)
+    assert spans == [(1_000.0, 1_015.0)]
+    steady = summarize(frame, 0, 1e12, spans)
+    assert (steady["gpu_idle_fraction"], steady["gpu_util_mean"], steady["warm_up_s"]) == (0.0, 95.0, 15.0)
+    assert steady["vram_peak_mib"] == 10_752.0 and steady["power_mean_w"] == 300.0  # the load counts here
+    v = judge(evidence(frame, in_flight=8, parallel_slots=8, telemetry=steady))
+    assert "idle" not in v.headline, v.headline
+    # A second attempt loads again; one that never got an answer leaves out nothing.
+    later = pl.concat(
+        [
+            marks,
+            pl.DataFrame(
+                [(2_000.0, "attempt 2 start"), (2_004.0, FIRST_ANSWER), (3_000.0, "attempt 3 start")],
+                schema=MARK_SCHEMA,
+                orient="row",
+            ),
+        ]
+    )
+    assert warm_ups(later) == [(1_000.0, 1_015.0), (2_000.0, 2_004.0)]
+    assert summarize(frame, 0, 1e12)["warm_up_s"] is None
+    idle = [0.0] * 15 + [0.0 if i % 2 else 100.0 for i in range(45)]  # idle after the load too: still said
+    v = judge(evidence(frame, telemetry=summarize(samples(util=idle), 0, 1e12, spans), in_flight=4, parallel_slots=4))
+    assert v.kind == "client-bound"
+    said = "in 49% of samples while rows remained (the 15 s before the first answer, a model load, left out)"
+    assert any(said in line for line in v.evidence), v.evidence
+
+
 def test_idle_gaps_with_the_job_saturating_the_cpu_are_cpu_bound() -> None:
     util = [0.0 if i % 2 else 100.0 for i in range(60)]
     v = judge(evidence(samples(util=util, cpu_pct=95.0, job_cpu_pct=90.0)))

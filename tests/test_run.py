@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from tasks.analysis.progress import Progress, Snapshot
-from tasks.analysis.telemetry import Sampler
+from tasks.analysis.telemetry import Sampler, warm_ups
 from tasks.inference.backends import BackendError
 from tasks.inference.backends.fake import FakeBackend
 from tasks.inference.runner import ChunkAborted
@@ -105,3 +105,7 @@ def test_a_broken_run_resumes_and_its_manifest_keeps_both_attempts(offline_job: 
     assert [a.rows_sent for a in manifest.attempts] == [12, 12]
     assert 0 < manifest.sending_s <= manifest.wall_s
     assert "2 attempts" in (out / "report.md").read_text()
+    # Each attempt's start to its first answer (a model load on Ollama) is marked, and kept out of GPU util.
+    spans = warm_ups(pl.read_parquet(out / "telemetry" / "marks.parquet"))
+    assert len(spans) == 2 and spans[0][1] < spans[1][0]
+    assert all(abs(start - a.started_at) < 2 for (start, _), a in zip(spans, manifest.attempts, strict=True))

@@ -372,6 +372,11 @@ def render_report(
         f"| VRAM peak / total | {_fmt(telemetry.get('vram_peak_mib'))} / {_fmt(telemetry.get('vram_total_mib'))} MiB "
         f"(headroom {_fmt(telemetry.get('vram_headroom_mib'))} MiB) |",
         f"| GPU util mean (a kernel ran; {gpus_label(s.gpus)}) | {_fmt(telemetry.get('gpu_util_mean'), '.0f', ' %')} |",
+        *(
+            [f"| before the first answer (model load; left out of util) | {_fmt(warm_up, '.0f', ' s')} |"]
+            if (warm_up := telemetry.get("warm_up_s"))
+            else []
+        ),
         f"| memory-bandwidth util mean | {_fmt(telemetry.get('mem_util_mean'), '.0f', ' %')} |",
         f"| power mean / max | {_fmt(telemetry.get('power_mean_w'))} / {_fmt(telemetry.get('power_max_w'))} W |",
         f"| host CPU mean | {_fmt(telemetry.get('cpu_mean_pct'), '.0f', ' %')} |",

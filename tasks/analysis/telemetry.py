@@ -74,6 +74,7 @@ SCHEMA: dict[str, Any] = {
     "ollama_size_vram_mib": pl.Float64,
 }
 MARK_SCHEMA: dict[str, Any] = {"t": pl.Float64, "label": pl.String}
+FIRST_ANSWER = "first answer"  # a chunk's first answer, marked at its time when the chunk ends
 
 OLLAMA_POLL_S = 5.0  # /api/ps is cheap but the server is busy with real work: poll sparingly
 CHILDREN_EVERY_S = 10.0  # how often the job's CPU meter lists this process's descendants
@@ -279,10 +280,10 @@ class Sampler:
                 log.exception("closing the GPU source failed")
             self._source = None
 
-    def mark(self, label: str) -> None:
-        """Record an event (e.g. "chunk 3 start") at the current time."""
+    def mark(self, label: str, at: float | None = None) -> None:
+        """Record an event (e.g. "chunk 3 start") at `at`, or now."""
         with self._lock:
-            self._marks.append((time.time(), label))
+            self._marks.append((time.time() if at is None else at, label))
 
     def marks(self) -> pl.DataFrame:
         """All marks so far: columns t, label."""
@@ -384,12 +385,32 @@ def _to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=SCHEMA, strict=False)
 
 
-def summarize(frame: pl.DataFrame, t0: float, t1: float) -> dict[str, Any]:
+def warm_ups(marks: pl.DataFrame) -> list[tuple[float, float]]:
+    """Each attempt's start to its first answer: loading the model (Ollama loads it at the first
+    request) and the first prompts. The GPU idles through a load, which says nothing about the run."""
+    spans: list[tuple[float, float]] = []
+    start: float | None = None
+    relevant = pl.col("label").str.starts_with("attempt ") | (pl.col("label") == FIRST_ANSWER)
+    for t, label in marks.filter(relevant).sort("t").iter_rows():
+        if label.startswith("attempt "):
+            start = t
+        elif start is not None:
+            spans.append((start, t))
+            start = None
+    return spans
+
+
+def summarize(frame: pl.DataFrame, t0: float, t1: float, warm_up: Sequence[tuple[float, float]] = ()) -> dict[str, Any]:
     """Summarise samples in [t0, t1]; GPU keys are None when the window has no GPU data.
 
     With several GPUs, peaks/means are over all GPU rows and headroom is the smallest per GPU.
+    Samples inside a `warm_up` span (see warm_ups) count for memory, power and CPU, but not for
+    how busy the GPU was: utilisation and idle share are the steady state's.
     """
     w = frame.filter(pl.col("t").is_between(t0, t1))
+    loading = pl.lit(False)
+    for start, end in warm_up:
+        loading = loading | pl.col("t").is_between(start, end, closed="left")
     host = w.unique(subset="t", keep="first")  # host fields repeat on each GPU's row
     gpu = w.filter(pl.col("vram_used_mib").is_not_null())
     out: dict[str, Any] = {
@@ -410,18 +431,20 @@ def summarize(frame: pl.DataFrame, t0: float, t1: float) -> dict[str, Any]:
         "gpu_idle_fraction": None,
         "power_mean_w": None,
         "power_max_w": None,
+        "warm_up_s": round(sum(max(0.0, min(end, t1) - max(start, t0)) for start, end in warm_up), 1) or None,
     }
     if gpu.height == 0:
         return out
     per_gpu = gpu.group_by("gpu").agg(peak=pl.col("vram_used_mib").max(), total=pl.col("vram_total_mib").max())
-    util = gpu["gpu_util_pct"].drop_nulls()
+    steady = gpu.filter(~loading)
+    util = steady["gpu_util_pct"].drop_nulls()
     out.update(
         vram_peak_mib=_stat(gpu["vram_used_mib"].max()),
         vram_mean_mib=_stat(gpu["vram_used_mib"].mean()),
         vram_total_mib=_stat(gpu["vram_total_mib"].max()),
         vram_headroom_mib=_stat((per_gpu["total"] - per_gpu["peak"]).min()),
         gpu_util_mean=_stat(util.mean()),
-        mem_util_mean=_stat(gpu["mem_util_pct"].mean()),
+        mem_util_mean=_stat(steady["mem_util_pct"].mean()),
         # Below 10 % the GPU was waiting on the client (or between chunks) most of that second.
         gpu_idle_fraction=float((util < 10).mean()) if util.len() else None,  # type: ignore[arg-type]
         power_mean_w=_stat(gpu["power_w"].mean()),

@@ -68,6 +68,9 @@ class TelemetrySummary(BaseModel):
     gpu_idle_fraction: float | None = Field(None, ge=0, le=1, description="share util < 10 %")
     power_mean_w: float | None = Field(None, description="mean board power")
     power_max_w: float | None = Field(None, description="peak board power")
+    warm_up_s: float | None = Field(
+        None, description="seconds from each attempt's start to its first answer, left out of util and idle share"
+    )
 
 
 class LevelReading(BaseModel):
@@ -319,6 +322,8 @@ def _idle_gaps(e: RunEvidence) -> Verdict | None:
     if idle is None or idle <= IDLE_FRACTION_MAX:
         return None
     evidence = [f"GPU idle (util < {IDLE_UTIL_PCT:.0f} %) in {idle:.0%} of samples while rows remained"]
+    if t.warm_up_s:
+        evidence[0] += f" (the {t.warm_up_s:.0f} s before the first answer, a model load, left out)"
     if _job_cpu_saturated(t):
         return Verdict(
             kind="cpu-bound",

@@ -583,5 +583,6 @@ def _stats(
         auto=run.auto.state.model_dump(mode="json") if run.auto else None,
         started_at=started,
         finished_at=time.time(),
+        first_answer_at=min(run.answered_at, default=None),
         events=run.events,
     )
