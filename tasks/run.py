@@ -500,6 +500,7 @@ def run_job(
             # Counted on disk, so a chunk try that failed (retried, moved to another endpoint, or the
             # run's end) counts its journaled rows, and the time while any chunk ran counts once.
             manifest.rows_sent = manifest.rows_ok + manifest.rows_error - done_before
+            manifest.tokens_sent = sum(st.completion_tokens for st in ran)
             manifest.sending_s = round(chunks_busy_s(sampler.marks()), 3)
             attempt = Attempt(
                 started_at=started,

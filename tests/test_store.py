@@ -6,6 +6,7 @@ import json
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -310,3 +311,27 @@ def test_a_scale_out_parent_adds_up_every_attempt_of_its_shard_runs() -> None:
     assert (parent.rows_sent, parent.energy_wh, parent.wh_per_1000_rows) == (16, 4.0, 250.0)
     add_up_shards(parent, [retried, Manifest.model_construct(attempts=[attempt(10.0, 8, None)])], since=2.0)
     assert (parent.rows_sent, parent.energy_wh, parent.wh_per_1000_rows) == (16, None, None)
+
+
+def test_the_scale_out_report_rates_each_host_on_its_shard_runs_last_attempt(offline_job: Any) -> None:
+    """A shard run that retried keeps the last attempt's rows, tokens and sending time: a host's rates are
+    theirs, not a rate over every attempt multiplied by the last one's seconds."""
+    from tasks.analysis.report import render_scale_out_report
+    from tasks.settings.model import JobSettings
+    from tasks.storage.manifest import Manifest
+
+    def shard(host: str, rows: int, tokens: int, secs: float, tokens_per_s: float) -> Manifest:
+        return Manifest.model_construct(
+            host=host, rows_sent=rows, tokens_sent=tokens, sending_s=secs, tokens_per_s=tokens_per_s, telemetry={}
+        )
+
+    settings = JobSettings.model_validate(offline_job(8))
+    parent = Manifest.model_construct(
+        complete=True, rows_ok=300, rows_error=0, rows_total=300, chunks=3, hosts=["a", "b"], wall_s=60.0
+    )
+    # b's run: a first attempt of 10 s at 100 tokens/s, then this one, 200 rows and 4,000 tokens in 20 s.
+    shards = [shard("a", 100, 1_000, 10.0, 100.0), shard("b", 200, 4_000, 20.0, 166.7)]
+    report = render_scale_out_report(settings, parent, shards, [])
+    assert "| a | 1 | 100 | 10.00 | 100.0 |" in report
+    assert "| b | 1 | 200 | 10.00 | 200.0 |" in report  # not 166.7
+    assert "All hosts together: 20.00 requests/s" in report

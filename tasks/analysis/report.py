@@ -447,7 +447,7 @@ def render_scale_out_report(
     for host, runs in sorted(per_host.items()):
         rows = sum(r.rows_sent for r in runs)
         secs = sum(r.sending_s for r in runs)
-        tokens = sum((r.tokens_per_s or 0.0) * r.sending_s for r in runs)
+        tokens = sum(r.tokens_sent for r in runs)  # this attempt's, as rows and secs are
         rate = rows / secs if secs else 0.0
         total_rate += rate
         peaks = [r.telemetry.get("vram_peak_mib") for r in runs]

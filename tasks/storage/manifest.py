@@ -65,10 +65,11 @@ class Manifest(BaseModel):
     wall_s: float
     settings: dict[str, Any]
     versions: dict[str, str | None]
-    # This attempt's rows (on disk now and not at its start) and the seconds while any chunk ran: a
+    # This attempt's rows (on disk now and not at its start), tokens and the seconds while any chunk ran: a
     # scale-out parent's report adds them up per host. A parent's rows_sent is its shards' sum, its
     # sending_s stays 0 (hosts send side by side).
     rows_sent: int = 0
+    tokens_sent: int = 0  # generated tokens of this attempt's finished (or stopped) chunk tries
     sending_s: float = 0.0
     attempts: list[Attempt] = Field(default_factory=list)
     recoveries: list[str] = Field(default_factory=list)
