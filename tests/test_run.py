@@ -69,6 +69,23 @@ def test_a_run_without_prefect_writes_results_manifest_and_report(offline_job: A
     assert len(fake.history) == 20
 
 
+def test_a_consolidation_killed_mid_write_leaves_no_temporary_file_after_the_next_run(offline_job: Any) -> None:
+    """SIGKILL while results.parquet was written leaves `.results.parquet.<pid>.tmp`, as large as the results;
+    the next consolidation removes it. A live process's is its own: left alone."""
+    import os
+    import subprocess
+    import sys
+
+    job = planned(offline_job, 8, chunk_size=8)
+    out = job.settings.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed, alive = out / f".results.parquet.{int(gone.stdout)}.tmp", out / f".results.parquet.{os.getppid()}.tmp"
+    killed.write_bytes(b"PAR1 half"), alive.write_bytes(b"PAR1 half")
+    assert run_job(job, FakeSteps(FakeBackend()), []).complete
+    assert not killed.exists() and alive.exists()
+
+
 def test_rows_answered_without_a_request_are_not_the_engines_rate(offline_job: Any) -> None:
     """Half the rows have an empty field: error rows made without a request. The chunk's sent rows, and
     the requests/s the ETA is built on, count the other half only."""

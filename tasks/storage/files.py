@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import psutil
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 
@@ -31,6 +33,15 @@ def write_atomic(path: Path, write: Any) -> None:
     finally:
         tmp.unlink(missing_ok=True)  # only left when something failed before the rename
     fsync_dir(path.parent)
+
+
+def remove_stale_tmps(path: Path) -> None:
+    """Remove write_atomic's temporary files for `path` left by writers that are gone (SIGKILL, a
+    crash, a power cut mid-write): results.parquet's is as large as the results."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: Path, fingerprint: str | None = None) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 
 from tasks.plan.dataset import ChunkSpec
-from tasks.storage.files import file_fingerprint, owner_fingerprint, write_atomic
+from tasks.storage.files import file_fingerprint, owner_fingerprint, remove_stale_tmps, write_atomic
 from tasks.storage.journal import chunk_path, part_paths, rows_on_disk
 
 
@@ -22,6 +22,7 @@ def consolidate(out: Path, chunks: list[ChunkSpec], total_rows: int) -> Path:
     if foreign:  # the start-of-run check sets these aside; one appearing since is never published
         raise RuntimeError(f"cannot consolidate: {', '.join(foreign[:3])} made under another configuration")
     target = out / "results.parquet"
+    remove_stale_tmps(target)  # a consolidation killed mid-write left its temporary file
     # Streaming sink: the results never sit in memory whole, however many rows the job has.
     write_atomic(target, lambda tmp: pl.scan_parquet(paths).sink_parquet(tmp))
     count = pl.scan_parquet(target).select(pl.len(), pl.col("row_index").n_unique()).collect().row(0)
