@@ -7,14 +7,16 @@ import functools
 import pytest
 
 from tasks.inference.calibrate import MIN_COHORT, AutoState, InFlightAuto, best_in_flight, cohort_size, levels
-from tests.support.engine_sim import H100_LONG, H100_SHORT, H200_270M, best_fixed, simulate
+from tests.support.engine_sim import H100_LONG, H100_SHORT, H100_SHORT_B, H200_270M, best_fixed, simulate
 
-CURVES = {"h100-short": H100_SHORT, "h100-long": H100_LONG, "h200-270m": H200_270M}
+CURVES = {"h100-short": H100_SHORT, "h100-short-b": H100_SHORT_B, "h100-long": H100_LONG, "h200-270m": H200_270M}
 
 # The GPU sitting's sizes (600 short-answer rows, 300 long-answer rows) and 2,000 rows.
 CASES = [
     ("h100-short", 600),
     ("h100-short", 2000),
+    ("h100-short-b", 600),
+    ("h100-short-b", 2000),
     ("h100-long", 300),
     ("h100-long", 2000),
     ("h200-270m", 600),
@@ -127,3 +129,28 @@ def test_the_next_chunk_carries_on_where_the_last_stopped() -> None:
     assert auto.level == 64  # 32 was flat: the search goes on past it
     settled = AutoState(ceiling=64, level=8, curve={8: 674.0}, settled=True, watched_s=12.0)
     assert InFlightAuto.start(64, 0.0, settled).level == 8
+
+
+@pytest.mark.parametrize(("curve", "remembered", "rows"), [("h100-short", 8, 2000), ("h100-short-b", 8, 20_000)])
+def test_a_stale_remembered_level_climbs_past_flat_steps(curve: str, remembered: int, rows: int) -> None:
+    """Last run's level is no longer the best: its watch probes go on past a flat neighbour (8 -> 16 on
+    one H100 curve) instead of turning back there, which kept 8, or walked down to 2 on the other."""
+    shape, tokens = CURVES[curve]
+    auto = simulate(rows, shape, tokens, remembered=remembered, spread=0.3, chunk_rows=rows // 4)
+    best = best_fixed(rows, shape, tokens, spread=0.3, chunk_rows=rows // 4)
+    assert auto.states[-1].level == 64
+    assert auto.rows_per_s >= 0.95 * best.rows_per_s, auto.levels
+
+
+def test_a_failed_requests_time_counts_and_a_probe_that_only_fails_reads_nothing() -> None:
+    auto = InFlightAuto.start(64, 0.0, AutoState(ceiling=64, level=8, settled=True))
+    tickets = drive(auto, 0.0, 8)
+    for ticket in tickets[:4]:
+        auto.finished(ticket, 2.0, 20)
+    for ticket in tickets[4:]:
+        auto.finished(ticket, 2.0, None)  # out as long, no answer
+    assert auto.state.curve[8] == pytest.approx(8 * 80 / 16.0)  # half the work in the same time: 40, not 80
+    auto._open(16, probe=True)
+    for ticket in drive(auto, 3.0, 8):
+        auto.finished(ticket, 4.0, None)
+    assert auto.state.curve[16] == 0.0 and auto.level == 8  # judged, and back at the kept level

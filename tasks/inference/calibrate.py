@@ -24,9 +24,12 @@ The rules:
   it could not reach FLAT x the level it is compared with, is judged at once on that bound.
 - Watch: the kept level is measured window after window (smoothed). After PROBE_GAP x the cost of a
   probe spent at it, a neighbour is probed (up, then down, in turn); if it is better it is kept, and
-  the next level the same way is probed at once. Probing costs about 1/PROBE_GAP of the time at most.
+  the next level the same way is probed at once; if it is flat, the next level the same way is
+  probed too. Probing costs about 1/PROBE_GAP of the time at most.
   The level kept is always best_in_flight of the readings; one that wins only on an old reading (the
   kept level got slower) is measured again before it is kept.
+- Failures: a failed request's time counts in its window's latency (time spent on no work); a probe
+  whose requests all failed reads 0.
 - Out of memory: the runner's policy halves the limit; the controller takes the lowered limit as its
   ceiling for the rest of the run and never goes above it.
 """
@@ -196,15 +199,17 @@ class InFlightAuto:
         w = self._window
         if w is None or (start := w.out.pop(ticket, None)) is None:
             return
+        w.latency_s += now - start  # a failed request's time was spent too, on no work
         if tokens is not None:
-            w.latency_s += now - start
             w.tokens += tokens
             w.rows += 1
         if w.joined == w.size and not w.out:
             if w.rows:
                 self._judged(self._reading(w, now), now)
+            elif w.probe:
+                self._judged(0.0, now)  # every member of a probe failed: that level does not do
             else:
-                self._open(w.level, w.probe)  # every member failed: measure again
+                self._open(w.level, w.probe)  # every member at the kept level failed: measure again
 
     def tick(self, now: float) -> None:
         """Time passes with nothing coming back: a probe whose cohort is already too slow ends here."""
@@ -291,6 +296,12 @@ class InFlightAuto:
             s.level = w.level
             self.notes.append(f"auto in-flight: {w.level} in flight beat {kept} ({self._shown()}), kept")
         elif w.probe and best == kept:
+            further = self._neighbour(w.level, s.direction, strict=True)
+            if further is not None and reading >= FLAT * s.curve[kept]:
+                # Flat, not worse: look past it, as the search does (a remembered level may sit on a
+                # flat step below a better one, and turning back there would keep it for good).
+                self._open(further, probe=True)
+                return
             s.direction = 1 if s.direction == -1 else -1  # the other neighbour's turn
         if best != s.level:
             self._open(best, probe=True)
