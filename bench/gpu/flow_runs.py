@@ -104,6 +104,7 @@ def run(work: Path, spec: dict[str, Any], url: str, model: str, keep: Path | Non
     job = job_file(work, name, spec, url, model)
     started = time.monotonic()
     log = work / f"{spec['label']}.log"
+    stopped = False
     with log.open("wb") as handle:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flows.batch_inference", "--config", str(job)],
@@ -114,9 +115,10 @@ def run(work: Path, spec: dict[str, Any], url: str, model: str, keep: Path | Non
         )
         try:
             proc.wait(timeout=max_s)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
             # Ctrl-C, as an operator would: the run stops within seconds and its manifest counts what
             # finished, so a stalled engine costs max_s, not the whole device call.
+            stopped = isinstance(exc, KeyboardInterrupt)
             os.killpg(proc.pid, signal.SIGINT)
             try:
                 proc.wait(timeout=60)
@@ -129,6 +131,7 @@ def run(work: Path, spec: dict[str, Any], url: str, model: str, keep: Path | Non
         "run": spec["label"],
         "exit": proc.returncode,
         "cli_s": round(time.monotonic() - started, 1),
+        "stopped": stopped,  # by us being stopped (SIGTERM, Ctrl-C): no further runs
     }
     if manifest_path.exists():
         result |= figures(json.loads(manifest_path.read_text()))
@@ -158,14 +161,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     extra = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    # A `timeout` around this (SIGTERM) Ctrl-C's the flow under way, as its own time limit does: the
+    # flow runs in a session of its own, so it would otherwise go on loading the server after we left.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Each call in a folder of its own: a rerun on the same machine must not resume an earlier call's runs.
+    work = args.work / time.strftime("%H%M%S")
     results = []
     for i, text in enumerate(args.specs):
         spec = parse(text) | {"extra": extra}
         spec["label"] = f"{i:02d}-{spec['workload']}-{spec['level']}"
-        results.append(run(args.work, spec, args.url, args.model, args.keep, args.max_s))
+        results.append(run(work, spec, args.url, args.model, args.keep, args.max_s))
         print(json.dumps(results[-1]), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        if args.out:  # after every run: a call cut short keeps what finished
+            args.out.write_text(json.dumps(results, indent=1))
+        if results[-1]["stopped"]:
+            sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -246,8 +246,14 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 t0, t1 = await run_level(client, body, prompts, level, args.max_level_s)
                 results.append(figures(level, t0, t1, gpu))
             print(json.dumps(results[-1]), flush=True)
+            if args.out:  # after every level: a call cut short keeps the levels measured
+                args.out.write_text(json.dumps(summary(args, body, gpu, results), indent=1))
             await asyncio.sleep(1.0)  # let cancelled requests leave the server's slots
     gpu.stop.set()
+    return summary(args, body, gpu, results)
+
+
+def summary(args: argparse.Namespace, body: dict[str, Any], gpu: Gpu, results: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "what": f"bare httpx client, rows 0..{args.rows - 1} at each level, rows/s = rows / wall"
         if args.rows

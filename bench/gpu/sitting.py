@@ -20,8 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.inference.calibrate import best_in_flight
-
 
 def module(name: str, *args: str) -> None:
     subprocess.run([sys.executable, "-m", name, *args], check=True)
@@ -51,7 +49,11 @@ def main(argv: list[str] | None = None) -> None:
             "bench.gpu.load", *common, "--levels", args.levels, "--max-level-s", args.max_level_s, "--out", str(sweep)
         )
         return
+    from tasks.inference.calibrate import best_in_flight  # pydantic: not needed by the sweep (httpx only)
+
     curve = {lv["in_flight"]: lv["rows_per_s"] for lv in json.loads(sweep.read_text())["levels"] if lv.get("finished")}
+    if not curve:
+        sys.exit(f"{sweep}: no level finished a request; nothing to run the jobs at")
     best = best_in_flight(curve)
     print(json.dumps({"workload": args.workload, "curve": curve, "best": best}), flush=True)
     bare = args.dir / f"bare-{args.workload}.json"
