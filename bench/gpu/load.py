@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, help="send exactly these rows at each level (a whole job)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     result = asyncio.run(sweep(args))
     text = json.dumps(result, indent=1)
     if args.out:
