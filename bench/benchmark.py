@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-model", default="gemma3-270m", help="engine section: the model id it serves")
     parser.add_argument("--engine-levels", default="1,2,4", help="engine section: fixed in_flight levels to sweep")
     parser.add_argument(
-        "--engine-rows", type=int, nargs=2, metavar=("SWEEP", "AUTO"), help="rows per fixed level, rows for auto"
+        "--engine-rows", type=int, metavar="ROWS", help="rows of every engine run (each fixed level, and auto)"
     )
     parser.add_argument(
         "--engine-copy", type=Path, help="engine section: keep each run's report, chart and manifest here"
@@ -147,11 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = only - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
-    sweep, auto = args.engine_rows or ((24, 80) if args.quick else (40, 120))
+    rows = args.engine_rows or (48 if args.quick else 120)
     levels = tuple(int(n) for n in args.engine_levels.split(","))
-    engine = Engine(
-        args.engine_url, args.engine_model, levels, sweep, auto, args.engine_copy, not args.engine_no_schema
-    )
+    engine = Engine(args.engine_url, args.engine_model, levels, rows, args.engine_copy, not args.engine_no_schema)
     result = run_benchmark(QUICK if args.quick else FULL, only, args.keep, engine)
     text = json.dumps(result, indent=2)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

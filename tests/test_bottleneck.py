@@ -524,15 +524,17 @@ def test_a_run_that_moved_its_level_gives_the_verdict_util_power_and_latency_per
     from tasks.schema import ChunkStats
 
     # 'auto' held 1 in flight for 10 s, then 8 for 10 s, then 1 again for 5 s; answers came back throughout.
+    # Each answer counts for the level its request went out at: the 7 s one went out under 8 and came
+    # back after the level fell to 1, and judges 8, not 1.
     changes = [(1_000.0, 1), (1_010.0, 8), (1_020.0, 1)]
-    answered = [1_002.0, 1_004.0, 1_012.0, 1_014.0, 1_016.0, 1_022.0]
+    sent_at = [1, 1, 8, 8, 8, 1]
     latencies = [1_000.0, 1_200.0, 5_000.0, 6_000.0, 7_000.0, 1_100.0]
-    levels = level_windows(changes, 1_025.0, answered, latencies)
+    levels = level_windows(changes, 1_025.0, sent_at, latencies)
     assert levels == {
         1: {"windows": [[1_000.0, 1_010.0], [1_020.0, 1_025.0]], "latency_p50_ms": 1_100.0},
         8: {"windows": [[1_010.0, 1_020.0]], "latency_p50_ms": 6_000.0},
     }
-    assert level_windows([(1_000.0, 4)], 1_010.0, [1_005.0], [900.0]) is None  # one level: nothing to compare
+    assert level_windows([(1_000.0, 4)], 1_010.0, [4], [900.0]) is None  # one level: nothing to compare
     # The GPU worked less at 8 in flight than at 1: util 60 -> 20 %, power 340 -> 170 W.
     frame = samples(25, util=[60.0] * 10 + [20.0] * 10 + [60.0] * 5, power_w=340.0)
     frame = frame.with_columns(pl.when(pl.col("gpu_util_pct") == 20.0).then(170.0).otherwise(340.0).alias("power_w"))

@@ -47,6 +47,7 @@ class RowTries:
     free: int = 0  # of those, out-of-memory answers not charged
     resamples: int = 0  # schema-invalid answers so far: each retry samples with the next seed
     sent_at: int = 1  # the in-flight limit in force when its last request went out
+    sent_clock: float = 0.0  # time.perf_counter() when its last request went out (after waiting for a slot)
 
     def charged(self) -> int:
         return self.attempts - self.free

@@ -98,6 +98,7 @@ class _ChunkRun:
         # When each in-flight level came into force (wall clock, as telemetry): the report reads the GPU per level.
         self.level_changes: list[tuple[float, int]] = [(time.time(), self.policy.limit)]
         self.answered_at: list[float] = []  # beside self.latencies: when each answer came back
+        self.answered_level: list[int] = []  # beside self.latencies: the level its request went out at
         # Woken whenever a row is taken or finished or the in-flight limit moved: parked workers wait on it.
         self.changed = asyncio.Condition()
         self.flush_lock = asyncio.Lock()
@@ -232,6 +233,7 @@ class _ChunkRun:
                 raise _Stopped
             self.sending += 1
             tries.sent_at = self.policy.limit  # out of memory judges the level the request went out at
+            tries.sent_clock = time.perf_counter()
         ticket = self._sent()
         reply: Reply | None = None
         try:
@@ -295,7 +297,6 @@ class _ChunkRun:
         while tries.charged() < self.settings.max_attempts:
             tries.attempts += 1
             self.requests += 1
-            started = time.perf_counter()
             step: Step
             try:
                 reply = await self._ask(row, tries)
@@ -304,9 +305,10 @@ class _ChunkRun:
                 step = self.policy.failed(err, tries, time.monotonic())
             else:
                 self.policy.answered(time.monotonic())
-                latency_ms = (time.perf_counter() - started) * 1000
+                latency_ms = (time.perf_counter() - tries.sent_clock) * 1000  # not the wait for a slot
                 self.latencies.append(latency_ms)
                 self.answered_at.append(time.time())
+                self.answered_level.append(tries.sent_at)
                 self.prompt_tokens += reply.prompt_tokens or 0
                 self.completion_tokens += reply.completion_tokens or 0
                 parsed, invalid = self._parse(reply)
@@ -426,21 +428,24 @@ class _ChunkRun:
 
 
 def level_windows(
-    changes: list[tuple[float, int]], end: float, answered_at: list[float], latencies: list[float]
+    changes: list[tuple[float, int]], end: float, answered_level: list[int], latencies: list[float]
 ) -> dict[int, dict[str, Any]] | None:
     """Per in-flight level the chunk ran at: its time windows [start, end] and the p50 latency of the
-    answers that came back in them (an answer counts for the level in force when it came back). None
+    answers whose requests went out at that level (not those that came back under the next one). None
     when the chunk kept one level: there is nothing to compare."""
     if len({level for _, level in changes}) < 2:
         return None
-    found: dict[int, dict[str, Any]] = {}
+    windows: dict[int, list[list[float]]] = {}
     for (start, level), (stop, _) in zip(changes, [*changes[1:], (end, 0)], strict=True):
-        entry = found.setdefault(level, {"windows": [], "latencies": []})
-        entry["windows"].append([start, stop])
-        entry["latencies"] += [ms for t, ms in zip(answered_at, latencies, strict=True) if start <= t < stop]
+        windows.setdefault(level, []).append([start, stop])
     return {
-        level: {"windows": e["windows"], "latency_p50_ms": _percentile(e["latencies"], 50)}
-        for level, e in found.items()
+        level: {
+            "windows": spans,
+            "latency_p50_ms": _percentile(
+                [ms for n, ms in zip(answered_level, latencies, strict=True) if n == level], 50
+            ),
+        }
+        for level, spans in windows.items()
     }
 
 
@@ -576,7 +581,7 @@ def _stats(
         in_flight=run.auto.state.level if run.auto else run.policy.ceiling,
         num_ctx=run.options.num_ctx,
         calibration=(run.auto.curve() or None) if run.auto else None,
-        levels=level_windows(run.level_changes, time.time(), run.answered_at, run.latencies),
+        levels=level_windows(run.level_changes, time.time(), run.answered_level, run.latencies),
         engine=run.engine,
         structured_output=run.modes.structured,
         backend_sampling_requests=run.backend_sampled,
