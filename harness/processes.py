@@ -28,6 +28,7 @@ def free_port() -> int:
 def start(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start `cmd` with its output in `log`, in a session of its own so stop() can kill the process
     group (and nothing else)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as handle:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -582,3 +582,20 @@ def test_gpus_setting_keeps_another_cards_idle_time_out_of_the_verdict() -> None
         "GPU 0 (gpus)",
         "GPUs 0, 2 (gpus)",
     )
+
+
+def test_an_idle_gpu_while_the_server_holds_the_requests_is_host_bound_not_client_bound() -> None:
+    """The H100 sitting, Gemma 3 12B's shape, 16 in flight on 64 slots: GPU idle 37 % of samples, yet the
+    requests spent 89 % of their time inside the server's own prompt and generation. The client kept it
+    fed (the job's CPU 0 %); the server's host side left the GPU waiting."""
+    util = [5.0 if i % 8 < 3 else 70.0 for i in range(60)]  # idle 3 samples in 8
+    frame = samples(util=util, power_w=235.0, cpu_pct=7.0, job_cpu_pct=0.4, vram_used_mib=33_155.0)
+    held = {"in_flight": 16, "parallel_slots": 64, "engine": "llama.cpp", "backend": "openai"}
+    v = judge(evidence(frame, **held, server_share=0.89, outside_s=0.51))
+    assert v.kind == "host-bound", v.headline
+    assert any("spent 89% of their time inside the server" in line for line in v.evidence), v.evidence
+    assert any("backend_sampling" in advice for advice in v.advice)
+    # Without the server's timings, or with the requests queueing for its slots, the idle GPU is the client's.
+    assert judge(evidence(frame, **held)).kind == "client-bound"
+    queued = held | {"in_flight": 96}
+    assert judge(evidence(frame, **queued, server_share=0.89, outside_s=0.51)).kind == "client-bound"
