@@ -373,7 +373,9 @@ def render_report(
         f"(headroom {_fmt(telemetry.get('vram_headroom_mib'))} MiB) |",
         f"| GPU util mean (a kernel ran; {gpus_label(s.gpus)}) | {_fmt(telemetry.get('gpu_util_mean'), '.0f', ' %')} |",
         *(
-            [f"| before the first answer (model load; left out of util) | {_fmt(warm_up, '.0f', ' s')} |"]
+            [
+                f"| before the first answer (a model load, the first prompts; left out of util) | {_fmt(warm_up, '.0f', ' s')} |"
+            ]
             if (warm_up := telemetry.get("warm_up_s"))
             else []
         ),

@@ -329,7 +329,9 @@ def _idle_gaps(e: RunEvidence) -> Verdict | None:
         return None
     evidence = [f"GPU idle (util < {IDLE_UTIL_PCT:.0f} %) in {idle:.0%} of samples while rows remained"]
     if t.warm_up_s:
-        evidence[0] += f" (the {t.warm_up_s:.0f} s before the first answer, a model load, left out)"
+        evidence[0] += (
+            f" (the {t.warm_up_s:.0f} s before the first answer, a model load and the first prompts, left out)"
+        )
     if _job_cpu_saturated(t):
         return Verdict(
             kind="cpu-bound",
