@@ -497,7 +497,8 @@ def _prompt_cache_line(e: RunEvidence) -> str | None:
     say whether the cache is on, so the figure is the evidence: requests that spend little time outside
     prompt and generation have no cache cost worth naming."""
     cache = (
-        "run llama-server with --cache-ram 0: its host prompt cache copies every idle slot's state to host "
+        "unless llama-server already runs with --cache-ram 0 (its /props does not say), start it so: its host "
+        "prompt cache (on by default) copies every idle slot's state to host "
         "memory at each new request, which a batch of distinct records never reuses; with a large model and "
         "many slots it can stall the server for minutes"
     )
