@@ -154,3 +154,26 @@ def test_a_failed_requests_time_counts_and_a_probe_that_only_fails_reads_nothing
     for ticket in drive(auto, 3.0, 8):
         auto.finished(ticket, 4.0, None)
     assert auto.state.curve[16] == 0.0 and auto.level == 8  # judged, and back at the kept level
+
+
+def test_a_re_measure_behind_the_kept_level_does_not_walk_back_into_it() -> None:
+    """Kept 16 reads lower, so 4 wins on an old reading and is measured again; it reads flat. The probe was
+    behind the kept level, not on the side the watch heads: no further probe (8, then 16 as a probe)."""
+    state = AutoState(ceiling=64, level=16, curve={4: 98.0, 8: 90.0, 16: 105.0, 32: 80.0}, settled=True)
+    auto = InFlightAuto.start(64, 0.0, state)
+
+    def window(level: int, start: float, tokens_each: int) -> float:
+        """Rounds of `level` requests, each out 1 s, until the cohort is judged; returns the time."""
+        window = auto._window
+        while auto._window is window:
+            assert auto.level == level
+            for ticket in drive(auto, start, level):
+                auto.finished(ticket, start + 1.0, tokens_each)
+            start += 1.0
+        return start
+
+    now = window(16, 0.0, 6)  # 16 x 6 tokens a second: 96, below 16's old 105, so smoothed ~100
+    assert auto.level == 4 and auto._window is not None and auto._window.probe  # 4 wins on its old reading
+    window(4, now, 24)  # 4 x 24 = 96 tokens/s: flat against 16's ~100, and 16 is kept again
+    assert auto.state.curve[4] == pytest.approx(96.0)
+    assert auto.level == 16 and auto._window is not None and not auto._window.probe

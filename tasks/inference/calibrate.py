@@ -297,10 +297,12 @@ class InFlightAuto:
             self.notes.append(f"auto in-flight: {w.level} in flight beat {kept} ({self._shown()}), kept")
         elif w.probe and best == kept:
             further = self._neighbour(w.level, s.direction, strict=True)
-            if further is not None and reading >= FLAT * s.curve[kept]:
+            away = (w.level - kept) * s.direction > 0  # a probe on the side it is heading, not a re-measure behind
+            if further is not None and away and reading >= FLAT * s.curve[kept]:
                 # Flat, not worse: look past it, as the search does (a remembered level may sit on a
-                # flat step below a better one, and turning back there would keep it for good).
-                self._open(further, probe=True)
+                # flat step below a better one, and turning back there would keep it for good). The
+                # chain is one probe: its cost, timed from its start, sets the gap before the next.
+                self._open(further, probe=True, chain=True)
                 return
             s.direction = 1 if s.direction == -1 else -1  # the other neighbour's turn
         if best != s.level:
@@ -337,11 +339,11 @@ class InFlightAuto:
             return up[0] if up else (None if strict else (down[-1] if down else None))
         return down[-1] if down else (None if strict else (up[0] if up else None))
 
-    def _open(self, level: int, probe: bool) -> None:
+    def _open(self, level: int, probe: bool, chain: bool = False) -> None:
         w = self._window
         if w is None or w.level != level:
             self.notes.append(f"auto in-flight: {level} in flight" + (" (probe)" if probe else ""))
-            if probe:
+            if probe and not chain:
                 self._probe_started = self.now
         self._window = _Window(level, cohort_size(level), probe)
 
