@@ -122,7 +122,7 @@ def run(work: Path, spec: dict[str, Any], url: str, model: str, keep: Path | Non
             os.killpg(proc.pid, signal.SIGINT)
             try:
                 proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second signal: no more waiting
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     out = work / "out" / spec["label"]
