@@ -147,6 +147,7 @@ def chunk_on_endpoint(
     """
     sampler.mark(f"{chunk.name} start")
     progress.chunk_started(chunk.index)  # a retry or another endpoint: earlier tries' rows stay counted
+    stats: ChunkStats | None = None
     try:
         stats = run_chunk(
             lane,
@@ -156,11 +157,14 @@ def chunk_on_endpoint(
             auto=auto,
             inputs=inputs,
         )
+        return stats
+    except (ChunkAborted, ChunkInterrupted) as exc:
+        stats = exc.stats  # a failed or stopped try answered too
+        raise
     finally:
         sampler.mark(f"{chunk.name} end")  # every try, failed ones too: the attempt's sending time
-    if stats.first_answer_at is not None:
-        sampler.mark(FIRST_ANSWER, at=stats.first_answer_at)
-    return stats
+        if stats is not None and stats.first_answer_at is not None:
+            sampler.mark(FIRST_ANSWER, at=stats.first_answer_at)
 
 
 class Shard(NamedTuple):
@@ -406,10 +410,11 @@ def run_job(
         for finding in findings:
             steps.log.warning(finding)
         # Per chunk: a chunk's end then adds to the progress only the rows and error rows this attempt made.
-        found = {c.index: rows_on_disk(out, c)["status"] for c in plan.chunks}
-        rows_before = {i: len(statuses) for i, statuses in found.items()}
-        errors_before = {i: int((statuses == "error").sum()) for i, statuses in found.items()}
+        found = {c.index: rows_on_disk(out, c) for c in plan.chunks}
+        rows_before = {i: rows.height for i, rows in found.items()}
+        errors_before = {i: int((rows["status"] == "error").sum()) for i, rows in found.items()}
         done_before = sum(rows_before.values())
+        tokens_before = sum(int(rows["completion_tokens"].sum() or 0) for rows in found.values())
         steps.log.info(
             "%d rows in %d chunks, %d already done; backend %s, model %s, %s in flight; each chunk holds the "
             "Prefect concurrency limit %s",
@@ -500,7 +505,7 @@ def run_job(
             # Counted on disk, so a chunk try that failed (retried, moved to another endpoint, or the
             # run's end) counts its journaled rows, and the time while any chunk ran counts once.
             manifest.rows_sent = manifest.rows_ok + manifest.rows_error - done_before
-            manifest.tokens_sent = sum(st.completion_tokens for st in ran)
+            manifest.tokens_sent = manifest.tokens_on_disk - tokens_before
             manifest.sending_s = round(chunks_busy_s(sampler.marks()), 3)
             attempt = Attempt(
                 started_at=started,

@@ -185,7 +185,7 @@ def test_the_model_load_before_the_first_answer_is_not_idle_gpu_time() -> None:
     idle = [0.0] * 15 + [0.0 if i % 2 else 100.0 for i in range(45)]  # idle after the load too: still said
     v = judge(evidence(frame, telemetry=summarize(samples(util=idle), 0, 1e12, spans), in_flight=4, parallel_slots=4))
     assert v.kind == "client-bound"
-    said = "in 49% of samples while rows remained (the 15 s before the first answer, a model load and the first prompts, left out)"
+    said = "in 49% of samples while rows remained (the 15 s before the first answer: the GPU slot, a model load, the first prompts; left out)"
     assert any(said in line for line in v.evidence), v.evidence
 
 
@@ -590,12 +590,29 @@ def test_an_idle_gpu_while_the_server_holds_the_requests_is_host_bound_not_clien
     fed (the job's CPU 0 %); the server's host side left the GPU waiting."""
     util = [5.0 if i % 8 < 3 else 70.0 for i in range(60)]  # idle 3 samples in 8
     frame = samples(util=util, power_w=235.0, cpu_pct=7.0, job_cpu_pct=0.4, vram_used_mib=33_155.0)
-    held = {"in_flight": 16, "parallel_slots": 64, "engine": "llama.cpp", "backend": "openai"}
+    held = {"in_flight": 16, "parallel_slots": 64, "engine": "llama.cpp", "backend": "openai", "occupancy": 0.98}
     v = judge(evidence(frame, **held, server_share=0.89, outside_s=0.51))
     assert v.kind == "host-bound", v.headline
-    assert any("spent 89% of their time inside the server" in line for line in v.evidence), v.evidence
+    said = "the client kept 98% of its 16 requests out on 64 slots, and they spent 89% of their time inside"
+    assert any(said in line for line in v.evidence), v.evidence
     assert any("backend_sampling" in advice for advice in v.advice)
-    # Without the server's timings, or with the requests queueing for its slots, the idle GPU is the client's.
+    # The idle GPU is the client's: without the server's timings; with the requests queueing for its slots;
+    # with gaps between the client's requests (occupancy); at 1 in flight (Ollama, a small model: 0.2 s in
+    # the server of a 0.21 s request, then 0.1 s before the next).
     assert judge(evidence(frame, **held)).kind == "client-bound"
-    queued = held | {"in_flight": 96}
-    assert judge(evidence(frame, **queued, server_share=0.89, outside_s=0.51)).kind == "client-bound"
+    timed = {"server_share": 0.89, "outside_s": 0.51}
+    assert judge(evidence(frame, **held | {"in_flight": 96}, **timed)).kind == "client-bound"
+    assert judge(evidence(frame, **held | {"occupancy": 0.6}, **timed)).kind == "client-bound"
+    ollama = {"in_flight": 1, "engine": "ollama", "backend": "ollama", "occupancy": 0.68}
+    assert judge(evidence(frame, **ollama, server_share=0.95, outside_s=0.01)).kind == "client-bound"
+
+
+def test_occupancy_is_littles_law_over_the_level() -> None:
+    from tasks.analysis.report import occupancy
+    from tasks.schema import ChunkStats
+
+    # The H100 fixed-16 run: 3.34 requests/s, median latency 4.71 s, 16 in flight: 98 % of them out.
+    ran = [ChunkStats(index=i, rows=60, latency_p50_ms=ms, in_flight=16) for i, ms in enumerate([4_650.0, 4_713.0])]
+    assert occupancy(ran, 3.34) == pytest.approx(0.984, abs=0.001)
+    assert occupancy([ChunkStats(index=0, rows=1)], 3.34) is None  # no latency: unknown
+    assert occupancy([], 0.0) is None

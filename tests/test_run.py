@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from tasks.analysis.progress import Progress, Snapshot
-from tasks.analysis.telemetry import Sampler, warm_ups
+from tasks.analysis.telemetry import FIRST_ANSWER, Sampler, warm_ups
 from tasks.inference.backends import BackendError
 from tasks.inference.backends.fake import FakeBackend
 from tasks.inference.runner import ChunkAborted
@@ -24,6 +24,7 @@ from tasks.run import Checks, Direct, chunk_on_endpoint, run_job
 from tasks.schema import ChunkStats
 from tasks.settings.model import JobSettings
 from tasks.storage.manifest import Manifest
+from tasks.storage.results import counts
 
 DOWN = BackendError("unreachable", "unreachable", "cannot reach Ollama at http://127.0.0.1:9")
 
@@ -111,6 +112,8 @@ def test_a_broken_run_resumes_and_its_manifest_keeps_both_attempts(offline_job: 
     # Counted on disk: chunk 0's file and chunk 1's four journaled rows, which the rerun does not send again.
     assert not broken["complete"] and "ChunkAborted" in broken["error"]
     assert (broken["rows_ok"], broken["rows_error"], broken["rows_pending"]) == (12, 0, 12)
+    # Tokens are counted as rows are, on disk: the aborted chunk's four journaled answers count too.
+    assert broken["tokens_sent"] == broken["tokens_on_disk"] == counts(out, job.plan.chunks)["tokens"] > 0
     up = FakeBackend()
     manifest = run_job(job, FakeSteps(up), [])
     assert manifest.complete and manifest.rows_ok == 24
@@ -120,9 +123,13 @@ def test_a_broken_run_resumes_and_its_manifest_keeps_both_attempts(offline_job: 
     assert [a.complete for a in manifest.attempts] == [False, True]
     # Counted on disk: the broken attempt's 12 are chunk 0 and chunk 1's four journaled rows.
     assert [a.rows_sent for a in manifest.attempts] == [12, 12]
+    assert manifest.tokens_sent == manifest.tokens_on_disk - broken["tokens_on_disk"] > 0
     assert 0 < manifest.sending_s <= manifest.wall_s
     assert "2 attempts" in (out / "report.md").read_text()
     # Each attempt's start to its first answer (a model load on Ollama) is marked, and kept out of GPU util.
-    spans = warm_ups(pl.read_parquet(out / "telemetry" / "marks.parquet"))
+    marks = pl.read_parquet(out / "telemetry" / "marks.parquet")
+    # Every chunk try that answered marks its first answer, the aborted one too: 0 and 1, then 1 and 2.
+    assert marks.filter(pl.col("label") == FIRST_ANSWER).height == 4
+    spans = warm_ups(marks)
     assert len(spans) == 2 and spans[0][1] < spans[1][0]
     assert all(abs(start - a.started_at) < 2 for (start, _), a in zip(spans, manifest.attempts, strict=True))

@@ -38,6 +38,7 @@ def row(i: int, chunk: int = 0, status: str = "ok") -> ResultRow:
         model="m",
         finished_at=datetime.now(UTC),
         error_kind=None if status == "ok" else "bad_request",
+        completion_tokens=10 + i if status == "ok" else None,
     )
 
 
@@ -191,7 +192,7 @@ def test_error_rows_by_kind_count_journaled_rows_as_the_row_counts_do(tmp_path: 
     writer.add(row(2, status="error"))  # journaled only: the run stopped before the next checkpoint
     writer.add(row(3))
     del writer
-    assert counts(tmp_path, [chunk]) == {"ok": 2, "error": 2}
+    assert counts(tmp_path, [chunk]) == {"ok": 2, "error": 2, "tokens": 11 + 13}  # a part's row, a journal's
     assert error_kinds(tmp_path, [chunk]) == {"bad_request": 2}
 
 

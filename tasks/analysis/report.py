@@ -201,7 +201,18 @@ def build_evidence(
         errors=errors,
         server_share=timed[0] if timed else None,
         outside_s=timed[1] if timed else None,
+        occupancy=occupancy(ran, sum(s.sent_rows for s in ran) / busy if busy else 0.0),
     )
+
+
+def occupancy(ran: list[ChunkStats], requests_per_s: float) -> float | None:
+    """Requests out on average over in_flight (Little's law with the chunks' median latency): 1 when the
+    client always had every request out, lower when it left gaps between them."""
+    latencies = sorted(s.latency_p50_ms for s in ran if s.latency_p50_ms)
+    level = ran[-1].in_flight if ran else 0
+    if not latencies or not level or not requests_per_s:
+        return None
+    return round(requests_per_s * latencies[len(latencies) // 2] / 1000 / level, 3)
 
 
 _EVENT = re.compile(r"^(?P<time>\d\d:\d\d:\d\d) (?:(?P<chunk>chunk-\d+): )?(?P<text>.*)$", re.S)
@@ -374,7 +385,7 @@ def render_report(
         f"| GPU util mean (a kernel ran; {gpus_label(s.gpus)}) | {_fmt(telemetry.get('gpu_util_mean'), '.0f', ' %')} |",
         *(
             [
-                f"| before the first answer (a model load, the first prompts; left out of util) | {_fmt(warm_up, '.0f', ' s')} |"
+                f"| before the first answer (waiting for the GPU slot, a model load, the first prompts; left out of util) | {_fmt(warm_up, '.0f', ' s')} |"
             ]
             if (warm_up := telemetry.get("warm_up_s"))
             else []
@@ -449,7 +460,7 @@ def render_scale_out_report(
     for host, runs in sorted(per_host.items()):
         rows = sum(r.rows_sent for r in runs)
         secs = sum(r.sending_s for r in runs)
-        tokens = sum(r.tokens_sent for r in runs)  # this attempt's, as rows and secs are
+        tokens = sum(r.tokens_sent for r in runs)  # each run's last attempt, as its rows and seconds are
         rate = rows / secs if secs else 0.0
         total_rate += rate
         peaks = [r.telemetry.get("vram_peak_mib") for r in runs]

@@ -386,8 +386,9 @@ def _to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
 
 
 def warm_ups(marks: pl.DataFrame) -> list[tuple[float, float]]:
-    """Each attempt's start to its first answer: loading the model (Ollama loads it at the first
-    request) and the first prompts. The GPU idles through a load, which says nothing about the run."""
+    """Each attempt's start to its first answer: the wait for the GPU slot (another job may hold it),
+    loading the model (Ollama loads it at the first request) and the first prompts. None of it says how
+    busy this run kept the GPU."""
     spans: list[tuple[float, float]] = []
     start: float | None = None
     relevant = pl.col("label").str.starts_with("attempt ") | (pl.col("label") == FIRST_ANSWER)

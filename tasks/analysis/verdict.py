@@ -39,9 +39,10 @@ HOST_SCALING_MAX = 0.5  # tokens/s gain below half the in-flight gain
 # A tenth of a request outside the server's own prompt and generation time is HTTP and the host loop;
 # the H100's prompt cache took a third at 1 in flight (0.216 s of 0.63 s).
 OUTSIDE_SHARE = 0.1
-# The GPU idles while the requests sit inside the server (its own timings cover this share of their time)
-# and not in a queue for its slots: nothing the client does would feed it; the server's host side holds
-# the work. The H100 sitting of Gemma 3 12B's shape, 16 in flight on 64 slots: 89 % inside, GPU idle 37 %.
+# The GPU idles while the client keeps its requests out (this share of in_flight on average) and they sit
+# inside the server (its own timings cover this share of their time), not in a queue for its slots:
+# nothing the client does would feed it; the server's host side holds the work. The H100 sitting of
+# Gemma 3 12B's shape, 16 in flight on 64 slots: 98 % out, 89 % inside, GPU idle 37 %.
 SERVER_HELD_SHARE = 0.8
 
 HOST_BOUND_HEADLINE = "Host-bound: the engine's CPU-side loop limits the run, not the GPU"
@@ -122,6 +123,9 @@ class RunEvidence(BaseModel):
         None, ge=0, description="share of the requests' time the server spent on prompt and generation (its timings)"
     )
     outside_s: float | None = Field(None, ge=0, description="mean seconds a request spent outside them")
+    occupancy: float | None = Field(
+        None, ge=0, description="requests out on average / in_flight (Little's law: requests/s x median latency)"
+    )
 
 
 class Finding(BaseModel):
@@ -330,7 +334,7 @@ def _idle_gaps(e: RunEvidence) -> Verdict | None:
     evidence = [f"GPU idle (util < {IDLE_UTIL_PCT:.0f} %) in {idle:.0%} of samples while rows remained"]
     if t.warm_up_s:
         evidence[0] += (
-            f" (the {t.warm_up_s:.0f} s before the first answer, a model load and the first prompts, left out)"
+            f" (the {t.warm_up_s:.0f} s before the first answer: the GPU slot, a model load, the first prompts; left out)"
         )
     if _job_cpu_saturated(t):
         return Verdict(
@@ -340,8 +344,11 @@ def _idle_gaps(e: RunEvidence) -> Verdict | None:
             advice=["Profile prompt rendering / output validation; move it off the hot path"],
         )
     if (
-        e.server_share is not None
+        e.in_flight > 1  # at 1 in flight the idle time is the client's gap between requests: batch more
+        and e.server_share is not None
         and e.server_share >= SERVER_HELD_SHARE
+        and e.occupancy is not None
+        and e.occupancy >= SERVER_HELD_SHARE  # the client kept its requests out, with no gaps between them
         and (e.parallel_slots is None or e.in_flight <= e.parallel_slots)
     ):
         slots = f" on {e.parallel_slots} slots" if e.parallel_slots else ""
@@ -350,9 +357,9 @@ def _idle_gaps(e: RunEvidence) -> Verdict | None:
             headline=HOST_BOUND_HEADLINE,
             evidence=[
                 *evidence,
-                f"Meanwhile the requests ({e.in_flight} in flight{slots}) spent {e.server_share:.0%} of their time "
-                "inside the server's prompt processing and generation (its own timings): the client kept it "
-                "fed, and the server's host side left the GPU waiting",
+                f"Meanwhile the client kept {e.occupancy:.0%} of its {e.in_flight} requests out{slots}, and they "
+                f"spent {e.server_share:.0%} of their time inside the server's prompt processing and generation "
+                "(its own timings): the server's host side left the GPU waiting",
                 *_cpu_lines(t),
             ],
             advice=[

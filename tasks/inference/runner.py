@@ -37,6 +37,8 @@ class ChunkAborted(RuntimeError):
     Rows finished before the abort are on disk; a retry or rerun resumes after them.
     """
 
+    stats: ChunkStats | None = None  # what the try did before it was aborted
+
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
@@ -537,8 +539,9 @@ def _run_claimed(
         except BackendError as err:  # the server's tokenizer, for trimming, did not answer
             raise ChunkAborted(str(err), retryable=True) from err
         asyncio.run(_run_async(run, rows))
-    except ChunkInterrupted as exc:
-        # The figures of what this attempt did before the signal (its events reach the manifest).
+    except (ChunkInterrupted, ChunkAborted) as exc:
+        # The figures of what this try did before the signal or the abort (its events reach the manifest,
+        # its first answer and tokens the run's figures).
         exc.stats = _stats(
             run, settings, chunk, started, len(done), run.finished, run.finished - run.errors, run.errors
         )

@@ -63,13 +63,13 @@ def _journal_rows(path: Path) -> list[ResultRow]:
 
 
 def rows_on_disk(out: Path, chunk: ChunkSpec) -> pl.DataFrame:
-    """`row_index`, `status` and `error_kind` of this chunk's rows on disk, each row once: the chunk file,
+    """`row_index`, `status`, `error_kind` and `completion_tokens` of this chunk's rows on disk, each row once: the chunk file,
     or its parts and journal (a row in both, from a kill between a checkpoint and the journal's removal, once).
 
     Safe beside the run writing the chunk: when it finishes the chunk between our listing its parts
     and reading them (the parts are then deleted), the finished chunk file is read instead.
     """
-    columns = ["row_index", "status", "error_kind"]
+    columns = ["row_index", "status", "error_kind", "completion_tokens"]
     schema = {name: RESULT_SCHEMA[name] for name in columns}
     for _ in range(3):
         done = chunk_path(out, chunk)
@@ -78,7 +78,9 @@ def rows_on_disk(out: Path, chunk: ChunkSpec) -> pl.DataFrame:
         try:
             frames = [pl.scan_parquet(parts).select(columns).collect()] if (parts := part_paths(out, chunk)) else []
             journaled = [
-                (r.row_index, r.status, r.error_kind) for j in journal_paths(out, chunk) for r in _journal_rows(j)
+                (r.row_index, r.status, r.error_kind, r.completion_tokens)
+                for j in journal_paths(out, chunk)
+                for r in _journal_rows(j)
             ]
         except FileNotFoundError:
             continue

@@ -59,6 +59,7 @@ class Manifest(BaseModel):
     rows_ok: int
     rows_error: int
     rows_pending: int
+    tokens_on_disk: int = 0  # generated tokens of the rows on disk, every attempt's
     chunks: int
     started_at: float
     finished_at: float
@@ -69,7 +70,7 @@ class Manifest(BaseModel):
     # scale-out parent's report adds them up per host. A parent's rows_sent is its shards' sum, its
     # sending_s stays 0 (hosts send side by side).
     rows_sent: int = 0
-    tokens_sent: int = 0  # generated tokens of this attempt's finished (or stopped) chunk tries
+    tokens_sent: int = 0  # generated tokens of this attempt's rows (on disk now and not at its start)
     sending_s: float = 0.0
     attempts: list[Attempt] = Field(default_factory=list)
     recoveries: list[str] = Field(default_factory=list)
@@ -111,6 +112,7 @@ class Manifest(BaseModel):
             rows_ok=row_counts["ok"],
             rows_error=row_counts["error"],
             rows_pending=plan.total_rows - row_counts["ok"] - row_counts["error"],
+            tokens_on_disk=row_counts["tokens"],
             chunks=len(plan.chunks),
             started_at=started,
             finished_at=finished,

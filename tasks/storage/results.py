@@ -32,10 +32,14 @@ def consolidate(out: Path, chunks: list[ChunkSpec], total_rows: int) -> Path:
 
 
 def counts(out: Path, chunks: list[ChunkSpec]) -> dict[str, int]:
-    """ok / error rows on disk, in finished chunks and in the parts and journals of unfinished ones:
-    after a stop or a failure mid-chunk, the rows a rerun does not send again."""
-    statuses = pl.concat([rows_on_disk(out, c)["status"] for c in chunks]) if chunks else pl.Series([], dtype=pl.String)
-    return {"ok": int((statuses == "ok").sum()), "error": int((statuses == "error").sum())}
+    """ok / error rows and their generated tokens on disk, in finished chunks and in the parts and
+    journals of unfinished ones: after a stop or a failure mid-chunk, what a rerun does not send again."""
+    if not chunks:
+        return {"ok": 0, "error": 0, "tokens": 0}
+    rows = pl.concat([rows_on_disk(out, c) for c in chunks])
+    statuses = rows["status"]
+    tokens = rows["completion_tokens"].sum()
+    return {"ok": int((statuses == "ok").sum()), "error": int((statuses == "error").sum()), "tokens": int(tokens or 0)}
 
 
 def _written(out: Path, chunks: list[ChunkSpec]) -> list[Path]:
