@@ -616,3 +616,5 @@ def test_occupancy_is_littles_law_over_the_level() -> None:
     assert occupancy(ran, 3.34) == pytest.approx(0.984, abs=0.001)
     assert occupancy([ChunkStats(index=0, rows=1)], 3.34) is None  # no latency: unknown
     assert occupancy([], 0.0) is None
+    # The H100 auto run: 3.47 requests/s, median 8.3 s (probes at 32 lengthened them), kept 16: at most 1.
+    assert occupancy([ChunkStats(index=0, rows=60, latency_p50_ms=8_312.0, in_flight=16)], 3.47) == 1.0

@@ -207,12 +207,13 @@ def build_evidence(
 
 def occupancy(ran: list[ChunkStats], requests_per_s: float) -> float | None:
     """Requests out on average over in_flight (Little's law with the chunks' median latency): 1 when the
-    client always had every request out, lower when it left gaps between them."""
+    client always had every request out, lower when it left gaps between them. At most 1: under 'auto'
+    the level is the last one kept, and a probe above it lengthened the latencies."""
     latencies = sorted(s.latency_p50_ms for s in ran if s.latency_p50_ms)
     level = ran[-1].in_flight if ran else 0
     if not latencies or not level or not requests_per_s:
         return None
-    return round(requests_per_s * latencies[len(latencies) // 2] / 1000 / level, 3)
+    return round(min(1.0, requests_per_s * latencies[len(latencies) // 2] / 1000 / level), 3)
 
 
 _EVENT = re.compile(r"^(?P<time>\d\d:\d\d:\d\d) (?:(?P<chunk>chunk-\d+): )?(?P<text>.*)$", re.S)
