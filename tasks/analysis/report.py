@@ -172,6 +172,7 @@ def build_evidence(
     server's parallel slots and model shape as the server (or else the job file) says them."""
     ran = sorted((s for s in stats if s.sent_rows), key=lambda s: s.finished_at)
     busy = sending_s(ran)
+    requests_per_s = sum(s.sent_rows for s in ran) / busy if busy else 0.0
     server = servers[0] if servers else None
     slots: int | None = None
     said: Literal["server", "operator"] | None = None
@@ -192,7 +193,7 @@ def build_evidence(
         backend_sampling=backend_sampling_used(stats),
         production_rows=settings.production_rows,
         num_ctx=settings.options.num_ctx,
-        requests_per_s=sum(s.sent_rows for s in ran) / busy if busy else 0.0,
+        requests_per_s=requests_per_s,
         tokens_per_s=sum(s.completion_tokens for s in ran) / busy if busy else 0.0,
         chunk_tokens_per_s=[s.completion_tokens / s.seconds for s in ran],
         rows_total=rows_total,
@@ -201,7 +202,7 @@ def build_evidence(
         errors=errors,
         server_share=timed[0] if timed else None,
         outside_s=timed[1] if timed else None,
-        occupancy=occupancy(ran, sum(s.sent_rows for s in ran) / busy if busy else 0.0),
+        occupancy=occupancy(ran, requests_per_s),
     )
 
 

@@ -99,7 +99,7 @@ class _ChunkRun:
         self.options: GenerationOptions = settings.options  # replaced when persistent out-of-memory lowers num_ctx
         # When each in-flight level came into force (wall clock, as telemetry): the report reads the GPU per level.
         self.level_changes: list[tuple[float, int]] = [(time.time(), self.policy.limit)]
-        self.answered_at: list[float] = []  # beside self.latencies: when each answer came back
+        self.first_answer_at: float | None = None  # wall clock, as telemetry's marks
         self.answered_level: list[int] = []  # beside self.latencies: the level its request went out at
         # Woken whenever a row is taken or finished or the in-flight limit moved: parked workers wait on it.
         self.changed = asyncio.Condition()
@@ -309,7 +309,8 @@ class _ChunkRun:
                 self.policy.answered(time.monotonic())
                 latency_ms = (time.perf_counter() - tries.sent_clock) * 1000  # not the wait for a slot
                 self.latencies.append(latency_ms)
-                self.answered_at.append(time.time())
+                if self.first_answer_at is None:
+                    self.first_answer_at = time.time()
                 self.answered_level.append(tries.sent_at)
                 self.prompt_tokens += reply.prompt_tokens or 0
                 self.completion_tokens += reply.completion_tokens or 0
@@ -591,6 +592,6 @@ def _stats(
         auto=run.auto.state.model_dump(mode="json") if run.auto else None,
         started_at=started,
         finished_at=time.time(),
-        first_answer_at=min(run.answered_at, default=None),
+        first_answer_at=run.first_answer_at,
         events=run.events,
     )
