@@ -80,12 +80,14 @@ def figures(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "rows_ok": manifest.get("rows_ok"),
         "rows_error": manifest.get("rows_error"),
+        "requests": sum(s.get("requests", 0) for s in stats),  # above rows_sent: retries and resamples
         "rows_per_s": round(sent / sending, 3) if sending else None,
         "rows_per_s_span": round(sent / span, 3) if span else None,
         "handover_s": [round(b[0] - a[1], 3) for a, b in zip(timed, timed[1:], strict=False)],
         "gen_tokens_per_s": round(tokens / sending, 1) if sending else None,
         "latency_p50_s": round(sorted(p50)[len(p50) // 2] / 1000, 3) if p50 else None,
         "in_flight_by_chunk": [s.get("in_flight") for s in stats],
+        "structured_output": [s.get("structured_output") for s in stats],
         "calibration": [s.get("calibration") for s in stats],
         "gpu_util_pct": tel.get("gpu_util_mean"),
         "power_w": tel.get("power_mean_w"),
@@ -135,6 +137,9 @@ def run(work: Path, spec: dict[str, Any], url: str, model: str, keep: Path | Non
     }
     if manifest_path.exists():
         result |= figures(json.loads(manifest_path.read_text()))
+    if (out / "results.parquet").exists():
+        errors = pl.read_parquet(out / "results.parquet").filter(pl.col("status") == "error")
+        result["error_kinds"] = dict(errors.group_by("error_kind").len().iter_rows())
     if proc.returncode != 0:
         result["log_tail"] = log.read_text(errors="replace")[-1500:]
     if keep is not None:
@@ -157,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/flow-runs"))
     parser.add_argument("--keep", type=Path, help="copy each run's report, chart and manifest here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job setting for every run")
+    parser.add_argument(
+        "--schema", action="store_true", help="every run asks for bench.gpu.load.SCHEMA (output_schema; see --set)"
+    )
     parser.add_argument("--max-s", type=float, default=240.0, help="a run's time at most, then Ctrl-C (SIGINT)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -166,6 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     # Each call in a folder of its own: a rerun on the same machine must not resume an earlier call's runs.
     work = args.work / time.strftime("%H%M%S")
+    if args.schema:  # structured_output (grammar, validate, auto) comes with --set
+        from bench.gpu.load import SCHEMA
+
+        work.mkdir(parents=True)
+        (work / "schema.json").write_text(json.dumps(SCHEMA))
+        extra["output_schema"] = str(work / "schema.json")
     results = []
     for i, text in enumerate(args.specs):
         spec = parse(text) | {"extra": extra}

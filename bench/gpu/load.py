@@ -44,7 +44,11 @@ except ImportError:  # pragma: no cover - nvidia-ml-py is a dependency of the pr
 
 SCHEMA = {
     "type": "object",
-    "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 10}, "reason": {"type": "string"}},
+    # A bounded reason: the grammar then ends every answer well within 64 tokens, even a random model's.
+    "properties": {
+        "score": {"type": "integer", "minimum": 0, "maximum": 10},
+        "reason": {"type": "string", "maxLength": 40},
+    },
     "required": ["score", "reason"],
 }
 
@@ -238,6 +242,9 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=args.url, timeout=httpx.Timeout(600.0), limits=limits) as client:
         await run_level(client, body, prompts, Level(min(levels[0], 4)), 8.0)  # warm-up, not kept
         for n in levels:
+            # Let the last level's cancelled requests leave the slots first: llama-server notices a closed
+            # connection within a second (its HTTP polling interval), and until then they share the batch.
+            await asyncio.sleep(2.0)
             level = Level(n)
             if args.rows:
                 t0, t1 = await run_rows(client, body, prompts[: args.rows], level, args.max_level_s)
@@ -248,7 +255,6 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps(results[-1]), flush=True)
             if args.out:  # after every level: a call cut short keeps the levels measured
                 args.out.write_text(json.dumps(summary(args, body, gpu, results), indent=1))
-            await asyncio.sleep(1.0)  # let cancelled requests leave the server's slots
     gpu.stop.set()
     return summary(args, body, gpu, results)
 

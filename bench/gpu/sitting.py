@@ -8,7 +8,8 @@
 `in_flight: auto` keeps and the report advises): the bare client (--rows), the product at that fixed
 level, and the product with `in_flight: auto` → DIR/bare-short.json, DIR/flow-short.json, and each
 flow run's report, chart and manifest under DIR/short/. The ratios (auto ÷ fixed, flow ÷ bare) are
-then read from one sitting. `--extra-level N` adds a flow run at another fixed level. Every run stops
+then read from one sitting. `--extra-level N` adds a flow run at another fixed level; `--set KEY=VALUE` is a
+job setting for the flow runs (`--set chunk_size=ROWS`: one chunk, drained once as the bare client's job is). Every run stops
 at --max-s (a stalled engine costs that, not the device call), and its figures say so.
 """
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--extra-level", type=int, action="append", default=[])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job setting for the flow runs")
     parser.add_argument("--model", default="gemma3-12b-shape")
     parser.add_argument("--url", default="http://127.0.0.1:8080")
     parser.add_argument("--dir", type=Path, required=True)
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         str(args.dir / args.workload),
         "--max-s",
         args.max_s,
+        *(arg for kv in args.set for arg in ("--set", kv)),
         "--out",
         str(args.dir / f"flow-{args.workload}.json"),
     )
