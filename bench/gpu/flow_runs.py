@@ -3,9 +3,10 @@
     python -m bench.gpu.flow_runs --url http://127.0.0.1:8080/v1 --keep DIR \
         short-16:fixed-64:600 short-16:auto:600 long-128:fixed-32:300 long-128:auto:300
 
-A spec is WORKLOAD:LEVEL:ROWS: WORKLOAD is a name and num_predict (`short-16`), LEVEL `fixed-N` or
-`auto`; every run gets the same first ROWS candidate records (bench.gpu.rows), greedy, free-text
-answers, two chunks. Each run writes to its own output directory under the work folder (so no run
+A spec is WORKLOAD:LEVEL:ROWS[:FIRST]: WORKLOAD is a name and num_predict (`short-16`), LEVEL `fixed-N` or
+`auto`; the run gets ROWS candidate records from record FIRST (0) on (bench.gpu.rows), greedy, free-text
+answers, two chunks. Runs compared on one server get different records: a slot keeps its last prompt's KV,
+and a record sent again skips its prompt. Each run writes to its own output directory under the work folder (so no run
 resumes another); `auto` runs of one workload share a job name, so the second finds the level the
 first settled on. rows/s is the manifest's rows_sent / sending_s (the chunks' sending time); rows_per_s_span counts the
 hand-overs between chunks too (first chunk's start to last chunk's end).
@@ -31,9 +32,9 @@ import yaml
 from bench.gpu.rows import SYSTEM_PROMPT, TEMPLATE, candidate_record
 
 
-def write_input(path: Path, rows: int) -> Path:
+def write_input(path: Path, rows: int, first: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame([candidate_record(i) for i in range(rows)]).write_parquet(path)
+    pl.DataFrame([candidate_record(i) for i in range(first, first + rows)]).write_parquet(path)
     return path
 
 
@@ -41,7 +42,7 @@ def job_file(work: Path, name: str, spec: dict[str, Any], url: str, model: str) 
     level = spec["level"]
     settings = {
         "name": name,
-        "input_path": str(write_input(work / f"input-{spec['rows']}.parquet", spec["rows"])),
+        "input_path": str(write_input(work / f"input-{spec['label']}.parquet", spec["rows"], spec["first"])),
         "id_column": "id",
         "prompt_template": TEMPLATE,
         "system_prompt": SYSTEM_PROMPT,
@@ -61,9 +62,16 @@ def job_file(work: Path, name: str, spec: dict[str, Any], url: str, model: str) 
 
 
 def parse(text: str) -> dict[str, Any]:
-    workload, level, rows = text.split(":")
+    workload, level, rows, *first = text.split(":")
     name, predict = workload.rsplit("-", 1)
-    return {"workload": workload, "name": name, "num_predict": int(predict), "level": level, "rows": int(rows)}
+    return {
+        "workload": workload,
+        "name": name,
+        "num_predict": int(predict),
+        "level": level,
+        "rows": int(rows),
+        "first": int(first[0]) if first else 0,
+    }
 
 
 def figures(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +164,7 @@ def run(work: Path, spec: dict[str, Any], url: str, model: str, keep: Path | Non
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("specs", nargs="+", help="WORKLOAD:LEVEL:ROWS, e.g. short-16:fixed-64:600")
+    parser.add_argument("specs", nargs="+", help="WORKLOAD:LEVEL:ROWS[:FIRST], e.g. short-16:fixed-64:600:20000")
     parser.add_argument("--url", default="http://127.0.0.1:8080/v1")
     parser.add_argument("--model", default="gemma3-12b-shape")
     parser.add_argument("--work", type=Path, default=Path("/tmp/flow-runs"))

@@ -36,9 +36,9 @@ def candidate_record(i: int) -> dict[str, str]:
     }
 
 
-def candidate_records(n: int) -> list[str]:
-    """n user messages, as the product's template renders them (see flow_runs.TEMPLATE)."""
-    return [TEMPLATE.format(**candidate_record(i)) for i in range(n)]
+def candidate_records(n: int, first: int = 0) -> list[str]:
+    """Rows first..first+n-1 as user messages, as the product's template renders them (see flow_runs.TEMPLATE)."""
+    return [TEMPLATE.format(**candidate_record(i)) for i in range(first, first + n)]
 
 
 TEMPLATE = "Role: {role}\nCandidate: {text}"

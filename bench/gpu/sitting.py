@@ -4,7 +4,7 @@
     python -m bench.gpu.sitting jobs short --tokens 16 --rows 200 --dir DIR
 
 `sweep`: the engine's curve with the bare client (bench.gpu.load) → DIR/sweep-short.json.
-`jobs`: the same ROWS rows three ways, at the sweep's best level (calibrate.best_in_flight, the rule
+`jobs`: ROWS rows three ways, at the sweep's best level (calibrate.best_in_flight, the rule
 `in_flight: auto` keeps and the report advises): the bare client (--rows), the product at that fixed
 level, and the product with `in_flight: auto` → DIR/bare-short.json, DIR/flow-short.json, and each
 flow run's report, chart and manifest under DIR/short/. The ratios (auto ÷ fixed, flow ÷ bare) are
@@ -60,9 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"workload": args.workload, "curve": curve, "best": best}), flush=True)
     bare = args.dir / f"bare-{args.workload}.json"
     rows = ["--rows", str(args.rows), "--max-level-s", args.max_s]
-    module("bench.gpu.load", *common, "--levels", str(best), *rows, "--out", str(bare))
+    # Each run its own records, none the sweep sent: a slot keeps its last prompt's KV, and a record sent
+    # again skips its prompt (the runs would be compared on different work).
+    module("bench.gpu.load", *common, "--levels", str(best), *rows, "--first-row", "10000", "--out", str(bare))
     workload = f"{args.workload}-{args.tokens}"
-    specs = [f"{workload}:fixed-{n}:{args.rows}" for n in [best, *args.extra_level]] + [f"{workload}:auto:{args.rows}"]
+    levels = [f"fixed-{n}" for n in [best, *args.extra_level]] + ["auto"]
+    specs = [f"{workload}:{level}:{args.rows}:{20000 + 10000 * i}" for i, level in enumerate(levels)]
     module(
         "bench.gpu.flow_runs",
         *specs,
