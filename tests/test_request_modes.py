@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from tasks.analysis.report import sampling_line
 from tasks.inference.modes import AutoProbe, decide, engine_of, needs_describe, schema_instruction
+from tasks.schema import ChunkStats
 from tasks.settings.load import load_settings
 
 SCHEMA: dict[str, Any] = {
@@ -100,3 +102,40 @@ def test_auto_probe_keeps_validation_only_while_answers_match() -> None:
     # Switching to the grammar turns backend sampling off with it.
     modes = decide(settings(), "llama.cpp", SCHEMA)
     assert (modes.with_grammar().structured, modes.with_grammar().backend_sampling) == ("grammar", False)
+
+
+@pytest.mark.parametrize(
+    ("extra", "mode", "sampled", "want"),
+    [
+        ({}, None, 0, "Requests: no llama.cpp backend sampling (backend_sampling: off)."),
+        (
+            {"backend_sampling": "on"},
+            "validate",
+            40,
+            "Requests: the output schema was stated in the prompt, every answer validated (no grammar); "
+            "llama.cpp backend sampling (GPU-side) on 40 of 40 requests "
+            "(structured_output: auto, backend_sampling: on).",
+        ),
+        (
+            {"backend_sampling": "auto"},
+            "grammar",
+            0,
+            "Requests: the output schema went to the engine as a grammar; "
+            "no llama.cpp backend sampling (requests carried a grammar) "
+            "(structured_output: auto, backend_sampling: auto).",
+        ),
+    ],
+)
+def test_the_report_names_each_request_mode_and_setting_once(
+    extra: dict[str, Any], mode: str | None, sampled: int, want: str
+) -> None:
+    stats = ChunkStats(
+        index=0,
+        rows=40,
+        sent_rows=40,
+        requests=40,
+        engine="llama.cpp",
+        structured_output=mode,
+        backend_sampling_requests=sampled,
+    )
+    assert sampling_line(settings(**extra), [stats]) == want

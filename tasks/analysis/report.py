@@ -153,8 +153,11 @@ def sampling_line(settings: JobSettings, stats: list[ChunkStats]) -> str:
         parts.append(f"no llama.cpp backend sampling ({why})")
     if not parts:
         return ""
-    chosen = f"structured_output: {settings.structured_output}, backend_sampling: {settings.backend_sampling}"
-    return f"Requests: {'; '.join(parts)} ({chosen})."
+    # The settings behind it, each once: "backend_sampling: off" may already be the reason above.
+    chosen = [f"structured_output: {settings.structured_output}"] if modes else []
+    if settings.backend_sampling != "off":
+        chosen.append(f"backend_sampling: {settings.backend_sampling}")
+    return f"Requests: {'; '.join(parts)}" + (f" ({', '.join(chosen)})." if chosen else ".")
 
 
 def build_evidence(
