@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     from tasks.inference.calibrate import best_in_flight  # pydantic: not needed by the sweep (httpx only)
 
-    curve = {lv["in_flight"]: lv["rows_per_s"] for lv in json.loads(sweep.read_text())["levels"] if lv.get("finished")}
+    # A level cut at --max-level-s is left out: its quick first answers read fast.
+    swept = json.loads(sweep.read_text())["levels"]
+    curve = {lv["in_flight"]: lv["rows_per_s"] for lv in swept if lv.get("finished") and not lv.get("cut")}
     if not curve:
-        sys.exit(f"{sweep}: no level finished a request; nothing to run the jobs at")
+        sys.exit(f"{sweep}: no level's cohort came back whole; nothing to run the jobs at")
     best = best_in_flight(curve)
     print(json.dumps({"workload": args.workload, "curve": curve, "best": best}), flush=True)
     bare = args.dir / f"bare-{args.workload}.json"
