@@ -11,6 +11,12 @@
 #   bash bench/gpu/run.sh flow ARGS    python -m bench.gpu.flow_runs ARGS   (the product)
 #   bash bench/gpu/run.sh sitting ARGS python -m bench.gpu.sitting ARGS --dir /tmp/gpu-bench/results
 #                                      (a workload's sweep, or its jobs: bare client, fixed, auto)
+#   bash bench/gpu/run.sh all [FILE]   the whole sitting, unattended in the background: prefect, serve, then
+#                                      each step of FILE (bench/gpu/steps.txt: both workloads, most needed first)
+#   bash bench/gpu/run.sh collect [S]  wait up to S s (570) for the sitting to end; the results so far
+#                                      and its log into $OUT/r.tgz
+# A lent machine goes back when no call comes for ~30 s, and a call lasts 600 s at most: `all` right after
+# the last `take`, then `collect` calls back to back, keep the sitting going without a pause between steps.
 set -euo pipefail
 W=/tmp/gpu-bench
 mkdir -p "$W/in" "$W/site"
@@ -84,5 +90,30 @@ flow)
 sitting)
     shift
     PREFECT_API_URL=http://127.0.0.1:4200/api python3 -m bench.gpu.sitting "$@" --model "$MODEL" --dir "$W/results"
+    ;;
+all)
+    rm -f "$W/all.done"
+    setsid nohup bash "$0" steps "${2:-bench/gpu/steps.txt}" > "$W/all.log" 2>&1 < /dev/null &
+    echo "sitting started: $W/all.log"
+    ;;
+steps)
+    # Each line of the steps file: a cap in seconds and `sitting` arguments. A step that fails or runs past
+    # its cap (a stalled engine) leaves the rest to run.
+    trap 'touch "$W/all.done"' EXIT
+    bash "$0" prefect && bash "$0" serve 64 || exit 1
+    grep -v '^#' "$2" | while read -r cap args; do
+        [ -n "$cap" ] || continue
+        echo "step $args at $(date +%T)"
+        # shellcheck disable=SC2086  # the arguments are words
+        timeout "$cap" bash "$0" sitting $args < /dev/null || echo "step failed ($?) at $(date +%T)"
+    done
+    echo "sitting done at $(date +%T)"
+    ;;
+collect)
+    for _ in $(seq "${2:-570}"); do [ -f "$W/all.done" ] && break; sleep 1; done
+    grep -E '^(step|sitting|slots|\{"(in_flight|run|sweep)")' "$W/all.log" | cut -c1-330 | tail -n 60 || true
+    tail -n 2 "$W/all.log"
+    mkdir -p "$W/results" && cp "$W/all.log" "$W/results/"
+    tar -C "$W" -czf "$OUT/r.tgz" results
     ;;
 esac

@@ -1,7 +1,9 @@
-"""One workload of a GPU sitting, in two steps that each fit one device call:
+"""One workload of a GPU sitting, in steps that each fit one device call:
 
     python -m bench.gpu.sitting sweep short --tokens 16 --levels 1,2,4,8,16,32,64 --dir DIR
     python -m bench.gpu.sitting jobs short --tokens 16 --rows 200 --dir DIR
+    python -m bench.gpu.sitting sampling short --tokens 16 --dir DIR
+    python -m bench.gpu.sitting structured short --tokens 64 --rows 32 --dir DIR
 
 `sweep`: the engine's curve with the bare client (bench.gpu.load) → DIR/sweep-short.json.
 `jobs`: ROWS rows three ways, at the sweep's best level (calibrate.best_in_flight, the rule
@@ -9,8 +11,14 @@
 level, and the product with `in_flight: auto` → DIR/bare-short.json, DIR/flow-short.json, and each
 flow run's report, chart and manifest under DIR/short/. The ratios (auto ÷ fixed, flow ÷ bare) are
 then read from one sitting. `--extra-level N` adds a flow run at another fixed level; `--set KEY=VALUE` is a
-job setting for the flow runs (`--set chunk_size=ROWS`: one chunk, drained once as the bare client's job is). Every run stops
-at --max-s (a stalled engine costs that, not the device call), and its figures say so.
+job setting for the flow runs (`--set chunk_size=ROWS`: one chunk, drained once as the bare client's job is).
+`sampling`: one cohort at the best level with llama.cpp's backend (GPU-side) sampling → DIR/sampling-short.json,
+read against the sweep's level. `structured`: ROWS rows through the product at the best level with the
+bounded score/reason schema, once as a grammar and once validated (`structured_output`) →
+DIR/structured-short-grammar.json and DIR/structured-short-validate.json.
+Every run stops at --max-s (a stalled engine costs that, not the device call), and its figures say so.
+Every run sends records no other run of the sitting sent: a slot keeps its last prompt's KV, and a record
+sent again skips its prompt (runs compared on different work).
 """
 
 from __future__ import annotations
@@ -21,20 +29,36 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The first record of each kind of run; a sweep draws from record 0 on (bench.gpu.load --prompts).
+FIRST_ROW = {"bare": 10_000, "flow": 20_000, "sampling": 60_000, "structured": 70_000}
+
 
 def module(name: str, *args: str) -> None:
     subprocess.run([sys.executable, "-m", name, *args], check=True)
 
 
+def best_level(sweep: Path) -> int:
+    from tasks.inference.calibrate import best_in_flight  # pydantic: not needed by the sweep (httpx only)
+
+    # A level cut at --max-level-s is left out: its quick first answers read fast.
+    swept = json.loads(sweep.read_text())["levels"]
+    curve = {lv["in_flight"]: lv["rows_per_s"] for lv in swept if lv.get("finished") and not lv.get("cut")}
+    if not curve:
+        sys.exit(f"{sweep}: no level's cohort came back whole; nothing to run at")
+    best = best_in_flight(curve)
+    print(json.dumps({"sweep": sweep.name, "curve": curve, "best": best}), flush=True)
+    return best
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["sweep", "jobs"])
-    parser.add_argument("workload", help="a name: short, long")
+    parser.add_argument("step", choices=["sweep", "jobs", "sampling", "structured"])
+    parser.add_argument("workload", help="a name: short, long (the sweep of that name gives the best level)")
     parser.add_argument("--tokens", type=int, required=True, help="max_tokens / num_predict of every request")
     parser.add_argument("--levels", default="1,2,4,8,16,32,64")
-    parser.add_argument("--max-level-s", default="60", help="sweep: a level's time at most")
+    parser.add_argument("--max-level-s", default="60", help="sweep, sampling: a level's time at most")
     parser.add_argument(
-        "--max-s", default="150", help="jobs: each run's time at most (the bare one cut, a flow Ctrl-C'd)"
+        "--max-s", default="150", help="jobs, structured: each run's time at most (the bare one cut, a flow Ctrl-C'd)"
     )
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--extra-level", type=int, action="append", default=[])
@@ -51,35 +75,37 @@ def main(argv: list[str] | None = None) -> None:
             "bench.gpu.load", *common, "--levels", args.levels, "--max-level-s", args.max_level_s, "--out", str(sweep)
         )
         return
-    from tasks.inference.calibrate import best_in_flight  # pydantic: not needed by the sweep (httpx only)
-
-    # A level cut at --max-level-s is left out: its quick first answers read fast.
-    swept = json.loads(sweep.read_text())["levels"]
-    curve = {lv["in_flight"]: lv["rows_per_s"] for lv in swept if lv.get("finished") and not lv.get("cut")}
-    if not curve:
-        sys.exit(f"{sweep}: no level's cohort came back whole; nothing to run the jobs at")
-    best = best_in_flight(curve)
-    print(json.dumps({"workload": args.workload, "curve": curve, "best": best}), flush=True)
-    bare = args.dir / f"bare-{args.workload}.json"
-    rows = ["--rows", str(args.rows), "--max-level-s", args.max_s]
-    # Each run its own records, none the sweep sent: a slot keeps its last prompt's KV, and a record sent
-    # again skips its prompt (the runs would be compared on different work).
-    module("bench.gpu.load", *common, "--levels", str(best), *rows, "--first-row", "10000", "--out", str(bare))
+    best = best_level(sweep)
+    if args.step == "sampling":
+        out = args.dir / f"sampling-{args.workload}.json"
+        first = ["--first-row", str(FIRST_ROW["sampling"])]
+        module(
+            "bench.gpu.load", *common, "--levels", str(best), "--max-level-s", args.max_level_s, *first,
+            "--backend-sampling", "--out", str(out),
+        )  # fmt: skip
+        return
+    flow = ["--url", f"{args.url}/v1", "--model", args.model, "--max-s", args.max_s]
+    flow += [arg for kv in args.set for arg in ("--set", kv)]
     workload = f"{args.workload}-{args.tokens}"
+    if args.step == "structured":
+        for i, mode in enumerate(["grammar", "validate"]):
+            spec = f"{workload}:fixed-{best}:{args.rows}:{FIRST_ROW['structured'] + i * args.rows}"
+            out = args.dir / f"structured-{args.workload}-{mode}.json"
+            module(
+                "bench.gpu.flow_runs", spec, *flow, "--schema", "--set", f"structured_output={mode}", "--out", str(out)
+            )
+        return
+    bare = args.dir / f"bare-{args.workload}.json"
+    rows = ["--rows", str(args.rows), "--max-level-s", args.max_s, "--first-row", str(FIRST_ROW["bare"])]
+    module("bench.gpu.load", *common, "--levels", str(best), *rows, "--out", str(bare))
     levels = [f"fixed-{n}" for n in [best, *args.extra_level]] + ["auto"]
-    specs = [f"{workload}:{level}:{args.rows}:{20000 + 10000 * i}" for i, level in enumerate(levels)]
+    specs = [f"{workload}:{level}:{args.rows}:{FIRST_ROW['flow'] + 10_000 * i}" for i, level in enumerate(levels)]
     module(
         "bench.gpu.flow_runs",
         *specs,
-        "--url",
-        f"{args.url}/v1",
-        "--model",
-        args.model,
+        *flow,
         "--keep",
         str(args.dir / args.workload),
-        "--max-s",
-        args.max_s,
-        *(arg for kv in args.set for arg in ("--set", kv)),
         "--out",
         str(args.dir / f"flow-{args.workload}.json"),
     )
