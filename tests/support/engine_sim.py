@@ -21,6 +21,9 @@ H100_SHORT = ({1: 2.73, 2: 2.61, 4: 3.15, 8: 3.89, 16: 3.91, 32: 4.10, 64: 4.97}
 H100_LONG = ({1: 0.71, 2: 1.21, 4: 1.47, 8: 1.48, 16: 1.90, 32: 2.47, 64: 1.64}, 128)
 # A second H100 sitting (bench/results/h100-20261205b): 2 beats 4, 8 and 16, and 64 beats them all.
 H100_SHORT_B = ({1: 1.588, 2: 1.98, 4: 1.884, 8: 1.862, 16: 1.804, 32: 2.337, 64: 2.845}, 16)
+# The long answers on fresh records (bench/results/h100-20261206b): flat 4 to 8. At 64 none of the first 64
+# requests came back within 45 s: 64 / 45 s = 1.42 rows/s at most.
+H100_LONG_C = ({1: 0.824, 4: 1.651, 8: 1.636, 16: 1.787, 32: 1.966, 64: 1.42}, 128)
 H200_270M = ({n: tps / 64 for n, tps in {1: 370, 2: 575, 4: 613, 8: 674, 16: 617, 64: 547}.items()}, 64)
 
 
