@@ -6,9 +6,9 @@
 A spec is WORKLOAD:LEVEL:ROWS[:FIRST]: WORKLOAD is a name and num_predict (`short-16`), LEVEL `fixed-N` or
 `auto`; the run gets ROWS candidate records from record FIRST (0) on (bench.gpu.rows), greedy, free-text
 answers, two chunks. Runs compared on one server get different records: a slot keeps its last prompt's KV,
-and a record sent again skips its prompt. Each run writes to its own output directory under the work folder (so no run
-resumes another); `auto` runs of one workload share a job name, so the second finds the level the
-first settled on. rows/s is the manifest's rows_sent / sending_s (the chunks' sending time); rows_per_s_span counts the
+and a record sent again skips its prompt. Each run writes to its own output directory under the work
+folder (so no run resumes another); `auto` runs of one workload share a job name, so the second finds the
+level the first settled on. rows/s is the manifest's rows_sent / sending_s (the chunks' sending time); rows_per_s_span counts the
 hand-overs between chunks too (first chunk's start to last chunk's end).
 Runs use the Prefect server at PREFECT_API_URL when set, else a temporary one each.
 """

@@ -13,9 +13,10 @@ flight until every member of the cohort came back (or --max-level-s passed), the
 left. rows/s is Little's law, C / mean latency of the cohort: equal-length requests finish in bursts
 of C, so counting completions in a short window over- or under-counts by a whole burst, and the
 first finishers of a window are the quick ones; a cohort chosen when its requests are sent is
-neither. A level takes about two rounds and a cohort's worth of requests.
+neither. A level takes about two rounds and a cohort's worth of requests. Every request is a record
+not sent before (--prompts of them from --first-row on): a repeated one would skip its prompt.
 
-With --rows N it sends exactly rows 0..N-1 instead, and rows/s is N over the time from the first
+With --rows N it sends exactly records K..K+N-1 (--first-row K) instead, and rows/s is N over the time from the first
 request to the last answer (fill and drain included): the product's own job, without the product.
 Past --max-level-s the rest is cancelled (`cut`) and rows/s counts what came back.
 """
@@ -228,10 +229,9 @@ def figures(level: Level, t0: float, t1: float, gpu: Gpu) -> dict[str, Any]:
 
 
 async def sweep(args: argparse.Namespace) -> dict[str, Any]:
-    # Every request of a sweep is a record the server has not seen: a slot keeps its last prompt's KV, and a
-    # repeated record skips its prompt (a sweep that cycled 512 records read 6.1 rows/s at 16 in flight where
-    # the job's distinct rows ran at 4.6).
-    # A job's rows come after the warm-up's records, not among them.
+    # Every request is a record the server has not seen: a slot keeps its last prompt's KV, and a repeated
+    # record skips its prompt (a sweep that cycled 512 records read 6.1 rows/s at 16 in flight where the job's
+    # distinct rows ran at 4.6). A job's warm-up draws from the records after the job's own.
     prompts = iter(candidate_records(args.prompts, args.first_row + (args.rows or 0)))
     body: dict[str, Any] = {"model": args.model, "max_tokens": args.max_tokens, "temperature": 0.0, "seed": 7}
     if args.schema:
@@ -266,7 +266,8 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 def summary(args: argparse.Namespace, body: dict[str, Any], gpu: Gpu, results: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "what": f"bare httpx client, rows {args.first_row}..{args.first_row + args.rows - 1} at each level, rows/s = rows / wall"
+        "what": f"bare httpx client, records {args.first_row}..{args.first_row + args.rows - 1} at each level, "
+        "rows/s = rows / wall"
         if args.rows
         else "bare httpx client, closed loop at each in-flight level; rows/s = in_flight / mean latency",
         "card": gpu.name(),
