@@ -10,7 +10,8 @@
 `in_flight: auto` keeps and the report advises): the bare client (--rows), the product at that fixed
 level, and the product with `in_flight: auto` → DIR/bare-short.json, DIR/flow-short.json, and each
 flow run's report, chart and manifest under DIR/short/. The ratios (auto ÷ fixed, flow ÷ bare) are
-then read from one sitting. `--extra-level N` adds a flow run at another fixed level; `--set KEY=VALUE` is a
+then read from one sitting. `--extra-level N` adds a flow run at another fixed level; `--auto-runs 2` a
+second `auto` run, which starts from the level the first kept, as a nightly job's second night does; `--set KEY=VALUE` is a
 job setting for the flow runs (`--set chunk_size=ROWS`: one chunk, drained once as the bare client's job is).
 `sampling`: one cohort at the best level with llama.cpp's backend (GPU-side) sampling → DIR/sampling-short.json,
 read against the sweep's level. `structured`: ROWS rows through the product at the best level with the
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--extra-level", type=int, action="append", default=[])
+    parser.add_argument(
+        "--auto-runs", type=int, default=1, help="jobs: `auto` runs; the second on starts where the first settled"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job setting for the flow runs")
     parser.add_argument("--model", default="gemma3-12b-shape")
     parser.add_argument("--url", default="http://127.0.0.1:8080")
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     bare = args.dir / f"bare-{args.workload}.json"
     rows = ["--rows", str(args.rows), "--max-level-s", args.max_s, "--first-row", str(FIRST_ROW["bare"])]
     module("bench.gpu.load", *common, "--levels", str(best), *rows, "--out", str(bare))
-    levels = [f"fixed-{n}" for n in [best, *args.extra_level]] + ["auto"]
+    levels = [f"fixed-{n}" for n in [best, *args.extra_level]] + ["auto"] * args.auto_runs
     specs = [f"{workload}:{level}:{args.rows}:{FIRST_ROW['flow'] + 10_000 * i}" for i, level in enumerate(levels)]
     module(
         "bench.gpu.flow_runs",
