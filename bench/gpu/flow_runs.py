@@ -8,8 +8,8 @@ A spec is WORKLOAD:LEVEL:ROWS[:FIRST]: WORKLOAD is a name and num_predict (`shor
 answers, two chunks. Runs compared on one server get different records: a slot keeps its last prompt's KV,
 and a record sent again skips its prompt. Each run writes to its own output directory under the work
 folder (so no run resumes another); `auto` runs of one workload share a job name, so the second finds the
-level the first settled on. rows/s is the manifest's rows_sent / sending_s (the chunks' sending time); rows_per_s_span counts the
-hand-overs between chunks too (first chunk's start to last chunk's end).
+level the first settled on. rows/s is the manifest's rows_sent / sending_s (the chunks' sending time);
+rows_per_s_span counts the hand-overs between chunks too (first chunk's start to last chunk's end).
 Runs use the Prefect server at PREFECT_API_URL when set, else a temporary one each.
 """
 
@@ -78,7 +78,7 @@ def figures(manifest: dict[str, Any]) -> dict[str, Any]:
     stats = manifest.get("chunk_stats", [])
     sent = manifest.get("rows_sent") or 0
     sending = manifest.get("sending_s") or 0.0
-    tokens = sum(s.get("completion_tokens", 0) for s in stats)
+    tokens = manifest.get("tokens_sent") or 0  # counted on disk, as rows_sent is
     p50 = [s["latency_p50_ms"] for s in stats if s.get("latency_p50_ms") is not None]
     tel = manifest.get("telemetry") or {}
     # First chunk's start to last chunk's end: the sending windows and the hand-overs between chunks,
