@@ -63,8 +63,9 @@ def _journal_rows(path: Path) -> list[ResultRow]:
 
 
 def rows_on_disk(out: Path, chunk: ChunkSpec) -> pl.DataFrame:
-    """`row_index`, `status`, `error_kind` and `completion_tokens` of this chunk's rows on disk, each row once: the chunk file,
-    or its parts and journal (a row in both, from a kill between a checkpoint and the journal's removal, once).
+    """`row_index`, `status`, `error_kind` and `completion_tokens` of this chunk's rows on disk, each row
+    once: the chunk file, or its parts and journal (a row in both, from a kill between a checkpoint and the
+    journal's removal, once).
 
     Safe beside the run writing the chunk: when it finishes the chunk between our listing its parts
     and reading them (the parts are then deleted), the finished chunk file is read instead.
