@@ -134,6 +134,8 @@ def test_fewer_in_flight_than_server_slots_is_client_bound() -> None:
     v = judge(evidence(samples(vram_used_mib=CARD_MIB - 600), in_flight=2, parallel_slots=4))
     assert v.kind == "client-bound"
     assert "4 server slots" in v.headline
+    # No curve was measured: the advice is to measure up to the slots, not to jump to them.
+    assert v.advice[0].startswith("Set in_flight: auto") and "up to 4" in v.advice[0]
 
 
 def test_idle_gaps_are_client_bound_with_idle_fraction() -> None:

@@ -572,7 +572,12 @@ def _kv_slots(e: RunEvidence) -> Verdict:
             kind="client-bound",
             headline=f"Client-bound: {e.in_flight} in flight but {slots} server slots are ready",
             evidence=[f"{slots} parallel slots ({said})", *_gpu_lines(e)],
-            advice=[f"Raise in-flight requests to {slots} (slots already allocated: no VRAM cost)"],
+            # No curve here: on a host-bound engine more in flight only adds latency, so the advice is to
+            # measure, not to jump to the slot count.
+            advice=[
+                f"Set in_flight: auto to find the best level up to {slots} (slots already allocated: no VRAM "
+                "cost); a host-bound engine gains nothing from more in flight",
+            ],
         )
     num_ctx = e.num_ctx or 4096
     geometry = e.kv_geometry
