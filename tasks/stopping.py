@@ -33,7 +33,13 @@ class Interrupted(Exception):
     def __init__(self, signum: signal.Signals, where: str) -> None:
         super().__init__(f"interrupted by {signum.name} {where}")
         self.signum = signum
+        self.where = where
         self.on_disk: str | None = None  # "N rows on disk in DIR", set once the flow wrote its manifest
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # An exception pickles as cls(*args), and args holds only the message: rebuild from what __init__ takes
+        # (a process pool or a persisted failed state pickles it).
+        return (type(self), (self.signum, self.where), self.__dict__)
 
 
 def requested() -> signal.Signals | None:

@@ -309,3 +309,19 @@ def test_a_stopped_scale_out_parent_stops_waiting_and_cancels_its_shard_run(shar
     stopped = re.search(r"interrupted by SIGINT while shard run s on host-a ran after ([\d.]+) s", said)
     assert stopped and float(stopped.group(1)) < STOP_LIMIT_S, said  # SIGINT at 1 s; the shard takes hours
     assert f"shard {then}" in said, said
+
+
+def test_stop_exceptions_survive_pickling() -> None:
+    """A process pool or a persisted failed state pickles the exception; its fields must come back."""
+    import pickle
+
+    from tasks.inference.runner import ChunkAborted
+    from tasks.stopping import Interrupted
+
+    stop = Interrupted(signal.SIGTERM, "after 3 rows")
+    stop.on_disk = "3 rows on disk in out/"
+    back = pickle.loads(pickle.dumps(stop))
+    assert (str(back), back.signum, back.on_disk) == (str(stop), signal.SIGTERM, "3 rows on disk in out/")
+    abort = ChunkAborted("backend unreachable", retryable=True)
+    again = pickle.loads(pickle.dumps(abort))
+    assert (str(again), again.retryable, again.stats) == ("backend unreachable", True, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import statistics
 import time
@@ -42,6 +43,10 @@ class ChunkAborted(RuntimeError):
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # An exception pickles as cls(*args); retryable is keyword-only, so it travels in the partial.
+        return (functools.partial(type(self), retryable=self.retryable), self.args, self.__dict__)
 
 
 class ChunkInterrupted(stopping.Interrupted):
