@@ -187,8 +187,21 @@ def test_the_model_load_before_the_first_answer_is_not_idle_gpu_time() -> None:
     idle = [0.0] * 15 + [0.0 if i % 2 else 100.0 for i in range(45)]  # idle after the load too: still said
     v = judge(evidence(frame, telemetry=summarize(samples(util=idle), 0, 1e12, spans), in_flight=4, parallel_slots=4))
     assert v.kind == "client-bound"
-    said = "in 49% of samples while rows remained (the 15 s before the first answer: the GPU slot, a model load, the first prompts; left out)"
+    said = "in 49% of samples while rows remained (the 15 s before the GPU's first work: the GPU slot, a model load; left out)"
     assert any(said in line for line in v.evidence), v.evidence
+
+
+def test_long_answers_before_the_first_one_are_work_not_warm_up() -> None:
+    """64 long answers came back 20 s after the start on an H100, the GPU busy all along: leaving those
+    20 s out as warm-up dropped half of a 40 s run from util. A span ends at the GPU's first busy sample."""
+    from tasks.analysis.telemetry import FIRST_ANSWER, MARK_SCHEMA, warm_ups
+
+    util = [0.0] * 3 + [60.0] * 17 + [30.0, 0.0] * 10  # 3 s to start, then the first batch, then a thinner tail
+    marks = pl.DataFrame([(1_000.0, "attempt 1 start"), (1_020.0, FIRST_ANSWER)], schema=MARK_SCHEMA, orient="row")
+    summary = summarize(samples(len(util), util=util), 0, 1e12, warm_ups(marks))
+    assert summary["warm_up_s"] == 3.0
+    assert summary["gpu_util_mean"] == pytest.approx((60.0 * 17 + 30.0 * 10) / 37)
+    assert summary["gpu_idle_fraction"] == pytest.approx(10 / 37)
 
 
 def test_idle_gaps_with_the_job_saturating_the_cpu_are_cpu_bound() -> None:

@@ -390,8 +390,8 @@ def render_report(
         f"| GPU util mean (a kernel ran; {gpus_label(s.gpus)}) | {_fmt(telemetry.get('gpu_util_mean'), '.0f', ' %')} |",
         *(
             [
-                "| before the first answer (waiting for the GPU slot, a model load, the first prompts; left out of "
-                f"util) | {_fmt(warm_up, '.0f', ' s')} |"
+                "| before the GPU's first work (waiting for the GPU slot, a model load; left out of util) "
+                f"| {_fmt(warm_up, '.0f', ' s')} |"
             ]
             if (warm_up := telemetry.get("warm_up_s"))
             else []

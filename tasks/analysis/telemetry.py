@@ -385,10 +385,13 @@ def _to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=SCHEMA, strict=False)
 
 
+IDLE_UTIL_PCT = 10.0  # below it the GPU was waiting (on the client, a model load, the next chunk) most of that second
+
+
 def warm_ups(marks: pl.DataFrame) -> list[tuple[float, float]]:
-    """Each attempt's start to its first answer: the wait for the GPU slot (another job may hold it),
-    loading the model (Ollama loads it at the first request) and the first prompts. None of it says how
-    busy this run kept the GPU."""
+    """Each attempt's start to its first answer: the wait for the GPU slot (another job may hold it) and
+    loading the model (Ollama loads it at the first request). summarize ends a span earlier where the GPU
+    got busy before the first answer came (long answers)."""
     spans: list[tuple[float, float]] = []
     start: float | None = None
     relevant = pl.col("label").str.starts_with("attempt ") | (pl.col("label") == FIRST_ANSWER)
@@ -409,11 +412,14 @@ def summarize(frame: pl.DataFrame, t0: float, t1: float, warm_up: Sequence[tuple
     how busy the GPU was: utilisation and idle share are the steady state's.
     """
     w = frame.filter(pl.col("t").is_between(t0, t1))
+    host = w.unique(subset="t", keep="first")  # host fields repeat on each GPU's row
+    gpu = w.filter(pl.col("vram_used_mib").is_not_null())
+    # A span ends at the GPU's first busy sample: 64 long answers keep the GPU working for 20 s before the
+    # first comes back, and that is the run's work, not a wait (it was half of a 40 s run on an H100).
+    warm_up = [(start, _first_busy(gpu, start, end)) for start, end in warm_up]
     loading = pl.lit(False)
     for start, end in warm_up:
         loading = loading | pl.col("t").is_between(start, end, closed="left")
-    host = w.unique(subset="t", keep="first")  # host fields repeat on each GPU's row
-    gpu = w.filter(pl.col("vram_used_mib").is_not_null())
     out: dict[str, Any] = {
         "samples": host.height,
         "cpu_mean_pct": _stat(host["cpu_pct"].mean()),
@@ -446,12 +452,17 @@ def summarize(frame: pl.DataFrame, t0: float, t1: float, warm_up: Sequence[tuple
         vram_headroom_mib=_stat((per_gpu["total"] - per_gpu["peak"]).min()),
         gpu_util_mean=_stat(util.mean()),
         mem_util_mean=_stat(steady["mem_util_pct"].mean()),
-        # Below 10 % the GPU was waiting on the client (or between chunks) most of that second.
-        gpu_idle_fraction=float((util < 10).mean()) if util.len() else None,  # type: ignore[arg-type]
+        gpu_idle_fraction=float((util < IDLE_UTIL_PCT).mean()) if util.len() else None,  # type: ignore[arg-type]
         power_mean_w=_stat(gpu["power_w"].mean()),
         power_max_w=_stat(gpu["power_w"].max()),
     )
     return out
+
+
+def _first_busy(gpu: pl.DataFrame, start: float, end: float) -> float:
+    """The first sample in [start, end) at which the GPU was busy, else end."""
+    busy = gpu.filter(pl.col("t").is_between(start, end, closed="left") & (pl.col("gpu_util_pct") >= IDLE_UTIL_PCT))
+    return float(busy["t"].min()) if busy.height else end  # type: ignore[arg-type]
 
 
 def chunks_busy_s(marks: pl.DataFrame) -> float:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.analysis.kv import KvGeometry, eta_hours, slots_that_fit
+from tasks.analysis.telemetry import IDLE_UTIL_PCT
 from tasks.inference.calibrate import best_in_flight, calibration_knee
 
 VerdictKind = Literal[
@@ -24,7 +25,6 @@ VerdictKind = Literal[
 ERROR_RATE_MAX = 0.05  # more than 1 row in 20 failing is a backend problem, not noise
 RAM_AVAILABLE_MIN = 0.05  # below 5 % available the host swaps or the OOM killer is near
 IDLE_FRACTION_MAX = 0.20  # GPU util < 10 % in more than a fifth of samples: nobody fed it
-IDLE_UTIL_PCT = 10.0
 FLAT_GAIN = 0.05  # doubling in-flight for < 5 % more tokens/s: the engine is saturated
 CPU_SATURATED_PCT = 85.0
 HOST_BOUND_UTIL_PCT = 50.0  # more in flight stopped helping while kernels ran under half the time
@@ -76,7 +76,9 @@ class TelemetrySummary(BaseModel):
     power_mean_w: float | None = Field(None, description="mean board power")
     power_max_w: float | None = Field(None, description="peak board power")
     warm_up_s: float | None = Field(
-        None, description="seconds from each attempt's start to its first answer, left out of util and idle share"
+        None,
+        description="seconds from each attempt's start to the GPU's first work (or first answer), left out of util "
+        "and idle share",
     )
 
 
@@ -333,9 +335,7 @@ def _idle_gaps(e: RunEvidence) -> Verdict | None:
         return None
     evidence = [f"GPU idle (util < {IDLE_UTIL_PCT:.0f} %) in {idle:.0%} of samples while rows remained"]
     if t.warm_up_s:
-        evidence[0] += (
-            f" (the {t.warm_up_s:.0f} s before the first answer: the GPU slot, a model load, the first prompts; left out)"
-        )
+        evidence[0] += f" (the {t.warm_up_s:.0f} s before the GPU's first work: the GPU slot, a model load; left out)"
     if _job_cpu_saturated(t):
         return Verdict(
             kind="cpu-bound",
