@@ -633,3 +633,26 @@ def test_occupancy_is_littles_law_over_the_level() -> None:
     assert occupancy([], 0.0) is None
     # The H100 auto run: 3.47 requests/s, median 8.3 s (probes at 32 lengthened them), kept 16: at most 1.
     assert occupancy([ChunkStats(index=0, rows=60, latency_p50_ms=8_312.0, in_flight=16)], 3.47) == 1.0
+
+
+def test_auto_runs_get_advice_from_their_own_curve() -> None:
+    """The H100 sitting of 2026-12-06c (Gemma 3 12B's shape, llama-server, 64 slots): the verdicts of auto
+    runs told the operator to measure with in_flight: auto, or to raise in-flight to the slots."""
+    frame = samples(util=45.0, power_w=280.0)
+    server = {"engine": "llama.cpp", "backend": "openai", "parallel_slots": 64, "slots_source": "server"}
+    # Long answers: 16 -> 32 -> 64 still rising when the slots stopped the climb.
+    v = judge(evidence(frame, **server, in_flight=64, calibration={16: 178.6, 32: 235.4, 64: 392.1}))
+    assert v.headline.startswith("Under-batched at the ceiling: tokens/s still rose +67% from 32 to 64"), v.headline
+    assert "above 64" in v.advice[0] and "--parallel" in v.advice[0] and "(5 GiB free)" in v.advice[0]
+    # Short answers, a remembered start: one level measured, 16 of 64 slots.
+    v = judge(evidence(frame, **server, in_flight=16, calibration={16: 60.5}))
+    assert v.headline == "Auto kept 16 in flight of 64 server slots"
+    assert "the last run of this job kept" in v.advice[0]
+    # Short answers, a fresh search that peaked at 16, the GPU idle between the host's steps.
+    idle = samples(util=[5.0 if i % 8 < 3 else 70.0 for i in range(60)])
+    curve = {8: 63.3, 16: 67.5, 32: 62.5}
+    v = judge(evidence(idle, **server, in_flight=16, calibration=curve, server_share=0.93, occupancy=0.99))
+    assert v.kind == "host-bound"
+    assert v.advice[0].startswith("Auto measured 8: 63, 16: 68, 32: 62 tokens/s by level and kept 16"), v.advice
+    # A fixed run below the slots has no curve: it is told to measure.
+    assert judge(evidence(frame, **server, in_flight=16)).advice[0].startswith("Set in_flight: auto")
