@@ -10,6 +10,7 @@ from tasks.inference.calibrate import MIN_COHORT, AutoState, InFlightAuto, best_
 from tests.support.engine_sim import (
     H100_LONG,
     H100_LONG_C,
+    H100_LONG_D,
     H100_SHORT,
     H100_SHORT_B,
     H200_270M,
@@ -22,6 +23,7 @@ CURVES = {
     "h100-short-b": H100_SHORT_B,
     "h100-long": H100_LONG,
     "h100-long-c": H100_LONG_C,
+    "h100-long-d": H100_LONG_D,
     "h200-270m": H200_270M,
 }
 
@@ -35,6 +37,8 @@ CASES = [
     ("h100-long", 2000),
     ("h100-long-c", 128),
     ("h100-long-c", 2000),
+    ("h100-long-d", 128),
+    ("h100-long-d", 2000),
     ("h200-270m", 600),
     ("h200-270m", 2000),
 ]
@@ -43,7 +47,9 @@ CASES = [
 # be out ~26 s (64 / (0.92 x 2.47 rows/s)), then drain, at 2/3 of 32's rate, in a 121 s run: 0.90.
 # The same on fresh records, 128 rows (about 65 s at 32): the probe of 64 is out 35 s before it can be
 # ruled out, then drains, most of the job: 0.82.
-FLOOR = {("h100-long", 300, "cold"): 0.89, ("h100-long-c", 128, "cold"): 0.8}
+# And the curve that rises to 64: the climb 16 -> 32 -> 64 is most of a 128-row job (0.78 here; the H100
+# read 0.67, its climb 51 s of a 61 s run).
+FLOOR = {("h100-long", 300, "cold"): 0.89, ("h100-long-c", 128, "cold"): 0.8, ("h100-long-d", 128, "cold"): 0.75}
 
 
 @functools.cache

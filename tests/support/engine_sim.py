@@ -24,6 +24,9 @@ H100_SHORT_B = ({1: 1.588, 2: 1.98, 4: 1.884, 8: 1.862, 16: 1.804, 32: 2.337, 64
 # The long answers on fresh records (bench/results/h100-20261206b): flat 4 to 8. At 64 none of the first 64
 # requests came back within 45 s: 64 / 45 s = 1.42 rows/s at most.
 H100_LONG_C = ({1: 0.824, 4: 1.651, 8: 1.636, 16: 1.787, 32: 1.966, 64: 1.42}, 128)
+# The first whole sitting on fresh records (bench/results/h100-20261206c), another H100: rising to 64 this time,
+# and 4 below 1. Its flow runs: auto from cold kept 64 at 0.67x of fixed 64 on 128 rows, from the remembered 64 1.00x.
+H100_LONG_D = ({1: 0.898, 4: 0.748, 8: 0.929, 16: 1.67, 32: 2.584, 64: 3.169}, 128)
 H200_270M = ({n: tps / 64 for n, tps in {1: 370, 2: 575, 4: 613, 8: 674, 16: 617, 64: 547}.items()}, 64)
 
 
