@@ -647,7 +647,7 @@ def test_auto_runs_get_advice_from_their_own_curve() -> None:
     # Short answers, a remembered start: one level measured, 16 of 64 slots.
     v = judge(evidence(frame, **server, in_flight=16, calibration={16: 60.5}))
     assert v.headline == "Auto kept 16 in flight of 64 server slots"
-    assert "the last run of this job kept" in v.advice[0]
+    assert "an earlier run of this job kept (in-flight-auto.json" in v.advice[0]
     # Short answers, a fresh search that peaked at 16, the GPU idle between the host's steps.
     idle = samples(util=[5.0 if i % 8 < 3 else 70.0 for i in range(60)])
     curve = {8: 63.3, 16: 67.5, 32: 62.5}

@@ -607,8 +607,8 @@ def _kv_slots(e: RunEvidence) -> Verdict:
             headline=f"Auto kept {e.in_flight} in flight of {slots} server slots",
             evidence=[f"Calibration (tokens/s by level): {_curve_text(curve)}", *_gpu_lines(e)],
             advice=[
-                "This run measured one level, the one the last run of this job kept (its report has that curve); "
-                "a longer run re-probes the neighbours"
+                "This run measured one level, the one an earlier run of this job kept (in-flight-auto.json beside "
+                "the output directory); a longer run re-probes its neighbours"
                 if len(curve) == 1
                 else f"No level up to {max(curve)} measured better; nothing to change",
             ],
