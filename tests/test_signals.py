@@ -315,7 +315,8 @@ def test_stop_exceptions_survive_pickling() -> None:
     """A process pool or a persisted failed state pickles the exception; its fields must come back."""
     import pickle
 
-    from tasks.inference.runner import ChunkAborted
+    from tasks.inference.runner import ChunkAborted, ChunkInterrupted
+    from tasks.schema import ChunkStats
     from tasks.stopping import Interrupted
 
     stop = Interrupted(signal.SIGTERM, "after 3 rows")
@@ -325,3 +326,6 @@ def test_stop_exceptions_survive_pickling() -> None:
     abort = ChunkAborted("backend unreachable", retryable=True)
     again = pickle.loads(pickle.dumps(abort))
     assert (str(again), again.retryable, again.stats) == ("backend unreachable", True, None)
+    chunk = ChunkInterrupted(signal.SIGINT, "in chunk-00002")
+    chunk.stats = ChunkStats(index=2, rows=5)
+    assert pickle.loads(pickle.dumps(chunk)).stats == chunk.stats
