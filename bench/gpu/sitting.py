@@ -2,7 +2,7 @@
 
     python -m bench.gpu.sitting sweep short --tokens 16 --levels 1,2,4,8,16,32,64 --dir DIR
     python -m bench.gpu.sitting jobs short --tokens 16 --rows 200 --dir DIR
-    python -m bench.gpu.sitting sampling short --tokens 16 --dir DIR
+    python -m bench.gpu.sitting sampling short --tokens 16 --rows 200 --dir DIR
     python -m bench.gpu.sitting structured short --tokens 64 --rows 32 --dir DIR
 
 `sweep`: the engine's curve with the bare client (bench.gpu.load) → DIR/sweep-short.json.
@@ -13,8 +13,9 @@ flow run's report, chart and manifest under DIR/short/. The ratios (auto ÷ fixe
 then read from one sitting. `--extra-level N` adds a flow run at another fixed level; `--auto-runs 2` a
 second `auto` run, which starts from the level the first kept, as a nightly job's second night does; `--set KEY=VALUE` is a
 job setting for the flow runs (`--set chunk_size=ROWS`: one chunk, drained once as the bare client's job is).
-`sampling`: one cohort at the best level with llama.cpp's backend (GPU-side) sampling → DIR/sampling-short.json,
-read against the sweep's level. `structured`: ROWS rows through the product at the best level with the
+`sampling`: ROWS rows with the bare client at the best level with llama.cpp's backend (GPU-side) sampling →
+DIR/sampling-short.json, read against the jobs step's bare-short.json (the same work on other records; one
+cohort of 16 was too little to tell a 20 % difference from noise). `structured`: ROWS rows through the product at the best level with the
 bounded score/reason schema, once as a grammar and once validated (`structured_output`) →
 DIR/structured-short-grammar.json and DIR/structured-short-validate.json.
 Every run stops at --max-s (a stalled engine costs that, not the device call), and its figures say so.
@@ -57,9 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("workload", help="a name: short, long (the sweep of that name gives the best level)")
     parser.add_argument("--tokens", type=int, required=True, help="max_tokens / num_predict of every request")
     parser.add_argument("--levels", default="1,2,4,8,16,32,64")
-    parser.add_argument("--max-level-s", default="60", help="sweep, sampling: a level's time at most")
+    parser.add_argument("--max-level-s", default="60", help="sweep: a level's time at most")
     parser.add_argument(
-        "--max-s", default="150", help="jobs, structured: each run's time at most (the bare one cut, a flow Ctrl-C'd)"
+        "--max-s",
+        default="150",
+        help="jobs, sampling, structured: each run's time at most (a bare one cut, a flow Ctrl-C'd)",
     )
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--extra-level", type=int, action="append", default=[])
@@ -82,11 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     best = best_level(sweep)
     if args.step == "sampling":
         out = args.dir / f"sampling-{args.workload}.json"
-        first = ["--first-row", str(FIRST_ROW["sampling"])]
-        module(
-            "bench.gpu.load", *common, "--levels", str(best), "--max-level-s", args.max_level_s, *first,
-            "--backend-sampling", "--out", str(out),
-        )  # fmt: skip
+        rows = ["--rows", str(args.rows), "--max-level-s", args.max_s, "--first-row", str(FIRST_ROW["sampling"])]
+        module("bench.gpu.load", *common, "--levels", str(best), *rows, "--backend-sampling", "--out", str(out))
         return
     flow = ["--url", f"{args.url}/v1", "--model", args.model, "--max-s", args.max_s]
     flow += [arg for kv in args.set for arg in ("--set", kv)]
