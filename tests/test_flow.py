@@ -235,4 +235,8 @@ def test_auto_in_flight_lives_across_chunks_is_remembered_and_reported(
     )
     (only,) = again["chunk_stats"]
     assert only["auto"]["settled"] and only["auto"]["search_rows"] is None  # watching at once, no search
+    # It measured fewer levels than the first run's search: the others keep the first run's readings.
+    searched = {str(n) for n in second["calibration"]}
+    (entry,) = json.loads((tmp_path / "in-flight-auto.json").read_text()).values()
+    assert searched <= set(entry["curve"]) and len(searched) > len(only["calibration"] or {})
     assert only["auto"]["ceiling"] >= second["in_flight"]

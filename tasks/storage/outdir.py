@@ -185,12 +185,23 @@ def remembered_level(path: Path, key: str) -> int | None:
 
 
 def remember_level(path: Path, key: str, level: int, curve: dict[int, float] | None) -> None:
-    """Record the level 'auto' settled on for `key`; other keys are kept (the last writer wins a race)."""
+    """Record the level 'auto' settled on for `key`, and the tokens/s of each level measured (the newest
+    reading of each); other keys are kept (the last writer wins a race)."""
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
     if not isinstance(known, dict):
         known = {}
-    known[key] = {"level": level, "curve": curve or {}, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    # A run that started from the remembered level may measure only that level: the other levels keep their
+    # last readings, so the file still shows the curve behind the level.
+    entry = known.get(key)
+    old = entry.get("curve") if isinstance(entry, dict) else None
+    readings = {int(n): tps for n, tps in old.items() if str(n).isdigit()} if isinstance(old, dict) else {}
+    readings |= curve or {}
+    known[key] = {
+        "level": level,
+        "curve": {str(n): readings[n] for n in sorted(readings)},
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     write_json_atomic(known, path)
