@@ -15,9 +15,10 @@ second `auto` run, which starts from the level the first kept, as a nightly job'
 job setting for the flow runs (`--set chunk_size=ROWS`: one chunk, drained once as the bare client's job is).
 `sampling`: ROWS rows with the bare client at the best level with llama.cpp's backend (GPU-side) sampling →
 DIR/sampling-short.json, read against the jobs step's bare-short.json (the same work on other records; one
-cohort of 16 was too little to tell a 20 % difference from noise). `structured`: ROWS rows through the product at the best level with the
-bounded score/reason schema, once as a grammar and once validated (`structured_output`) →
-DIR/structured-short-grammar.json and DIR/structured-short-validate.json.
+cohort of 16 was too little to tell a 20 % difference from noise).
+`structured`: ROWS rows through the product at the best level with the bounded score/reason schema, once
+as a grammar and once validated (`structured_output`) → DIR/structured-short-grammar.json and
+DIR/structured-short-validate.json.
 Every run stops at --max-s (a stalled engine costs that, not the device call), and its figures say so.
 Every run sends records no other run of the sitting sent: a slot keeps its last prompt's KV, and a record
 sent again skips its prompt (runs compared on different work).
