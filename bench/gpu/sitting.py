@@ -84,10 +84,15 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     best = best_level(sweep)
+
+    def bare_job(kind: str, *extra: str) -> None:
+        """ROWS records of the kind's own through the bare client at the best level → DIR/KIND-WORKLOAD.json."""
+        rows = ["--rows", str(args.rows), "--max-level-s", args.max_s, "--first-row", str(FIRST_ROW[kind])]
+        out = args.dir / f"{kind}-{args.workload}.json"
+        module("bench.gpu.load", *common, "--levels", str(best), *rows, *extra, "--out", str(out))
+
     if args.step == "sampling":
-        out = args.dir / f"sampling-{args.workload}.json"
-        rows = ["--rows", str(args.rows), "--max-level-s", args.max_s, "--first-row", str(FIRST_ROW["sampling"])]
-        module("bench.gpu.load", *common, "--levels", str(best), *rows, "--backend-sampling", "--out", str(out))
+        bare_job("sampling", "--backend-sampling")
         return
     flow = ["--url", f"{args.url}/v1", "--model", args.model, "--max-s", args.max_s]
     flow += [arg for kv in args.set for arg in ("--set", kv)]
@@ -100,9 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                 "bench.gpu.flow_runs", spec, *flow, "--schema", "--set", f"structured_output={mode}", "--out", str(out)
             )
         return
-    bare = args.dir / f"bare-{args.workload}.json"
-    rows = ["--rows", str(args.rows), "--max-level-s", args.max_s, "--first-row", str(FIRST_ROW["bare"])]
-    module("bench.gpu.load", *common, "--levels", str(best), *rows, "--out", str(bare))
+    bare_job("bare")
     levels = [f"fixed-{n}" for n in [best, *args.extra_level]] + ["auto"] * args.auto_runs
     specs = [f"{workload}:{level}:{args.rows}:{FIRST_ROW['flow'] + 10_000 * i}" for i, level in enumerate(levels)]
     module(
