@@ -600,20 +600,19 @@ def _kv_slots(e: RunEvidence) -> Verdict:
     # operator matched in_flight to the server's slots (and say that it is assumed).
     slots = 1 if e.backend == "llamacpp" else (e.parallel_slots or e.in_flight)
     said = {"server": "the server says", "operator": "the job says"}.get(e.slots_source or "", "assumed")
-    if e.backend != "llamacpp" and known and e.in_flight < slots and e.calibration:
-        curve = e.calibration
-        return Verdict(
-            kind="client-bound",
-            headline=f"Auto kept {e.in_flight} in flight of {slots} server slots",
-            evidence=[f"Calibration (tokens/s by level): {_curve_text(curve)}", *_gpu_lines(e)],
-            advice=[
-                "This run measured one level, the one an earlier run of this job kept (in-flight-auto.json beside "
-                "the output directory); a longer run re-probes its neighbours"
-                if len(curve) == 1
-                else f"No level up to {max(curve)} measured better; nothing to change",
-            ],
-        )
     if e.backend != "llamacpp" and known and e.in_flight < slots:
+        if curve := e.calibration:  # auto chose the level
+            return Verdict(
+                kind="client-bound",
+                headline=f"Auto kept {e.in_flight} in flight of {slots} server slots",
+                evidence=[f"Calibration (tokens/s by level): {_curve_text(curve)}", *_gpu_lines(e)],
+                advice=[
+                    "This run measured one level, the one an earlier run of this job kept (in-flight-auto.json "
+                    "beside the output directory); a longer run re-probes its neighbours"
+                    if len(curve) == 1
+                    else f"No level up to {max(curve)} measured better; nothing to change",
+                ],
+            )
         return Verdict(
             kind="client-bound",
             headline=f"Client-bound: {e.in_flight} in flight but {slots} server slots are ready",
